@@ -1,0 +1,32 @@
+"""The augmentation recipe: every number the DALI graph (and the reference pipeline) uses.
+
+Defaults are the SLIP reference (SPEC section 1). One object drives the GPU graph, the CPU graph,
+the previews and the benchmark, so they can never drift apart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class AugmentationRecipe:
+    image_size: int = 224
+    # CLIP view: RandomResizedCrop only.
+    clip_scale: tuple[float, float] = (0.5, 1.0)
+    # SimCLR views: RandomResizedCrop + colour jitter + grayscale + blur + flip.
+    num_ssl_views: int = 2          # 0 for a CLIP-only (or nCLIP) run: the graph skips them
+    ssl_scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    flip_prob: float = 0.5
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Evaluation transform: Resize(eval_resize) + CenterCrop(image_size).
+    eval_resize: int | None = None  # None -> image_size (zero-shot); linear probe uses 256/224 ratio
