@@ -66,3 +66,14 @@ def load_manifest(path: str | Path) -> Manifest:
         return Manifest(name=d["name"], root=d["root"], shards=shards, stats=d.get("stats", {}), source=path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a shard manifest ({e})") from e
+
+
+def save_manifest(manifest: Manifest, *paths: str | Path) -> None:
+    """Write the manifest json atomically (temp file + rename) to every path given."""
+    text = json.dumps(manifest.to_dict(), indent=1, sort_keys=False) + "\n"
+    for path in paths:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)

@@ -1,0 +1,430 @@
+"""The YFCC15M shard builder: metadata -> parquet manifest -> img2dataset -> shards + result manifest.
+
+Stages (each resumable; kill the build at any point and rerun the same command):
+
+1. **select**: stream the metadata, keep photos in the subset, clean captions, build URLs, write
+   `OUT/parquet/part-NNNNN.parquet` (rows per part = a multiple of the shard size, so img2dataset
+   makes no partial shards mid-way). Marker `OUT/state/select.json` (stats + a settings
+   fingerprint) is written last; without it the stage reruns from scratch (it is deterministic).
+2. **download**: img2dataset (parquet in, webdataset out, `incremental_mode="incremental"`: shards
+   whose `NNNNN_stats.json` exists are skipped). Before it runs, every finished shard's tar is
+   checked (complete tar, sample count = stats) and a bad one is deleted so it is redone.
+3. **finalize**: DALI index per tar (wds2idx), sha256, result manifest `manifests/<name>.json` and
+   a copy `OUT/shards/manifest.json`, summary table.
+
+A kill must take the whole process group (Ctrl-C, a scheduler, `kill -- -PGID`): img2dataset's
+worker processes outlive a SIGKILL of the main process alone and would race the rerun.
+
+Resize default: `keep_ratio` with the shorter side at 320 px and `resize_only_if_bigger`: training
+crops 224 px (RandomResizedCrop scale 0.08-1 / 0.5-1) keep enough resolution, while decoding a
+320 px JPEG costs about a third of a full 500x375 Flickr "medium" image, and smaller images are
+never upscaled (no wasted bytes, no interpolation blur).
+
+Multi-machine builds: `distributor="pyspark"` (or "ray") runs the same download on a cluster; the
+parquet parts and the shard dir must be on storage all workers see (e.g. NFS, or s3:// paths
+via fsspec). Example, on the Spark driver:
+
+    from pyspark.sql import SparkSession
+    from pipeline.build import BuildConfig, build
+    spark = (SparkSession.builder.config("spark.executor.cores", "16")
+             .config("spark.task.maxFailures", "100").master("spark://head:7077").getOrCreate())
+    build(BuildConfig(metadata="yfcc100m_dataset.bz2", subset="yfcc100m_subset_data.tsv.bz2",
+                      out="/nfs/yfcc15m", distributor="pyspark", processes=1, threads=64))
+
+(`processes` is per executor core there; ray: `ray.init(address="auto")` first, then
+`distributor="ray"`.)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.captions import clean_caption, join_caption, truncate
+from pipeline.manifest import Manifest, ShardEntry, save_manifest
+from pipeline.metadata import InputError, ScanStats, SubsetIds, read_metadata
+
+MIRROR_TEMPLATE = "https://multimedia-commons.s3-us-west-2.amazonaws.com/data/images/{hash[0:3]}/{hash[3:6]}/{hash}.jpg"
+ALLOWED_PREFIXES = ("http://", "https://")   # never file://, ftp://, data:...
+EXTRA_COLUMNS = ["photoid", "title", "description", "license"]
+PARQUET_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("photoid", pa.int64()),
+                            ("title", pa.string()), ("description", pa.string()), ("license", pa.string())])
+
+
+@dataclass
+class BuildConfig:
+    metadata: Path                       # yfcc100m_dataset TSV (plain / .bz2) or the SQLite file
+    subset: Path | None                  # yfcc100m_subset_data.tsv (plain / .bz2); None = every photo
+    out: Path                            # OUT/parquet, OUT/shards, OUT/state
+    name: str = "yfcc15m"                # manifest name: <manifest_dir>/<name>.json
+    manifest_dir: Path = Path("manifests")
+    # selection
+    url_template: str = MIRROR_TEMPLATE  # fields: {hash} {photoid} {download_url} {ext}, slices {hash[0:3]}
+    limit: int | None = None             # keep at most this many rows (trial builds)
+    sample_fraction: float = 1.0         # keep a deterministic pseudo-random fraction of photo ids
+    max_caption_chars: int = 1000        # longer titles/descriptions are cut at a word boundary
+    # download (img2dataset)
+    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    threads: int = 64
+    image_size: int = 320
+    resize_mode: str = "keep_ratio"      # img2dataset: no, border, keep_ratio, keep_ratio_largest, center_crop
+    resize_only_if_bigger: bool = True
+    encode_quality: int = 90
+    shard_size: int = 10_000
+    shards_per_part: int = 10            # parquet part = shard_size * shards_per_part rows
+    timeout: int = 10
+    retries: int = 0
+    max_image_pixels: int = 89_478_485   # decompression-bomb guard (PIL's default limit), before decode
+    distributor: str = "multiprocessing" # or "pyspark" / "ray" (see module docstring)
+    progress: bool = True
+
+    def __post_init__(self):
+        self.metadata = Path(self.metadata)
+        self.subset = Path(self.subset) if self.subset is not None else None
+        self.out, self.manifest_dir = Path(self.out), Path(self.manifest_dir)
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        format_url(self.url_template, photoid=1, hash="0" * 32, download_url="http://x/y.jpg", ext="jpg")
+
+    @property
+    def parquet_dir(self) -> Path:
+        return self.out / "parquet"
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.out / "shards"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.out / "state"
+
+    def selection_fingerprint(self) -> dict:
+        """Everything that decides the parquet rows (and so every shard's content and keys)."""
+        def file_id(p):
+            return None if p is None else {"path": str(Path(p).resolve()), "size": Path(p).stat().st_size}
+        return {"metadata": file_id(self.metadata), "subset": file_id(self.subset),
+                "url_template": self.url_template, "limit": self.limit, "sample_fraction": self.sample_fraction,
+                "max_caption_chars": self.max_caption_chars, "part_rows": self.shard_size * self.shards_per_part}
+
+
+_FIELD = re.compile(r"\{(\w+)(?:\[(-?\d*):(-?\d*)\])?\}")
+
+
+def format_url(template: str, **fields) -> str:
+    """`{name}` or `{name[a:b]}` substituted from fields (str.format cannot slice)."""
+    def sub(m):
+        if m.group(1) not in fields:
+            raise ValueError(f"url template {template!r}: unknown field {m.group(1)!r} (known: {sorted(fields)})")
+        v = str(fields[m.group(1)])
+        if m.group(2) is None and m.group(3) is None and "[" not in m.group(0):
+            return v
+        a, b = m.group(2), m.group(3)
+        return v[int(a) if a else None:int(b) if b else None]
+    return _FIELD.sub(sub, template)
+
+
+def sampled(photoid: int, fraction: float) -> bool:
+    """Deterministic per-photo coin (Fibonacci hashing), so trial builds are reproducible."""
+    return fraction >= 1.0 or ((photoid * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) < fraction * 2 ** 64
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- stage 1: select -> parquet parts
+
+def select_stage(cfg: BuildConfig) -> dict:
+    """Stream metadata -> cleaned rows -> parquet parts. Returns the selection stats."""
+    marker = cfg.state_dir / "select.json"
+    fingerprint = cfg.selection_fingerprint()
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if done["fingerprint"] == fingerprint:
+            return done["stats"]
+        if any(cfg.shard_dir.glob("*.tar")):
+            raise InputError(f"{cfg.out}: already holds shards built with other selection settings "
+                             f"({marker}); use a new --out or delete it")
+    shutil.rmtree(cfg.parquet_dir, ignore_errors=True)
+    cfg.parquet_dir.mkdir(parents=True)
+    t0 = time.time()
+    scan = ScanStats()
+    subset = SubsetIds.from_file(cfg.subset, scan, cfg.progress) if cfg.subset is not None else None
+    part_rows = cfg.shard_size * cfg.shards_per_part
+    columns: dict[str, list] = {n: [] for n in PARQUET_SCHEMA.names}
+    parts, kept, complete = 0, 0, True
+
+    def flush():
+        nonlocal parts
+        if columns["url"]:
+            table = pa.table(columns, schema=PARQUET_SCHEMA)
+            tmp = cfg.parquet_dir / f".part-{parts:05d}.tmp"
+            pq.write_table(table, tmp)
+            tmp.replace(cfg.parquet_dir / f"part-{parts:05d}.parquet")
+            parts += 1
+            for v in columns.values():
+                v.clear()
+
+    for row in read_metadata(cfg.metadata, subset, scan, cfg.progress):
+        if row.is_video:
+            scan.add("video", row.where)
+            continue
+        title, desc = clean_caption(row.title), clean_caption(row.description)
+        if len(title) > cfg.max_caption_chars or len(desc) > cfg.max_caption_chars:
+            scan.add("caption_truncated", row.where)
+            title, desc = truncate(title, cfg.max_caption_chars), truncate(desc, cfg.max_caption_chars)
+        if not title and not desc:
+            scan.add("no_caption", row.where)
+            continue
+        url = format_url(cfg.url_template, hash=row.hash, photoid=row.photoid, download_url=row.download_url,
+                         ext=row.ext)
+        if not url[:8].lower().startswith(ALLOWED_PREFIXES):
+            scan.add("rejected_url", f"{row.where}: {url[:80]}")
+            continue
+        if not sampled(row.photoid, cfg.sample_fraction):   # a fraction of the usable rows
+            scan.add("sampled_out")
+            continue
+        for k, v in (("url", url), ("caption", join_caption(title, desc)), ("photoid", row.photoid),
+                     ("title", title), ("description", desc), ("license", row.license)):
+            columns[k].append(v)
+        kept += 1
+        if len(columns["url"]) >= part_rows:
+            flush()
+        if cfg.limit is not None and kept >= cfg.limit:
+            complete = False
+            break
+    flush()
+    if subset is not None and complete:
+        missing = subset.missing()
+        scan.add("missing_from_metadata", n=len(missing))
+        scan.examples["missing_from_metadata"] = [f"{cfg.subset}: photo id {i}" for i in missing[:5]]
+    stats = {**scan.to_dict(), "selected": kept, "parquet_parts": parts, "scan_complete": complete,
+             "select_seconds": round(time.time() - t0, 2)}
+    _write_json(marker, {"fingerprint": fingerprint, "stats": stats})
+    return stats
+
+
+# ---------------------------------------------------------------- stage 2: download
+
+def _stats_files(shard_dir: Path) -> list[Path]:
+    return sorted(p for p in shard_dir.glob("*_stats.json") if p.name.split("_")[0].isdigit())
+
+
+def _tar_samples(tar: Path) -> int | None:
+    """Number of .jpg members of a complete tar, None if the tar is truncated or unreadable."""
+    try:
+        with tarfile.open(tar) as t:
+            return sum(1 for m in t if m.name.endswith(".jpg"))
+    except (tarfile.TarError, OSError, EOFError):
+        return None
+
+
+def check_shards(shard_dir: Path) -> int:
+    """Delete every shard that a kill left incomplete, so img2dataset's incremental mode redoes it:
+    a tar without its stats file, or a stats file whose tar is truncated or holds the wrong count."""
+    redo = set()
+    for stats in _stats_files(shard_dir):
+        sid = stats.name.split("_")[0]
+        try:
+            successes = json.loads(stats.read_text())["successes"]
+        except (ValueError, KeyError, OSError):
+            successes = -1
+        if _tar_samples(shard_dir / f"{sid}.tar") != successes:
+            redo.add(sid)
+    done = {p.name.split("_")[0] for p in _stats_files(shard_dir)}
+    redo |= {p.stem for p in shard_dir.glob("*.tar") if p.stem not in done}
+    for sid in redo:
+        for suffix in ("_stats.json", ".tar", ".parquet", ".idx"):
+            (shard_dir / f"{sid}{suffix}").unlink(missing_ok=True)
+    return len(redo)
+
+
+class _DownloadProgress:
+    """A tqdm bar (samples, rate, ETA) fed by the stats files img2dataset writes per finished shard."""
+
+    def __init__(self, shard_dir: Path, total: int, enabled: bool):
+        self.shard_dir, self.seen = shard_dir, set()
+        self.bar = tqdm(total=total, desc="download", unit="img", disable=not enabled, smoothing=0.05)
+        self.bar.update(self._poll())
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _poll(self) -> int:
+        n = 0
+        for p in _stats_files(self.shard_dir):
+            if p.name not in self.seen:
+                try:
+                    n += json.loads(p.read_text())["count"]
+                    self.seen.add(p.name)
+                except (ValueError, KeyError, OSError):
+                    pass
+        return n
+
+    def _run(self):
+        while not self.stop.wait(1.0):
+            self.bar.update(self._poll())
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.bar.update(self._poll())
+        self.bar.close()
+
+
+def download_stage(cfg: BuildConfig, selected: int) -> dict:
+    cfg.shard_dir.mkdir(parents=True, exist_ok=True)
+    # img2dataset's incremental mode reads every *.json in the output folder as a shard's stats
+    (cfg.shard_dir / "manifest.json").unlink(missing_ok=True)
+    redone = check_shards(cfg.shard_dir)
+    expected = -(-selected // cfg.shard_size) if selected else 0
+    marker = cfg.state_dir / "download.json"
+    if marker.exists() and redone == 0 and len(_stats_files(cfg.shard_dir)) == expected:
+        return {"shards_redone": 0, "skipped": True}
+    marker.unlink(missing_ok=True)
+    if selected:
+        # checked by OpenCV on the image header, before any pixel buffer is allocated
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(cfg.max_image_pixels)
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+        from img2dataset import download
+        with _DownloadProgress(cfg.shard_dir, selected, cfg.progress):
+            download(url_list=str(cfg.parquet_dir), input_format="parquet", url_col="url", caption_col="caption",
+                     save_additional_columns=EXTRA_COLUMNS, output_format="webdataset",
+                     output_folder=str(cfg.shard_dir), number_sample_per_shard=cfg.shard_size,
+                     processes_count=cfg.processes, thread_count=cfg.threads, image_size=cfg.image_size,
+                     resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
+                     encode_quality=cfg.encode_quality, timeout=cfg.timeout, retries=cfg.retries,
+                     max_image_area=float(cfg.max_image_pixels), incremental_mode="incremental",
+                     distributor=cfg.distributor, enable_wandb=False, compute_hash="sha256")
+        shutil.rmtree(cfg.shard_dir / "_tmp", ignore_errors=True)
+    left = check_shards(cfg.shard_dir)
+    if left or len(_stats_files(cfg.shard_dir)) != expected:
+        raise RuntimeError(f"{cfg.shard_dir}: img2dataset finished {len(_stats_files(cfg.shard_dir))} of "
+                           f"{expected} shards ({left} incomplete); rerun the same command to resume")
+    _write_json(marker, {"shards": expected})
+    return {"shards_redone": redone, "skipped": False}
+
+
+# ---------------------------------------------------------------- stage 3: finalize
+
+# img2dataset error messages -> short reasons for the manifest
+FAILURE_REASONS = [
+    (re.compile(r"HTTP Error (\d+)"), lambda m: f"http_{m.group(1)}"),
+    (re.compile(r"timed? ?out", re.I), lambda m: "timeout"),
+    (re.compile(r"image decod|decode|cannot identify|imdecode|truncated", re.I), lambda m: "image_decode_error"),
+    (re.compile(r"image area|too large|pixels", re.I), lambda m: "image_too_large"),
+    (re.compile(r"Connection|refused|reset|Name or service", re.I), lambda m: "connection_error"),
+    (re.compile(r"unknown url type|scheme", re.I), lambda m: "rejected_url"),
+]
+
+
+def failure_reason(message: str) -> str:
+    for pattern, name in FAILURE_REASONS:
+        if m := pattern.search(message):
+            return name(m)
+    return "other"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_index(tar: Path) -> Path:
+    """DALI's wds2idx index beside the tar (skipped when an index newer than the tar exists)."""
+    idx = tar.with_suffix(".idx")
+    if idx.exists() and idx.stat().st_mtime >= tar.stat().st_mtime:
+        return idx
+    from wds2idx import IndexCreator   # ships with the nvidia-dali wheel
+    tmp = tar.with_name(f".{tar.stem}.idx.tmp")
+    creator = IndexCreator(str(tar), str(tmp), verbose=False)
+    creator.create_index()
+    creator.close()
+    tmp.replace(idx)
+    return idx
+
+
+def finalize_stage(cfg: BuildConfig, select_stats: dict, download_info: dict) -> Manifest:
+    shards, dl, status, errors = [], Counter(), Counter(), Counter()
+    files = _stats_files(cfg.shard_dir)
+    for stats_path in tqdm(files, desc="index+sha256", unit="shard", disable=not cfg.progress or len(files) < 2):
+        s = json.loads(stats_path.read_text())
+        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            dl[k] += s.get(k, 0)
+        status.update(s.get("status_dict", {}))
+        sid = stats_path.name.split("_")[0]
+        part = cfg.shard_dir / f"{sid}.parquet"
+        if part.exists():
+            t = pq.read_table(part, columns=["status", "error_message"])
+            errors.update(e for st, e in zip(t["status"].to_pylist(), t["error_message"].to_pylist())
+                          if st != "success" and e)
+        if s.get("successes", 0) == 0:
+            dl["empty_shards"] += 1
+            continue
+        tar = cfg.shard_dir / f"{sid}.tar"
+        idx = write_index(tar)
+        shards.append(ShardEntry(path=tar.name, samples=s["successes"], bytes=tar.stat().st_size,
+                                 sha256=_sha256(tar), index=idx.name))
+    failures = Counter()
+    for msg, n in errors.items():
+        failures[failure_reason(msg)] += n
+    stats = {
+        "select": select_stats,
+        "download": {"attempted": dl["count"], "downloaded": dl["successes"],
+                     "failed_to_download": dl["failed_to_download"], "failed_to_resize": dl["failed_to_resize"],
+                     "failures": dict(failures.most_common()), "errors": dict(errors.most_common(50)),
+                     "empty_shards": dl["empty_shards"], "shards_redone_on_resume": download_info["shards_redone"]},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+    }
+    manifest = Manifest(name=cfg.name, root=str(cfg.shard_dir.resolve()), shards=shards, stats=stats)
+    save_manifest(manifest, cfg.manifest_dir / f"{cfg.name}.json", cfg.shard_dir / "manifest.json")
+    return manifest
+
+
+def summary_table(m: Manifest) -> str:
+    sel, dl = m.stats["select"], m.stats["download"]
+    c = sel["counts"]
+    rows = [("metadata rows read", c.get("rows_read", 0))]
+    rows += [(f"  dropped: {k}", v) for k, v in c.items() if k not in ("rows_read", "subset_rows")]
+    rows += [("subset ids", c.get("subset_rows", 0)), ("selected (parquet rows)", sel["selected"]),
+             ("download attempted", dl["attempted"]), ("downloaded", dl["downloaded"])]
+    rows += [(f"  failed: {k}", v) for k, v in dl["failures"].items()]
+    rows += [("shards", len(m.shards)), ("samples in manifest", m.total_samples),
+             ("bytes", sum(s.bytes for s in m.shards))]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v:>12,}" for k, v in rows)
+
+
+def build(cfg: BuildConfig) -> Manifest:
+    """Run (or resume) all stages; returns the result manifest."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    select_stats = select_stage(cfg)
+    download_info = download_stage(cfg, select_stats["selected"])
+    manifest = finalize_stage(cfg, select_stats, download_info)
+    if cfg.progress:
+        print(summary_table(manifest), file=sys.stderr)
+    return manifest

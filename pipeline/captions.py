@@ -1,0 +1,54 @@
+"""Caption cleaning for YFCC100M titles and descriptions.
+
+The SLIP reference cleaning (SPEC section 3) is: `unquote`, `+` -> space, strip `<a ...>`, `</a>`,
+`<b>`, `</b>`, `<i>`, `</i>`, strip URLs (`http\\S+`, `www\\S+`). On top of that, what a careful
+user needs: `<br>` / `<p>` line-break tags removed too (Flickr descriptions are full of them),
+ftfy repair of mojibake and HTML entities, control characters dropped, every run of whitespace
+(including decoded newlines) collapsed to one space.
+"""
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+import ftfy
+import regex
+
+# the reference's tags, plus line-break tags (which would otherwise glue words together)
+_TAGS = re.compile(r"</?(?:a|b|i)(?:\s[^>]*)?>|</?(?:br|p)\s*/?>", re.IGNORECASE)
+_URLS = re.compile(r"http\S+|www\S+")
+_SPACE = re.compile(r"\s+")
+_CONTROLS = regex.compile(r"[\p{Cc}\p{Cf}]")   # after whitespace is collapsed: what is left goes
+
+
+def clean_caption(raw: str) -> str:
+    """One URL-encoded YFCC title or description -> clean single-line text ('' if nothing is left)."""
+    if not raw:
+        return ""
+    text = unquote(raw, errors="replace").replace("+", " ")
+    text = _TAGS.sub(" ", text)
+    text = _URLS.sub(" ", text)
+    if not text.isascii() or "&" in text or "\x1b" in text:   # ftfy changes nothing else; it is slow
+        text = ftfy.fix_text(text)
+    text = _CONTROLS.sub("", _SPACE.sub(" ", text))
+    return _SPACE.sub(" ", text).strip()
+
+
+def join_caption(title: str, description: str) -> str:
+    """The default caption (the sample's txt): title and description, either alone when the other is
+    empty or the same, else `title. description` (no doubled full stop)."""
+    if not description or description == title:
+        return title
+    if not title:
+        return description
+    sep = " " if title[-1] in ".!?:;" else ". "
+    return title + sep + description
+
+
+def truncate(text: str, max_chars: int) -> str:
+    """Cut an absurdly long caption at the last word boundary before `max_chars`."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > max_chars // 2 else cut).rstrip()

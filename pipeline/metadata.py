@@ -1,0 +1,348 @@
+"""Streaming readers of the YFCC100M metadata (Webscope TSV, plain or .bz2, or the SQLite form) and
+of the YFCC15M subset list. Memory stays bounded: the metadata is never held, and the subset's
+14.8M photo ids live in one sorted int64 numpy array (about 120 MB) searched in vectorised batches.
+
+Bad rows are counted in `ScanStats` with a few `file:line` examples and skipped; only inputs that
+are unusable as a whole (a wrong file, a wrong format) raise `InputError`, naming file and line.
+"""
+from __future__ import annotations
+
+import bz2
+import hashlib
+import queue
+import sqlite3
+import threading
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+METADATA_COLUMNS = 25
+SUBSET_COLUMNS = 3
+PROBE_LINES = 100        # no valid row among the first PROBE_LINES lines -> the file is the wrong one
+MAX_EXAMPLES = 5         # file:line examples kept per reason
+SQLITE_COLUMNS = ("photoid", "title", "description", "downloadurl", "licensename", "ext", "marker")
+
+
+class InputError(ValueError):
+    """An input file that cannot be used at all (wrong file or format); the message names file:line."""
+
+
+@dataclass
+class ScanStats:
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, where: str | None = None, n: int = 1) -> None:
+        self.counts[reason] += n
+        if where is not None:
+            ex = self.examples.setdefault(reason, [])
+            if len(ex) < MAX_EXAMPLES:
+                ex.append(where)
+
+    def to_dict(self) -> dict:
+        return {"counts": dict(sorted(self.counts.items())), "examples": self.examples}
+
+
+@dataclass(frozen=True)
+class MetadataRow:
+    photoid: int
+    hash: str               # mirror hash (SPEC: md5 of the download URL, bytes printed without leading zero)
+    title: str              # raw, URL-encoded
+    description: str        # raw, URL-encoded
+    download_url: str
+    license: str
+    ext: str
+    is_video: bool
+    where: str              # file:line, for error reports
+
+
+def url_hash(download_url: str) -> str:
+    """The multimedia-commons mirror hash of a photo (the SQLite form has no hash column)."""
+    return "".join(f"{b:x}" for b in hashlib.md5(download_url.encode()).digest())
+
+
+def detect_format(path: Path) -> str:
+    """'sqlite', 'bz2' or 'tsv' from the file's magic bytes (the name may lie)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from e
+    if head.startswith(b"SQLite format 3\0"):
+        return "sqlite"
+    if head.startswith(b"BZh"):
+        return "bz2"
+    return "tsv"
+
+
+class _Lines:
+    """Numbered byte lines (without the newline) of a plain or bz2 file, a progress bar over the bytes
+    read from disk, and a truncated bz2 stream turned into a counted event instead of a crash.
+
+    A thread reads and decompresses 1 MiB chunks ahead (bz2 releases the GIL while it works), so
+    decompression overlaps with parsing on the main thread."""
+
+    CHUNK = 1 << 18    # raw bytes per read
+
+    def __init__(self, path: Path, stats: ScanStats, desc: str, progress: bool):
+        self.path, self.stats, self.desc, self.progress = path, stats, desc, progress
+
+    def _produce(self, raw: BinaryIO, compressed: bool, q: queue.Queue, stop: threading.Event) -> None:
+        """Put (decompressed bytes, raw bytes consumed) on the queue; b"" at the end, an exception if
+        the bz2 data is corrupt or ends mid-stream (everything before it has been delivered)."""
+        dec, started = bz2.BZ2Decompressor(), False
+        try:
+            while not stop.is_set():
+                data = raw.read(self.CHUNK)
+                if not data:
+                    if compressed and started:
+                        raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                    q.put((b"", 0))
+                    return
+                if not compressed:
+                    q.put((data, len(data)))
+                    continue
+                out, buf = [], data
+                while buf:                     # concatenated bz2 streams (pbzip2, lbzip2)
+                    started = True
+                    out.append(dec.decompress(buf))
+                    buf = b""
+                    if dec.eof:
+                        buf, dec, started = dec.unused_data, bz2.BZ2Decompressor(), False
+                q.put((b"".join(out), len(data)))
+        except (EOFError, OSError) as e:
+            q.put((e, 0))
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        raw: BinaryIO = open(self.path, "rb")
+        size = self.path.stat().st_size
+        bar = tqdm(total=size, desc=self.desc, unit="B", unit_scale=True, disable=not self.progress,
+                   mininterval=0.5, smoothing=0.1)
+        q: queue.Queue = queue.Queue(maxsize=8)
+        stop = threading.Event()
+        reader = threading.Thread(target=self._produce, daemon=True,
+                                  args=(raw, detect_format(self.path) == "bz2", q, stop))
+        reader.start()
+        lineno, rest = 0, b""
+        try:
+            while True:
+                chunk, consumed = q.get()
+                if isinstance(chunk, Exception):
+                    self.stats.add("truncated_input", f"{self.path}:{lineno + 1}: {chunk}")
+                    break    # the partial last line is dropped with the rest of the stream
+                if not chunk and not consumed:
+                    if rest:
+                        lineno += 1
+                        yield lineno, rest
+                    break
+                bar.update(consumed)
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    lineno += 1
+                    yield lineno, line
+        finally:
+            stop.set()
+            while reader.is_alive():      # unblock a producer waiting on a full queue
+                try:
+                    q.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            bar.close()
+            raw.close()
+
+
+class _WrongFileGuard:
+    """Raises InputError when the first lines of a file contain no valid row at all."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what, self.good, self.first_bad = path, what, 0, None
+
+    def bad(self, lineno: int, why: str) -> None:
+        if self.good == 0:
+            if self.first_bad is None:
+                self.first_bad = f"{self.path}:{lineno}: {why}"
+            if lineno >= PROBE_LINES:
+                self.fail()
+
+    def fail(self) -> None:
+        raise InputError(f"{self.first_bad} (no valid row in the first lines: is this {self.what}?)")
+
+    def finish(self) -> None:
+        if self.good == 0 and self.first_bad is not None:
+            self.fail()
+
+
+class SubsetIds:
+    """The YFCC15M photo ids as a sorted unique int64 array, plus which of them the metadata had."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = ids
+        self.seen = np.zeros(len(ids), dtype=bool)
+
+    @classmethod
+    def from_file(cls, path: str | Path, stats: ScanStats, progress: bool = True) -> "SubsetIds":
+        path = Path(path)
+        guard = _WrongFileGuard(path, "the YFCC15M subset list (line, photo id, hash)")
+        buf = array("q")
+        for lineno, line in _Lines(path, stats, "subset", progress):
+            parts = line.rstrip(b"\r").split(b"\t")
+            if len(parts) == 1 and not parts[0].strip():
+                continue
+            try:
+                if len(parts) != SUBSET_COLUMNS:
+                    raise ValueError(f"expected {SUBSET_COLUMNS} tab-separated columns, found {len(parts)}")
+                buf.append(int(parts[1]))
+            except ValueError as e:
+                stats.add("subset_malformed", f"{path}:{lineno}: {str(e)[:80]}")
+                guard.bad(lineno, str(e)[:80])
+                continue
+            guard.good += 1
+        guard.finish()
+        ids = np.frombuffer(buf, dtype=np.int64) if len(buf) else np.zeros(0, np.int64)
+        unique = np.unique(ids)
+        stats.add("subset_rows", n=len(ids))
+        if len(unique) < len(ids):
+            sorted_ids = np.sort(ids)
+            dups = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
+            stats.add("duplicate_subset_id", n=len(dups))
+            stats.examples["duplicate_subset_id"] = [f"{path}: photo id {i}" for i in np.unique(dups)[:MAX_EXAMPLES]]
+        return cls(unique)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def lookup(self, batch: np.ndarray) -> np.ndarray:
+        """Position of each id in the subset, -1 where absent."""
+        if len(self.ids) == 0:
+            return np.full(len(batch), -1)
+        pos = np.searchsorted(self.ids, batch)
+        pos[pos == len(self.ids)] = 0
+        return np.where(self.ids[pos] == batch, pos, -1)
+
+    def missing(self) -> np.ndarray:
+        return self.ids[~self.seen]
+
+
+def read_metadata(path: str | Path, subset: SubsetIds | None, stats: ScanStats, progress: bool = True,
+                  batch_lines: int = 8192) -> Iterator[MetadataRow]:
+    """Rows of the metadata (TSV / .bz2 / SQLite, detected) whose photo id is in `subset` (all rows
+    when `subset` is None), in file order, each photo id at most once."""
+    path = Path(path)
+    if detect_format(path) == "sqlite":
+        yield from _read_sqlite(path, subset, stats, progress, batch_lines)
+    else:
+        yield from _read_tsv(path, subset, stats, progress, batch_lines)
+
+
+def _keep(subset: SubsetIds | None, ids: list[int], where_of, stats: ScanStats) -> list[int]:
+    """Indices into the batch of rows to keep: in the subset, and not seen before."""
+    if subset is None:
+        return list(range(len(ids)))
+    pos = subset.lookup(np.asarray(ids, dtype=np.int64))
+    stats.add("not_in_subset", n=int((pos < 0).sum()))
+    keep = []
+    for i in np.flatnonzero(pos >= 0):
+        p = pos[i]
+        if subset.seen[p]:
+            stats.add("duplicate_photo", where_of(i))
+            continue
+        subset.seen[p] = True
+        keep.append(int(i))
+    return keep
+
+
+def _read_tsv(path: Path, subset, stats, progress, batch_lines) -> Iterator[MetadataRow]:
+    guard = _WrongFileGuard(path, "the YFCC100M metadata (25 tab-separated columns)")
+    lines: list[tuple[int, bytes]] = []
+    ids: list[int] = []
+
+    def flush() -> Iterator[MetadataRow]:
+        for i in _keep(subset, ids, lambda i: f"{path}:{lines[i][0]}", stats):
+            lineno, line = lines[i]
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                stats.add("non_utf8", f"{path}:{lineno}: byte {e.start}")
+                continue
+            f = text.rstrip("\r").split("\t")
+            yield MetadataRow(photoid=ids[i], hash=f[2], title=f[8], description=f[9], download_url=f[16],
+                              license=f[17], ext=f[23], is_video=f[24].strip() == "1", where=f"{path}:{lineno}")
+        lines.clear()
+        ids.clear()
+
+    for lineno, line in _Lines(path, stats, "metadata", progress):
+        stats.counts["rows_read"] += 1
+        tabs = line.count(b"\t")
+        if tabs != METADATA_COLUMNS - 1:
+            if not line.strip():
+                stats.counts["rows_read"] -= 1
+                continue
+            why = f"expected {METADATA_COLUMNS} tab-separated columns, found {tabs + 1}"
+            stats.add("malformed", f"{path}:{lineno}: {why}")
+            guard.bad(lineno, why)
+            continue
+        start = line.index(b"\t") + 1
+        try:
+            pid = int(line[start:line.index(b"\t", start)])
+        except ValueError:
+            stats.add("malformed", f"{path}:{lineno}: photo id is not an integer")
+            guard.bad(lineno, "photo id is not an integer")
+            continue
+        guard.good += 1
+        lines.append((lineno, line))
+        ids.append(pid)
+        if len(ids) >= batch_lines:
+            yield from flush()
+    yield from flush()
+    guard.finish()
+
+
+def _read_sqlite(path: Path, subset, stats, progress, batch_lines) -> Iterator[MetadataRow]:
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        con.text_factory = bytes      # decode ourselves, so bad UTF-8 is a counted row, not a crash
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        table = next((t.decode() for t in tables
+                      if set(SQLITE_COLUMNS) <= {r[1].decode().lower() for r in con.execute(f"PRAGMA table_info('{t.decode()}')")}),
+                     None)
+    except sqlite3.DatabaseError as e:
+        raise InputError(f"{path}:1: not a readable SQLite database ({e})") from e
+    if table is None:
+        raise InputError(f"{path}:1: no table with the YFCC100M columns {', '.join(SQLITE_COLUMNS)} "
+                         f"(tables: {[t.decode() for t in tables]})")
+    total = con.execute(f"SELECT max(rowid) FROM '{table}'").fetchone()[0] or 0
+    cur = con.execute(f"SELECT rowid, {', '.join(SQLITE_COLUMNS)} FROM '{table}' ORDER BY rowid")
+    bar = tqdm(total=total, desc="metadata (sqlite)", unit="row", unit_scale=True, disable=not progress,
+               mininterval=0.5)
+    try:
+        while rows := cur.fetchmany(batch_lines):
+            bar.update(len(rows))
+            stats.counts["rows_read"] += len(rows)
+            good, ids = [], []
+            for r in rows:
+                try:
+                    ids.append(int(r[1]))
+                    good.append(r)
+                except (TypeError, ValueError):
+                    stats.add("malformed", f"{path}:row {r[0]}: photo id {r[1]!r} is not an integer")
+            for i in _keep(subset, ids, lambda i: f"{path}:row {good[i][0]}", stats):
+                rowid, _, *cols = good[i]
+                try:
+                    title, desc, url, lic, ext = (c.decode("utf-8") if isinstance(c, bytes) else str(c or "")
+                                                  for c in cols[:5])
+                except UnicodeDecodeError as e:
+                    stats.add("non_utf8", f"{path}:row {rowid}: byte {e.start}")
+                    continue
+                yield MetadataRow(photoid=ids[i], hash=url_hash(url), title=title, description=desc,
+                                  download_url=url, license=lic, ext=ext,
+                                  is_video=str(cols[5].decode() if isinstance(cols[5], bytes) else cols[5]).strip() == "1",
+                                  where=f"{path}:row {rowid}")
+    finally:
+        bar.close()
+        con.close()

@@ -1,0 +1,77 @@
+"""RunConfig: YAML + overrides, type checking with file:line errors, round trip through config.yaml."""
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, RunConfig, load_config, parse_override, save_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "trainer" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.model.image_size == cfg.data.recipe.image_size
+    assert cfg.optim.betas == (0.9, 0.98) and cfg.optim.eps == 1e-8
+
+
+def test_reference_hyperparameters():
+    d = Path(__file__).parents[1] / "trainer" / "configs"
+    slip, clip, simclr = (load_config(d / f"{o}_vit_b16.yaml") for o in ("slip", "clip", "simclr"))
+    assert (slip.optim.lr, slip.optim.weight_decay) == (3e-3, 0.1)
+    assert (clip.optim.lr, clip.optim.weight_decay) == (5e-4, 0.5)
+    assert (simclr.optim.lr, simclr.objective.ssl_temperature) == (3.2e-3, 0.1)
+    assert slip.model.vision_width == 768 and slip.data.batch_size * 64 == 4096
+    assert load_config(d / "slip_vit_s16.yaml").model.vision_heads == 12
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.betas=[0.8, 0.9]", "train.compile=true",
+                             "optim.grad_clip=null", "model.preset=vit_tiny", "data.recipe.image_size=64",
+                             "optim.epochs=2"])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.epochs, float)
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.train.compile is True and cfg.optim.grad_clip is None
+    assert cfg.model.vision_width == 128  # the preset's values
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=fast", "optim.lr: expected a number"),
+    ("optim.lrr=1", "did you mean 'lr'"),
+    ("train.precision=fp8", "expected one of"),
+    ("data.batch_size=1.5", "expected an integer"),
+    ("optim.betas=[0.9]", "expected 2 values"),
+    ("train.compile=1", "expected true/false"),
+    ("noequals", "expected key.sub=value"),
+    ("model.preset=vit_huge", "unknown model preset"),
+])
+def test_bad_override_is_a_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_yaml_error_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("out_dir: x\noptim:\n  lr: 0.1\n  warmup_epochs: soon\n")
+    with pytest.raises(ConfigError, match=rf"{p}:4: optim.warmup_epochs: expected a number"):
+        load_config(p)
+    p.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(p)
+
+
+def test_cross_section_check():
+    with pytest.raises(ConfigError, match="image_size"):
+        load_config(None, ["model.preset=vit_tiny"])  # recipe still at 224
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(None, ["model.preset=vit_tiny", "data.recipe.image_size=64", "debug.inject_nan_at_steps=[3,4]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a=1e-4") == ("a", 1e-4)
+    assert parse_override("a=runs/x") == ("a", "runs/x")

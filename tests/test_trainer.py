@@ -1,0 +1,185 @@
+"""End-to-end trainer tests on real shards, the real DALI loader, real models and real 2-process
+gloo DDP (torchrun subprocesses):
+
+- a DDP run finishes, ranks hold identical parameters, the loss falls on a tiny overfit set, an
+  injected NaN step is skipped and reported, metrics.jsonl has every field;
+- the same run SIGKILLed mid-training and resumed gives the same per-step losses;
+- repeated non-finite steps stop the run with a clear message and a loadable last checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(ROOT / "trainer" / "run.py")]
+STEPS = 16            # 2 ranks x batch 8 over 32 samples = 2 steps per epoch -> 8 epochs
+COMMON = ["model.preset=vit_tiny", "objective.name=slip", "data.recipe.image_size=64",
+          "data.batch_size=8", "data.num_threads=1", "optim.lr=2e-3", "optim.epochs=8",
+          "optim.warmup_epochs=1", "train.log_every=1", "train.torch_threads=1",
+          "checkpoint.every_steps=4", "checkpoint.keep_every=0", "eval.data=null",
+          "debug.inject_nan_at_steps=[3]"]
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+SHAPES = ("square", "stripe", "dot", "frame", "cross", "corner", "bar", "ring")
+
+
+def _image(color, shape: int, size: int = 96) -> bytes:
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (size, size), (128, 128, 128))
+    d = ImageDraw.Draw(img)
+    boxes = [(20, 20, 76, 76), (0, 40, 96, 56), (40, 40, 56, 56), (4, 4, 92, 92),
+             (44, 0, 52, 96), (0, 0, 40, 40), (0, 70, 96, 90), (24, 24, 72, 72)]
+    (d.rectangle if shape not in (2, 7) else d.ellipse)(boxes[shape], fill=color if shape != 3 else None,
+                                                       outline=color, width=6)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_shards(out: Path, shards: int = 2, per_shard: int = 16) -> Path:
+    """32 distinct (image, caption) pairs as img2dataset-style webdataset shards + DALI indexes + manifest."""
+    import webdataset as wds
+    from pipeline.manifest import Manifest, ShardEntry
+    out.mkdir(parents=True, exist_ok=True)
+    entries, i = [], 0
+    names = list(COLORS)
+    for s in range(shards):
+        tar = out / f"{s:05d}.tar"
+        with wds.TarWriter(str(tar)) as w:
+            for _ in range(per_shard):
+                color, shape = names[i % 4], SHAPES[i // 4 % 8]
+                caption = f"a {color} {shape}"
+                key = f"{s:05d}{i:04d}"
+                w.write({"__key__": key, "jpg": _image(COLORS[color], i // 4 % 8), "txt": caption,
+                         "json": json.dumps({"key": key, "photoid": i, "caption": caption, "title": caption,
+                                             "description": f"{caption} on grey", "status": "success"})})
+                i += 1
+        idx = tar.with_suffix(".idx")
+        subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(idx)], check=True,
+                       capture_output=True)
+        entries.append(ShardEntry(path=tar.name, samples=per_shard, bytes=tar.stat().st_size,
+                                  sha256=hashlib.sha256(tar.read_bytes()).hexdigest(), index=idx.name))
+    manifest = out / "manifest.json"
+    manifest.write_text(json.dumps(Manifest("tiny", str(out), entries).to_dict(), indent=1))
+    return manifest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *RUN[1:], *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def step_records(run_dir: Path) -> dict[int, dict]:
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in recs if "event" not in r}
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r.get("event") == kind]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    proc = torchrun([*COMMON, f"data.manifest={shards}", f"out_dir={out}", "debug.save_rank_params=true"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_ddp_run_finishes_in_sync_and_learns(ddp_run):
+    recs = step_records(ddp_run)
+    assert sorted(recs) == [s for s in range(1, STEPS + 1) if s != 3]     # step 3 was skipped
+    for key in ("loss", "clip_loss", "ssl_loss", "lr", "logit_scale", "images_per_s", "data_wait",
+                "step_time", "grad_norm", "samples_seen"):
+        assert key in recs[1], key
+    assert recs[STEPS]["samples_seen"] == STEPS * 16
+    assert 0 <= recs[5]["data_wait"] <= 1
+    # ranks hold identical parameters after training
+    p0 = torch.load(ddp_run / "rank0_params.pt")
+    p1 = torch.load(ddp_run / "rank1_params.pt")
+    assert p0.keys() == p1.keys()
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    # a tiny overfit run: the loss falls
+    first = sum(recs[s]["loss"] for s in (1, 2, 4)) / 3
+    last = sum(recs[s]["loss"] for s in range(STEPS - 2, STEPS + 1)) / 3
+    assert last < 0.8 * first, (first, last)
+    # checkpoints: the latest only (keep_every=0), loadable and complete
+    from trainer import checkpoint as ckpt
+    found = ckpt.list_checkpoints(ddp_run / "checkpoints")
+    assert [s for s, _ in found] == [STEPS]
+    state = ckpt.load_checkpoint(found[-1][1])
+    assert state["step"] == STEPS and len(state["per_rank"]) == 2
+    assert {"model", "optimizer", "scheduler", "samples_seen"} <= state.keys()
+    assert {"rng", "loader"} <= state["per_rank"][1].keys()
+    assert (ddp_run / "config.yaml").exists()
+    assert "samples/s" in events(ddp_run, "summary")[0]["message"]
+
+
+def test_nan_step_skipped_and_reported(ddp_run):
+    nonfinite = events(ddp_run, "nonfinite")
+    assert [e["step"] for e in nonfinite] == [3]
+    assert "skipped" in nonfinite[0]["message"]
+    assert "1 non-finite steps skipped" in events(ddp_run, "summary")[0]["message"]
+    # the skipped step still advanced the schedule: step 4 runs at the rate of step index 3
+    import math
+    recs = step_records(ddp_run)
+    warmup, peak, end = 2, 2e-3, 1e-5
+    expected = end + 0.5 * (peak - end) * (1 + math.cos(math.pi * (3 - warmup) / (STEPS - warmup)))
+    assert recs[4]["lr"] == pytest.approx(expected)
+
+
+def test_sigkill_and_resume_matches_uninterrupted(ddp_run, shards, tmp_path):
+    out = tmp_path / "killed"
+    args = [*COMMON, f"data.manifest={shards}", f"out_dir={out}"]
+    killed = torchrun([*args, "debug.sigkill_at_step=10"])   # every rank SIGKILLs itself after step 10
+    assert killed.returncode != 0
+    from trainer import checkpoint as ckpt
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [8]
+    assert max(step_records(out)) >= 9        # it ran past the checkpoint before dying
+    resumed = torchrun(args)                    # auto-resume: out_dir holds a checkpoint
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step 8" in resumed.stdout
+    ref, got = step_records(ddp_run), step_records(out)
+    assert sorted(got) == sorted(ref)
+    for step in sorted(ref):
+        for key in ("loss", "clip_loss", "ssl_loss", "lr", "logit_scale"):
+            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_repeated_nonfinite_stops_cleanly(shards, tmp_path):
+    out = tmp_path / "nan"
+    cmd = [*RUN, *COMMON, f"data.manifest={shards}", f"out_dir={out}", "data.batch_size=16",
+           "checkpoint.every_steps=1", "debug.inject_nan_at_steps=[3,4,5]", "train.max_nonfinite=2",
+           "optim.max_steps=8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "2 non-finite steps in a row (last at step 4)" in proc.stderr
+    from trainer import checkpoint as ckpt
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    state = ckpt.load_checkpoint(latest)
+    assert state["step"] == 3          # written before the run stopped at step 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -1,0 +1,40 @@
+"""metrics.jsonl writing, truncation on resume, and the PNG plots of tools/plot_metrics.py."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from trainer.metrics import MetricsLogger
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_run(out: Path, steps: int) -> None:
+    m = MetricsLogger(out, rank=0, total_steps=steps)
+    for s in range(1, steps + 1):
+        m.log(s, {"loss": 5.0 / s, "clip_loss": 3.0 / s, "ssl_loss": 2.0 / s, "lr": 1e-3 * s / steps,
+                  "images_per_s": 100.0 + s, "step_time": 0.5, "data_wait": 0.02, "logit_scale": 14.3})
+        m.advance()
+    m.event(3, "nonfinite", "step skipped")
+    m.close("done: summary")
+
+
+def test_resume_truncates_later_steps(tmp_path):
+    _write_run(tmp_path, 6)
+    MetricsLogger(tmp_path, rank=0, total_steps=6, start_step=4).close()
+    steps = [json.loads(l).get("step") for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 3]     # step records 1..4 and the step-3 event; 5, 6, summary gone
+    assert MetricsLogger(tmp_path, rank=1, total_steps=6).enabled is False
+
+
+def test_plot_metrics_writes_pngs(tmp_path):
+    _write_run(tmp_path, 5)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": \n')   # a line cut by a kill: warned about, skipped
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{tmp_path / 'metrics.jsonl'}:" in proc.stderr and "not JSON" in proc.stderr
+    for name in ("losses", "lr", "throughput", "data_wait", "logit_scale"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

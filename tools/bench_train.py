@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Training throughput: steps/s, images/s, data-wait share, MFU (GPU), and a reference baseline.
+
+    python tools/bench_train.py --config trainer/configs/demo_slip.yaml [key=value ...] [--steps 10]
+
+Two measurements in the same process:
+1. Compute: the trainer's own train step (optimizer included) on fixed in-memory batches, against a
+   baseline built like the SLIP reference on the same model size and weights: three separate
+   encoder passes (CLIP view, SSL view 1, SSL view 2), eager attention (explicit softmax(QK^T)V with
+   an additive causal mask), fp32. Rounds of the two alternate so that load on a shared machine
+   hits both alike; the median step time is reported, and the ratio ours/baseline.
+2. End to end (when data.manifest exists): the real DALI loader feeding the same train step;
+   images/s and the share of step time blocked on the loader (data-wait).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import RunConfig, load_config
+from trainer.loop import Components, Trainer
+from trainer.models import Attention, build_model
+from trainer.objectives import build_objective
+from trainer.optim import WarmupCosine, build_optimizer
+from trainer.run import PEAK_BF16_FLOPS, peak_flops
+
+
+def eager_attention(self: Attention, x: torch.Tensor) -> torch.Tensor:
+    """The reference's attention: explicit scores, softmax, weighted sum (no fused kernel)."""
+    b, n, c = x.shape
+    h = self.heads
+    q, k, v = self.qkv(x).view(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+    scores = (q * (c // h) ** -0.5) @ k.transpose(-2, -1)
+    if self.causal:
+        scores = scores + torch.full((n, n), float("-inf"), device=x.device).triu(1)
+    x = scores.softmax(dim=-1) @ v
+    return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+def synthetic_batch(cfg: RunConfig, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    b, s = cfg.data.batch_size, cfg.model.image_size
+    batch = {"clip_image": torch.randn(b, 3, s, s, generator=g)}
+    if cfg.data.recipe.num_ssl_views == 2:
+        batch["ssl_image_1"] = torch.randn(b, 3, s, s, generator=g)
+        batch["ssl_image_2"] = torch.randn(b, 3, s, s, generator=g)
+    text = torch.randint(1, 49000, (b, cfg.model.context_length), generator=g)
+    lengths = torch.randint(5, cfg.model.context_length, (b,), generator=g)
+    text[torch.arange(b), lengths] = 49407            # EOT: the argmax the text tower pools at
+    text[torch.arange(cfg.model.context_length)[None] > lengths[:, None]] = 0
+    batch["text"] = text
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def make_trainer(cfg: RunConfig, device: torch.device, baseline: bool, state: dict | None) -> Trainer:
+    model_cfg = replace(cfg.model, single_pass_views=False, grad_checkpointing=False) if baseline else cfg.model
+    model = build_model(model_cfg, cfg.objective.name, global_batch_size=cfg.data.batch_size).to(device)
+    if state is not None:
+        model.load_state_dict(state)
+    if baseline:
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.forward = types.MethodType(eager_attention, m)
+    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    amp = None if baseline or precision == "fp32" else {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    train_model = torch.compile(model) if cfg.train.compile and not baseline else model
+    opt = build_optimizer(model, cfg.optim)
+    c = Components(cfg=cfg, model=model, train_model=train_model, objective=build_objective(cfg.objective),
+                   optimizer=opt, scheduler=WarmupCosine(opt, cfg.optim.lr, 0, 10**6), loader=None,
+                   device=device, amp_dtype=amp,
+                   scaler=torch.amp.GradScaler(device.type) if amp == torch.float16 else None)
+    return Trainer(c)
+
+
+def timed_steps(trainer: Trainer, batch: dict, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        trainer.train_step([batch])
+        if batch["text"].is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def end_to_end(cfg: RunConfig, trainer: Trainer, device: torch.device, steps: int, warmup: int) -> dict:
+    from pipeline.loader import SLIPLoader
+    from pipeline.manifest import load_manifest
+    from pipeline.tokenizer import Tokenizer
+    data_device = cfg.data.device if cfg.data.device != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+    loader = SLIPLoader(load_manifest(cfg.data.manifest), cfg.data.recipe, cfg.data.batch_size, Tokenizer(),
+                        seed=cfg.train.seed, num_threads=cfg.data.num_threads, device=data_device,
+                        device_id=device.index if data_device == "gpu" else None, caption_mode=cfg.data.caption_mode)
+    stream = _endless(loader)
+    for _ in range(warmup):
+        trainer.train_step([_to(next(stream), device)])
+    wait = 0.0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t_start = time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = _to(next(stream), device)
+        wait += time.perf_counter() - t0
+        trainer.train_step([batch])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    total = time.perf_counter() - t_start
+    return {"steps_per_s": steps / total, "images_per_s": steps * cfg.data.batch_size / total,
+            "data_wait": wait / total, "bad_samples": getattr(loader, "bad_samples", 0)}
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating ours/baseline rounds")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--no-data", action="store_true", help="skip the end-to-end loader measurement")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    torch.manual_seed(cfg.train.seed)
+    ours = make_trainer(cfg, device, baseline=False, state=None)
+    base = None if a.no_baseline else make_trainer(cfg, device, baseline=True, state=ours.c.model.state_dict())
+    batch = synthetic_batch(cfg, device)
+    views = 1 + cfg.data.recipe.num_ssl_views if cfg.objective.name != "simclr" else 2
+    print(f"{cfg.model.name} {cfg.objective.name}: batch {cfg.data.batch_size} on {device}, "
+          f"{views} image view(s) at {cfg.model.image_size}px, precision {cfg.train.precision}, "
+          f"compile {cfg.train.compile}, torch threads {torch.get_num_threads()}", flush=True)
+
+    timed_steps(ours, batch, a.warmup)
+    if base:
+        timed_steps(base, batch, a.warmup)
+    t_ours, t_base = [], []
+    for _ in range(a.rounds):
+        t_ours += timed_steps(ours, batch, a.steps)
+        if base:
+            t_base += timed_steps(base, batch, a.steps)
+    med = statistics.median(t_ours)
+    b = cfg.data.batch_size
+    print(f"compute   ours:     {1 / med:7.3f} steps/s  {b / med:8.1f} images/s  (median of {len(t_ours)} steps)")
+    peak = peak_flops(cfg, device)
+    if peak:
+        from trainer.flops import flops_per_sample
+        fps = flops_per_sample(cfg.model, cfg.objective.name).train
+        print(f"          MFU {100 * fps * b / med / peak:.1f}% (peak {peak / 1e12:.0f} TFLOP/s)")
+    if base:
+        med_b = statistics.median(t_base)
+        print(f"compute   baseline: {1 / med_b:7.3f} steps/s  {b / med_b:8.1f} images/s  "
+              "(3 separate encoder passes, eager attention, fp32)")
+        print(f"speed-up ours/baseline: {med_b / med:.2f}x")
+    if not a.no_data:
+        if cfg.data.manifest and Path(cfg.data.manifest).exists():
+            e2e = end_to_end(cfg, ours, device, a.steps * a.rounds, a.warmup)
+            print(f"end-to-end ours:    {e2e['steps_per_s']:7.3f} steps/s  {e2e['images_per_s']:8.1f} images/s  "
+                  f"data-wait {100 * e2e['data_wait']:.1f}%  (DALI {cfg.data.num_threads} threads, "
+                  f"{e2e['bad_samples']} bad samples)")
+        else:
+            print(f"end-to-end skipped: data.manifest {cfg.data.manifest!r} not found")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

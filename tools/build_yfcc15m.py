@@ -1,0 +1,102 @@
+"""Build YFCC15M (or the synthetic demo) into webdataset shards + DALI indexes + a result manifest.
+
+    python tools/build_yfcc15m.py --metadata yfcc100m_dataset.bz2 --subset yfcc100m_subset_data.tsv.bz2 \\
+        --out /data/yfcc15m [--processes 16 --threads 64 --image-size 320 ...]
+    python tools/build_yfcc15m.py --demo --out DIR [--demo-samples 4000 --demo-eval-per-class 40]
+
+Rerun the same command after a kill to resume. Stages and options: pipeline/build.py.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from pipeline.build import BuildConfig, build  # noqa: E402
+from pipeline.metadata import InputError  # noqa: E402
+
+# BuildConfig fields exposed as --flags (name -> help)
+OPTIONS = {
+    "name": "manifest name (<manifest-dir>/<name>.json)", "manifest_dir": "where <name>.json goes",
+    "url_template": "image URL: {hash} {hash[0:3]} {photoid} {ext} or {download_url} (column 16)",
+    "limit": "keep at most N rows (trial builds)", "sample_fraction": "keep this deterministic fraction of photos",
+    "max_caption_chars": "cut longer titles/descriptions", "processes": "img2dataset processes",
+    "threads": "img2dataset threads per process", "image_size": "resize target (px)",
+    "resize_mode": "no | border | keep_ratio | keep_ratio_largest | center_crop", "encode_quality": "JPEG quality",
+    "shard_size": "samples per shard", "timeout": "download timeout (s)", "retries": "download retries",
+    "max_image_pixels": "reject images with more pixels (decompression bombs)",
+    "distributor": "multiprocessing | pyspark | ray",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--metadata", type=Path, help="yfcc100m_dataset TSV (plain/.bz2) or SQLite file")
+    p.add_argument("--subset", type=Path, help="yfcc100m_subset_data.tsv (plain/.bz2)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--no-progress", action="store_true")
+    defaults = {f.name: f for f in dataclasses.fields(BuildConfig)}
+    for name, help_ in OPTIONS.items():
+        f = defaults[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        typ = {"limit": int, "manifest_dir": Path}.get(name, type(default))
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"{help_} (default {default})")
+    p.add_argument("--no-resize-only-if-bigger", action="store_true", help="also upscale small images")
+    g = p.add_argument_group("demo")
+    g.add_argument("--demo", action="store_true", help="generate and build the synthetic demo data set")
+    g.add_argument("--demo-samples", type=int, default=4000)
+    g.add_argument("--demo-eval-per-class", type=int, default=40)
+    g.add_argument("--demo-seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def config_from_args(a: argparse.Namespace, **fixed) -> BuildConfig:
+    kw = {k: getattr(a, k) for k in OPTIONS if getattr(a, k) is not None}
+    kw.update(fixed)
+    return BuildConfig(metadata=kw.pop("metadata", a.metadata), subset=kw.pop("subset", a.subset), out=a.out,
+                       progress=not a.no_progress, resize_only_if_bigger=not a.no_resize_only_if_bigger, **kw)
+
+
+def run_demo(a: argparse.Namespace):
+    from pipeline.demo_data import DemoConfig, demo_url_template, generate
+    from pipeline.http_server import ImageServer
+    meta, subset = generate(DemoConfig(out=a.out, samples=a.demo_samples, eval_per_class=a.demo_eval_per_class,
+                                       seed=a.demo_seed))
+    port_file = a.out / "source" / "server_port"
+    try:   # same port as last time, so a resumed build keeps the same URLs (and shards)
+        server = ImageServer(a.out / "source" / "images", port=int(port_file.read_text()))
+    except (OSError, ValueError):
+        server = ImageServer(a.out / "source" / "images")
+    port_file.write_text(str(server.port))
+    demo_defaults = dict(name="demo", manifest_dir=a.out / "manifests", image_size=128, shard_size=500,
+                         processes=2, threads=16, timeout=5)
+    fixed = {k: v for k, v in demo_defaults.items() if getattr(a, k) is None}
+    with server:
+        return build(config_from_args(a, metadata=meta, subset=subset, url_template=demo_url_template(server.base_url),
+                                      **fixed))
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        if a.demo:
+            m = run_demo(a)
+        else:
+            if a.metadata is None:
+                raise SystemExit("--metadata is required (or --demo)")
+            m = build(config_from_args(a))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"manifest": str(m.shard_dir() / "manifest.json"), "shards": len(m.shards),
+                      "samples": m.total_samples}))
+    return 0
+
+
+if __name__ == "__main__":   # img2dataset uses multiprocessing "spawn"
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The whole system end to end on generated data, on a CPU-only machine (`make demo`).
+
+    python tools/demo.py --out demo_run            # full demo (about 15 minutes on 2 cores)
+    python tools/demo.py --out /tmp/ci --size ci   # CI-sized: same stages, small data, few steps
+
+Stages, each through the real command-line tool (logs in OUT/logs/):
+ 1. build the demo data set: synthetic YFCC-format metadata, images served over loopback HTTP,
+    img2dataset -> webdataset shards, plus a held-out labelled split (tools/build_yfcc15m.py --demo)
+ 2. augmentation previews of the DALI views (tools/preview_augmentations.py)
+ 3. train a small SLIP model with the real trainer and the DALI CPU pipeline (demo_slip.yaml)
+ 4. train a CLIP-only model with the same data, steps and model (demo_clip.yaml)
+ 5. evaluate both, and a randomly initialised encoder, on the held-out split: zero-shot with the
+    split's prompt templates, L-BFGS linear probe, retrieval (tools/evaluate.py)
+ 6. plot the training metrics (tools/plot_metrics.py)
+ 7. print the report and write OUT/report.json and OUT/report.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class DemoConfig:
+    out: Path
+    build_args: list[str] = field(default_factory=list)       # extra tools/build_yfcc15m.py arguments
+    train_overrides: list[str] = field(default_factory=list)  # key=value for both training runs
+    preview_samples: int = 8
+    eval_batch_size: int = 128
+    # learning targets (the issue): zero-shot top-1 >= 3x chance; SLIP probe clearly above random
+    zero_shot_factor: float = 3.0
+    probe_margin: float = 10.0        # percentage points over the random encoder's probe accuracy
+
+
+PRESETS = {
+    # the README's demo: about 15 minutes on a 2-core CPU machine
+    "full": dict(build_args=[], train_overrides=[]),
+    # CI-sized: a smaller data set and a few hundred steps; still must learn
+    "ci": dict(build_args=["--demo-samples", "1200", "--demo-eval-per-class", "16"],
+               train_overrides=["optim.epochs=3", "optim.lr=2e-3", "checkpoint.every_steps=1000"]),
+}
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def run_stage(name: str, cmd: list[str], log_dir: Path, quiet: bool) -> float:
+    """Run one tool, streaming its output to the console (unless quiet) and to OUT/logs/<name>.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
+    t0 = time.time()
+    with open(log, "wb") as f:
+        f.write((" ".join(cmd) + "\n").encode())
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            f.write(chunk)
+            if not quiet:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+        rc = proc.wait()
+    if rc != 0:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise StageFailed(f"stage {name!r} failed (exit {rc}); log: {log}\n" + "\n".join(tail))
+    return time.time() - t0
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    if not ckpts:
+        raise StageFailed(f"{run_dir}: the trainer wrote no checkpoint")
+    return ckpts[-1]
+
+
+def train_steps(run_dir: Path) -> int:
+    """The last step recorded in the run's metrics.jsonl."""
+    steps = [json.loads(line).get("step", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if line.strip().startswith("{")]
+    return max(steps, default=0)
+
+
+def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
+    out = cfg.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    py, logs = sys.executable, out / "logs"
+    data, shards, eval_dir = out / "data", out / "data" / "shards", out / "data" / "eval"
+    timings: dict[str, float] = {}
+    t_start = time.time()
+
+    def stage(i: int, name: str, title: str, cmd: list[str]) -> None:
+        print(f"\n=== [{i}/7] {title}  (elapsed {time.time() - t_start:.0f}s)", flush=True)
+        timings[name] = round(run_stage(name, cmd, logs, quiet), 1)
+        print(f"=== [{i}/7] {title}: done in {timings[name]:.0f}s", flush=True)
+
+    stage(1, "build", "build the demo data set (loopback HTTP + img2dataset)",
+          [py, "tools/build_yfcc15m.py", "--demo", "--out", str(data), *cfg.build_args])
+    manifest = shards / "manifest.json"
+    if not manifest.is_file() or not (eval_dir / "val").is_dir():
+        raise StageFailed(f"{data}: the builder did not write {manifest} and {eval_dir}/val")
+
+    stage(2, "previews", "augmentation previews",
+          [py, "tools/preview_augmentations.py", "--manifest", str(manifest), "--out", str(out / "previews"),
+           "--num-samples", str(cfg.preview_samples), "--config", "trainer/configs/demo_slip.yaml"])
+
+    runs = {"slip": out / "train_slip", "clip": out / "train_clip"}
+    for i, (name, run_dir) in enumerate(runs.items(), 3):
+        stage(i, f"train_{name}", f"train {name.upper()} (real trainer, DALI CPU pipeline)",
+              [py, "trainer/run.py", "--config", f"trainer/configs/demo_{name}.yaml", f"out_dir={run_dir}",
+               f"data.manifest={manifest}", f"eval.data={eval_dir}", *cfg.train_overrides])
+
+    evals = {"slip": out / "eval_slip.json", "clip": out / "eval_clip.json", "random": out / "eval_random.json"}
+    common = ["--data", str(eval_dir), "--batch-size", str(cfg.eval_batch_size)]
+    print(f"\n=== [5/7] evaluate SLIP, CLIP and a random encoder  (elapsed {time.time() - t_start:.0f}s)", flush=True)
+    t0 = time.time()
+    for name in ("slip", "clip"):
+        run_stage(f"eval_{name}", [py, "tools/evaluate.py", "--checkpoint", str(latest_checkpoint(runs[name])),
+                                   "--out", str(evals[name]), *common], logs, quiet)
+    run_stage("eval_random", [py, "tools/evaluate.py", "--random-init", "--config",
+                              str(runs["slip"] / "config.yaml"), "--out", str(evals["random"]), *common], logs, quiet)
+    timings["evaluate"] = round(time.time() - t0, 1)
+
+    print(f"\n=== [6/7] plot metrics  (elapsed {time.time() - t_start:.0f}s)", flush=True)
+    t0 = time.time()
+    for name, run_dir in runs.items():
+        run_stage(f"plot_{name}", [py, "tools/plot_metrics.py", str(run_dir)], logs, quiet)
+    timings["plot"] = round(time.time() - t0, 1)
+    timings["total"] = round(time.time() - t_start, 1)
+
+    report = build_report(cfg, out, runs, evals, timings)
+    write_report(report, out)
+    print("\n=== [7/7] report\n" + report_markdown(report), flush=True)
+    return report
+
+
+def build_report(cfg: DemoConfig, out: Path, runs: dict, evals: dict, timings: dict) -> dict:
+    results = {name: json.loads(path.read_text()) for name, path in evals.items()}
+    rows = {}
+    for name, r in results.items():
+        zs, lp, rt = r.get("zeroshot", {}), r.get("linear_probe", {}), r.get("retrieval", {})
+        rows[name] = {
+            "zeroshot_top1": zs.get("top1"), "zeroshot_top5": zs.get("top5"),
+            "zeroshot_mean_per_class": zs.get("mean_per_class"),
+            "linear_probe_top1": lp.get("top1"),
+            "text_to_image_R@1": rt.get("text_to_image_R@1"), "image_to_text_R@1": rt.get("image_to_text_R@1"),
+            "text_to_image_R@5": rt.get("text_to_image_R@5"), "text_to_image_R@10": rt.get("text_to_image_R@10"),
+            "train_steps": train_steps(runs[name]) if name in runs else 0,
+            "train_seconds": timings.get(f"train_{name}"),
+            "eval_file": str(evals[name]),
+        }
+    zs_any = results["slip"]["zeroshot"]
+    chance = zs_any["chance_top1"]
+    slip, clip, rnd = rows["slip"], rows["clip"], rows["random"]
+    targets = {
+        "chance_top1": chance,
+        "num_classes": zs_any["num_classes"],
+        "num_eval_images": zs_any["num_images"],
+        "slip_zeroshot_ge_3x_chance": slip["zeroshot_top1"] >= cfg.zero_shot_factor * chance,
+        "clip_zeroshot_ge_3x_chance": clip["zeroshot_top1"] >= cfg.zero_shot_factor * chance,
+        "slip_probe_margin_over_random": slip["linear_probe_top1"] - rnd["linear_probe_top1"],
+        "slip_probe_clearly_above_random": slip["linear_probe_top1"] - rnd["linear_probe_top1"] >= cfg.probe_margin,
+    }
+    targets["met"] = targets["slip_zeroshot_ge_3x_chance"] and targets["slip_probe_clearly_above_random"]
+    bad = {name: r["bad_images"]["count"] for name, r in results.items()}
+    files = {
+        "data": str(out / "data"), "shards": str(out / "data" / "shards"), "eval_split": str(out / "data" / "eval"),
+        "previews": str(out / "previews"),
+        **{f"run_{n}": str(d) for n, d in runs.items()},
+        **{f"plots_{n}": str(d / "plots") for n, d in runs.items()},
+        "logs": str(out / "logs"),
+    }
+    return {"rows": rows, "targets": targets, "timings_s": timings, "bad_eval_images": bad, "files": files,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}}
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def report_markdown(report: dict) -> str:
+    t, rows = report["targets"], report["rows"]
+    lines = [
+        f"Held-out split: {t['num_eval_images']} images, {t['num_classes']} classes, chance top-1 {t['chance_top1']:.1f}%",
+        "",
+        "| model | zero-shot top-1 | top-5 | linear probe top-1 | text->image R@1 | image->text R@1 | steps | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    labels = {"slip": "SLIP (trained)", "clip": "CLIP (trained, same budget)", "random": "random init (SLIP arch.)"}
+    for name, r in rows.items():
+        lines.append(f"| {labels[name]} | {_fmt(r['zeroshot_top1'])} | {_fmt(r['zeroshot_top5'])} | "
+                     f"{_fmt(r['linear_probe_top1'])} | {_fmt(r['text_to_image_R@1'])} | {_fmt(r['image_to_text_R@1'])} | "
+                     f"{r['train_steps']} | {_fmt(r['train_seconds'])} |")
+    s, c = rows["slip"], rows["clip"]
+    ok = lambda b: "yes" if b else "NO"  # noqa: E731
+    lines += [
+        "",
+        f"Targets: SLIP zero-shot >= 3x chance: {ok(t['slip_zeroshot_ge_3x_chance'])} "
+        f"(CLIP: {ok(t['clip_zeroshot_ge_3x_chance'])}); SLIP linear probe over random encoder: "
+        f"{t['slip_probe_margin_over_random']:+.1f} points ({ok(t['slip_probe_clearly_above_random'])}).",
+        f"Retrieval: chance R@1 is {100 / max(1, t['num_eval_images']):.2f}%; captions name the class, not the instance, "
+        f"so about {t['num_eval_images'] // max(1, t['num_classes'])} images fit each caption equally and R@1 stays low.",
+        f"SLIP vs CLIP (same data, steps, model): zero-shot {s['zeroshot_top1'] - c['zeroshot_top1']:+.1f}, "
+        f"linear probe {s['linear_probe_top1'] - c['linear_probe_top1']:+.1f} points; SLIP's step costs 3 image "
+        "passes vs 1, so its wall time is higher. One seed on a tiny synthetic set: differences of a few "
+        "points are within noise.",
+        "",
+        "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings_s"].items()),
+        "",
+        "Files:",
+        *[f"- {k}: {v}" for k, v in report["files"].items()],
+    ]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text("# Demo report\n\n" + report_markdown(report) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("demo_run"))
+    p.add_argument("--size", choices=sorted(PRESETS), default="full")
+    p.add_argument("--quiet", action="store_true", help="only stage headers and the report on the console")
+    p.add_argument("overrides", nargs="*", help="extra key=value overrides for both training runs")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.size]
+    cfg = DemoConfig(out=args.out, build_args=list(preset["build_args"]),
+                     train_overrides=[*preset["train_overrides"], *args.overrides])
+    try:
+        report = run_demo(cfg, quiet=args.quiet)
+    except StageFailed as e:
+        print(f"\ndemo failed: {e}", file=sys.stderr)
+        return 1
+    print(f"\nreport: {args.out / 'report.md'} and {args.out / 'report.json'}")
+    if not report["targets"]["met"]:
+        print("warning: the learning targets were not met (see the report)", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

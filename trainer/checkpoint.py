@@ -1,0 +1,148 @@
+"""Atomic checkpoints: written to a temporary file, fsynced, renamed, directory fsynced.
+
+A kill at any moment leaves either the old set of checkpoints or the old set plus the new one,
+never a truncated file under a checkpoint name. Files are `<dir>/step_00001234.pt`; the latest is
+the highest step. Everything stored is plain tensors / containers so loading works with
+`weights_only=True` (no arbitrary unpickling).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_every: int = 0) -> Path:
+    """Write `state` for `step`; prune older checkpoints except multiples of `keep_every`."""
+    path = checkpoint_path(ckpt_dir, step)
+    atomic_save(to_safe(state), path)
+    for old_step, old in list_checkpoints(ckpt_dir):
+        if old_step < step and not (keep_every > 0 and old_step % keep_every == 0):
+            old.unlink(missing_ok=True)
+    for stale in Path(ckpt_dir).glob(".step_*.pt.tmp*"):  # leftovers of killed writes
+        if not stale.name.endswith(f"tmp{os.getpid()}"):
+            stale.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # truncated zip, foreign pickle, ...
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+
+
+def to_safe(obj: Any) -> Any:
+    """Convert numpy values (loader/RNG state) into types that `weights_only` loading accepts."""
+    if isinstance(obj, dict):
+        return {k: to_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        out = [to_safe(v) for v in obj]
+        return tuple(out) if isinstance(obj, tuple) else out
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a CheckpointError listing missing/unexpected keys and shape mismatches."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        lines = [f"{source}: checkpoint does not match the model (different model config?)"]
+        if shapes:
+            lines.append("  shape mismatches:\n    " + "\n    ".join(shapes[:20]))
+        if missing:
+            lines.append(f"  missing in checkpoint ({len(missing)}): {', '.join(missing[:10])}")
+        if unexpected:
+            lines.append(f"  not in model ({len(unexpected)}): {', '.join(unexpected[:10])}")
+        raise CheckpointError("\n".join(lines))
+
+
+# ---------------------------------------------------------------- RNG state
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,157 @@
+"""Process-group setup from the environment (torchrun or SLURM) and the collectives the losses use.
+
+Rank/world come from RANK/WORLD_SIZE/LOCAL_RANK (torchrun) or SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
+(srun); the rendezvous from MASTER_ADDR/MASTER_PORT (under SLURM MASTER_ADDR defaults to the first
+host of SLURM_JOB_NODELIST, MASTER_PORT to 29500). Backend: nccl on GPU, gloo on CPU. Without any of
+these variables the run is a single process and no process group is created.
+
+Gradient conventions (see trainer/objectives.py): every loss is a mean over the LOCAL batch (or a
+term identical on every rank), DDP averages gradients over ranks, and the differentiable collectives
+below sum the incoming gradient over ranks in backward. Together this reproduces the one-process
+full-batch gradient exactly.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return None
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise RuntimeError("SLURM run without MASTER_ADDR and without SLURM_JOB_NODELIST")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist],
+                             capture_output=True, text=True, check=True).stdout
+        return out.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError) as e:
+        raise RuntimeError(f"cannot resolve the first host of {nodelist!r} (set MASTER_ADDR): {e}") from e
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> DistInfo:
+    """Initialise torch.distributed from torchrun or SLURM variables; a no-op for a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return current()
+    rank = _env_int("RANK", "SLURM_PROCID")
+    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if rank is None or world_size is None or world_size <= 1:
+        return DistInfo(device=device)
+    if "MASTER_ADDR" not in os.environ and "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        os.environ["MASTER_ADDR"] = _slurm_master_addr()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    backend = backend or ("nccl" if cuda else "gloo")
+    from datetime import timedelta
+    dist.init_process_group(backend, rank=rank, world_size=world_size, init_method="env://",
+                            timeout=timedelta(seconds=timeout_s))
+    return DistInfo(rank, world_size, local_rank, backend, device)
+
+
+def current() -> DistInfo:
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    cuda = dist.get_backend() == "nccl"
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(),
+                    torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks along dim 0, without gradient (rank order)."""
+    if get_world_size() == 1:
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.batch = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # every rank's loss depends on our rows: sum their gradients, keep our slice
+        grad = grad.contiguous().clone()  # never modify autograd's buffer in place
+        dist.all_reduce(grad)
+        r = dist.get_rank()
+        return grad[r * ctx.batch:(r + 1) * ctx.batch]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks along dim 0; backward sums gradients over ranks (equal local batches)."""
+    if get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks; backward sums gradients over ranks."""
+    if get_world_size() == 1:
+        return x
+    return _AllReduceWithGrad.apply(x)

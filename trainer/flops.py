@@ -1,0 +1,70 @@
+"""FLOPs per training sample, counted by torch.utils.flop_counter.FlopCounterMode (for MFU).
+
+The model is built on the meta device and run forward once on one sample of each input, so even
+ViT-L costs no memory or compute. FLOPs = 2 x multiply-accumulates of matrix products and
+convolutions (attention included, the causal text mask counted as dense, as in the published
+figures); element-wise work is not counted. SPEC's reference: ViT-B/16 forward 35.1 GFLOPs per image
+view and 6.0 per caption, SLIP = 3 x 35.1 + 6.0 = 111 GFLOPs forward. Training = 3 x forward
+(backward costs two forwards; recomputation for gradient checkpointing is not counted, as usual for MFU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+from trainer.models import ModelConfig, build_model
+
+aten = torch.ops.aten
+
+
+@register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
+def _sdpa_cpu_flop(query, key, value, *args, out_val=None, **kwargs) -> int:
+    # the CPU kernel of F.scaled_dot_product_attention is missing from torch's flop registry
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+@dataclass
+class FlopCount:
+    image_per_view: int      # image trunk, one view, per sample
+    text: int                # text trunk, per sample
+    forward: int             # whole training forward per sample (all views, text, heads)
+    image_views: int         # image views per sample in the forward (1 CLIP, 2 SimCLR, 3 SLIP)
+
+    @property
+    def train(self) -> int:
+        return 3 * self.forward
+
+
+def count_flops(fn, *args) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def flops_per_sample(model_cfg: ModelConfig, objective: str) -> FlopCount:
+    with torch.device("meta"):
+        # single_pass_views off so the count does not depend on the concatenation
+        model = build_model(replace(model_cfg, single_pass_views=False), objective, global_batch_size=None)
+        image = torch.empty(1, 3, model_cfg.image_size, model_cfg.image_size)
+        text = torch.zeros(1, model_cfg.context_length, dtype=torch.long)
+        text[:, -1] = 1  # EOT position for argmax pooling (value irrelevant on meta)
+    batch = {"clip_image": image, "ssl_image_1": image, "ssl_image_2": image, "text": text}
+    with torch.no_grad():
+        forward = count_flops(model, batch)
+        image_flops = count_flops(model.visual, image)
+        text_flops = count_flops(model.text, text) if model.uses_text else 0
+    views = int(model.uses_clip or model.uses_nclip) + 2 * int(model.uses_ssl)
+    return FlopCount(image_per_view=image_flops, text=text_flops, forward=forward, image_views=views)
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_b16")
+    parser.add_argument("--objective", default="slip")
+    a = parser.parse_args()
+    c = flops_per_sample(ModelConfig.preset(a.model), a.objective)
+    print(f"{a.model} {a.objective}: image trunk {c.image_per_view / 1e9:.2f} GFLOPs/view, "
+          f"text trunk {c.text / 1e9:.2f}, forward {c.forward / 1e9:.2f}, train {c.train / 1e9:.1f} GFLOPs/sample")

@@ -1,0 +1,108 @@
+"""What a user sees: metrics.jsonl, TensorBoard events (if installed), a progress bar, a summary.
+
+Only rank 0 writes. On resume, lines past the resumed step are dropped so that metrics.jsonl reads
+as one unbroken run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+# Loss-like keys shown in the bar (the rest goes to the file only).
+_BAR_KEYS = ("loss", "clip_loss", "ssl_loss", "nclip_loss")
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, rank: int, total_steps: int, start_step: int = 0):
+        self.enabled = rank == 0
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.start_step, self.total_steps = start_step, total_steps
+        self.t0 = time.perf_counter()
+        self.tb = self.bar = None
+        if not self.enabled:
+            return
+        self._truncate_after(start_step)
+        self.file = open(self.path, "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=start_step + 1)
+        except ImportError:  # tensorboard is optional
+            self.tb = None
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                        dynamic_ncols=True, smoothing=0.1)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by a kill
+                continue
+            if rec.get("step", step + 1) <= step:   # summaries (no step) belong to the old run
+                kept.append(line)
+        self.path.write_text("".join(l + "\n" for l in kept))
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, "time": round(time.time(), 3), **values}
+        self.file.write(json.dumps(rec, default=_plain) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        shown = {k: f"{values[k]:.4f}" for k in _BAR_KEYS if k in values}
+        if "images_per_s" in values:
+            shown["img/s"] = f"{values['images_per_s']:.1f}"
+        if "data_wait" in values:
+            shown["wait"] = f"{100 * values['data_wait']:.0f}%"
+        if shown:
+            self.bar.set_postfix(shown, refresh=False)
+
+    def event(self, step: int, kind: str, message: str, **extra) -> None:
+        """A non-periodic record (non-finite loss, checkpoint, evaluation)."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, "event": kind, "message": message, **extra},
+                                   default=_plain) + "\n")
+        self.bar.write(f"[step {step}] {kind}: {message}")
+
+    def advance(self, n: int = 1) -> None:
+        if self.enabled:
+            self.bar.update(n)
+
+    def close(self, summary: str | None = None) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        if summary:
+            print(summary, flush=True)
+            self.file.write(json.dumps({"event": "summary", "message": summary}) + "\n")
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def fmt_summary(steps: int, samples: int, seconds: float, data_wait: float, mfu: float | None,
+                checkpoints: int, nonfinite: int, final_loss: float | None) -> str:
+    rate = samples / seconds if seconds > 0 else float("nan")
+    parts = [f"done: {steps} steps", f"{samples} samples in {seconds:.1f}s", f"{rate:.1f} samples/s",
+             f"data-wait {100 * data_wait:.1f}%",
+             f"MFU {100 * mfu:.1f}%" if mfu is not None and math.isfinite(mfu) else "MFU n/a (CPU)",
+             f"{checkpoints} checkpoints written", f"{nonfinite} non-finite steps skipped"]
+    if final_loss is not None:
+        parts.append(f"final loss {final_loss:.4f}")
+    return " | ".join(parts)

@@ -1,0 +1,206 @@
+"""Training objectives across ranks: CLIP, SimCLR, SLIP, nCLIP, xCLIP.
+
+`build_objective(ObjectiveConfig(name=...))(model_out)` returns a dict with "loss" (call backward on
+it) plus every term and accuracy (detached). Losses are computed in float32 even under autocast (float64 inputs stay float64).
+
+How ranks combine (checked by tests/test_distributed_losses.py with real 2-process gloo DDP):
+each rank's loss is a mean over its LOCAL rows (or a term that has the same value on every rank);
+DDP averages gradients; gathers/all-reduces that carry gradient sum it over ranks in backward. The
+mean of the per-rank losses is then the one-process full-batch loss, and the DDP gradient is the
+full-batch gradient exactly, for every objective here except the CLIP term with the reference's
+no-grad gather (below). All ranks must use the same local batch size.
+
+CLIP (SLIP reference): features L2-normalised, gathered from all ranks; logits = logit_scale *
+local rows x global columns; labels = local_bs * rank + arange(local_bs); loss = (CE(image->text) +
+CE(text->image)) / 2. `clip_gather_with_grad=False` (default, the reference) gathers the other ranks'
+features without gradient but keeps the local chunk differentiable (as OpenCLIP; with one process
+this is the full gradient, the reference's 1-GPU behaviour). Across ranks the gradient then lacks the
+terms where another rank's rows use our samples as columns: the loss value is exact, the gradient
+is the full-batch gradient with remote columns treated as constants. `clip_gather_with_grad=True`
+makes it exact for one extra all-reduce of [N, 512] gradients.
+
+SimCLR (SLIP reference): both views L2-normalised and gathered WITH gradient; for view a the logits
+are [q_a k_b^T, q_a k_a^T] / tau with the self-similarity q_a.k_a(i) masked out, so each row has 1
+positive and 2N-2 negatives over the global batch N; loss = (CE_a + CE_b) / 2; tau = 0.1.
+
+SLIP = CLIP + ssl_scale * SimCLR (ssl_scale 1.0).
+
+nCLIP (Zhou et al., CVPR 2023; no official code: this is OUR reading of the paper, every number
+below except K is our choice). Each modality is mapped to K = 32768 cluster logits (cosine similarity
+to prototypes shared by both modalities, in [-1, 1]; trainer/models.py). With
+  p_m = softmax(logits_m / tau_s)                     prediction of modality m, tau_s = 0.1
+  q_m = softmax(stopgrad(logits_m) / tau_t)           sharpened pseudo-label,   tau_t = 0.04
+the loss is
+  pred       = (H(q_text, p_image) + H(q_image, p_text)) / 2     cross-modal cross-entropy
+  sharpness  = (mean_i H(p_image,i) + mean_i H(p_text,i)) / 2    low entropy per sample
+  smoothness = -(H(mean_global p_image) + H(mean_global p_text)) / 2
+                                                       high entropy of the batch-mean assignment;
+                                                       the mean runs over the GLOBAL batch
+                                                       (differentiable all-reduce)
+  nclip = pred + sharpness_weight * sharpness + smoothness_weight * smoothness,  both weights 1.0.
+Why these defaults: tau_s = 0.1 / tau_t = 0.04 are DINO's student/teacher temperatures, the
+non-contrastive self-distillation nCLIP builds on; with both weights 1 the two regularisers sum to
+minus the mutual information between a sample and its cluster estimated on the global batch
+(the information-maximisation objective of IIC-style clustering), which rewards confident
+assignments that use all clusters, without a free scale to tune. H is the natural-log entropy
+(max ln K = 10.4 for K = 32768).
+"nclip_batch_entropy" reports (H(mean p_image) + H(mean p_text)) / 2: it stays high without collapse.
+
+xCLIP = CLIP + nclip_weight * nCLIP (nclip_weight 1.0, an equal-weight multi-task sum as in the paper).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer.distributed import (all_reduce_with_grad, gather_no_grad, gather_with_grad, get_rank,
+                                 get_world_size)
+
+OBJECTIVES = ("clip", "simclr", "slip", "nclip", "xclip")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "slip"
+    clip_gather_with_grad: bool = False
+    ssl_scale: float = 1.0
+    ssl_temperature: float = 0.1
+    nclip_weight: float = 1.0
+    nclip_student_temperature: float = 0.1
+    nclip_teacher_temperature: float = 0.04
+    nclip_sharpness_weight: float = 1.0
+    nclip_smoothness_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.name!r}; choose from {OBJECTIVES}")
+        for f in ("ssl_temperature", "nclip_student_temperature", "nclip_teacher_temperature"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"{f} must be positive")
+
+
+def _gather_keep_local(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows without gradient, except our own chunk which keeps its gradient."""
+    world = get_world_size()
+    if world == 1:
+        return x
+    n, r = x.shape[0], get_rank()
+    parts = list(gather_no_grad(x).split(n))
+    parts[r] = x
+    return torch.cat(parts)
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (autocast hands us bf16; float64 stays float64 for exact tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _labels(n: int, device) -> torch.Tensor:
+    return n * get_rank() + torch.arange(n, device=device)
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) == labels).float().mean() * 100
+
+
+def clip_loss(image_embed, text_embed, logit_scale, with_grad_gather: bool = False) -> dict:
+    image = F.normalize(_f32(image_embed), dim=-1)
+    text = F.normalize(_f32(text_embed), dim=-1)
+    gather = gather_with_grad if with_grad_gather else _gather_keep_local
+    image_all, text_all = gather(image), gather(text)
+    scale = _f32(logit_scale)
+    logits_image = scale * image @ text_all.t()
+    logits_text = scale * text @ image_all.t()
+    labels = _labels(image.shape[0], image.device)
+    loss = (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)) / 2
+    return {"clip_loss": loss, "clip_acc": _accuracy(logits_image.detach(), labels)}
+
+
+def simclr_loss(embed_1, embed_2, temperature: float = 0.1) -> dict:
+    q1 = F.normalize(_f32(embed_1), dim=-1)
+    q2 = F.normalize(_f32(embed_2), dim=-1)
+    k1, k2 = gather_with_grad(q1), gather_with_grad(q2)
+    n = q1.shape[0]
+    labels = _labels(n, q1.device)
+    self_mask = F.one_hot(labels, k1.shape[0]).bool()
+    aa = (q1 @ k1.t() / temperature).masked_fill(self_mask, float("-inf"))
+    bb = (q2 @ k2.t() / temperature).masked_fill(self_mask, float("-inf"))
+    logits_a = torch.cat([q1 @ k2.t() / temperature, aa], dim=1)
+    logits_b = torch.cat([q2 @ k1.t() / temperature, bb], dim=1)
+    loss = (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels)) / 2
+    acc = (_accuracy(logits_a.detach(), labels) + _accuracy(logits_b.detach(), labels)) / 2
+    return {"ssl_loss": loss, "ssl_acc": acc}
+
+
+def _entropy_of_mean(p: torch.Tensor) -> torch.Tensor:
+    """Entropy of the global batch-mean of the rows of p (differentiable across ranks)."""
+    count = torch.tensor([float(p.shape[0])], device=p.device, dtype=p.dtype)
+    total = all_reduce_with_grad(torch.cat([p.sum(0), count]))
+    mean = total[:-1] / total[-1]
+    return -(mean * mean.clamp_min(1e-12).log()).sum()
+
+
+def nclip_loss(image_logits, text_logits, student_temperature: float = 0.1,
+               teacher_temperature: float = 0.04, sharpness_weight: float = 1.0,
+               smoothness_weight: float = 1.0) -> dict:
+    li, lt = _f32(image_logits), _f32(text_logits)
+    log_p_image = F.log_softmax(li / student_temperature, dim=-1)
+    log_p_text = F.log_softmax(lt / student_temperature, dim=-1)
+    q_image = F.softmax(li.detach() / teacher_temperature, dim=-1)
+    q_text = F.softmax(lt.detach() / teacher_temperature, dim=-1)
+    pred = (-(q_text * log_p_image).sum(-1).mean() - (q_image * log_p_text).sum(-1).mean()) / 2
+    p_image, p_text = log_p_image.exp(), log_p_text.exp()
+    sharpness = (-(p_image * log_p_image).sum(-1).mean() - (p_text * log_p_text).sum(-1).mean()) / 2
+    batch_entropy = (_entropy_of_mean(p_image) + _entropy_of_mean(p_text)) / 2
+    smoothness = -batch_entropy
+    loss = pred + sharpness_weight * sharpness + smoothness_weight * smoothness
+    agree = (li.argmax(-1) == lt.argmax(-1)).float().mean() * 100
+    return {"nclip_loss": loss, "nclip_pred": pred.detach(), "nclip_sharpness": sharpness.detach(),
+            "nclip_smoothness": smoothness.detach(), "nclip_batch_entropy": batch_entropy.detach(),
+            "nclip_acc": agree}
+
+
+class Objective:
+    def __init__(self, cfg: ObjectiveConfig):
+        self.cfg = cfg
+
+    def __call__(self, out: dict) -> dict:
+        # the similarity matmuls must not be downcast by an enclosing autocast
+        device_type = next(iter(out.values())).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._compute(out)
+
+    REQUIRED = {"clip": ("image_embed", "text_embed", "logit_scale"), "simclr": ("ssl_embed_1", "ssl_embed_2"),
+                "nclip": ("image_cluster_logits", "text_cluster_logits")}
+
+    def _compute(self, out: dict) -> dict:
+        cfg, name = self.cfg, self.cfg.name
+        parts = {"slip": ("clip", "simclr"), "xclip": ("clip", "nclip")}.get(name, (name,))
+        missing = [k for part in parts for k in self.REQUIRED[part] if k not in out]
+        if missing:
+            raise KeyError(f"objective {name!r} needs model outputs {missing}: build the model with "
+                           f"build_model(cfg, {name!r})")
+        terms: dict[str, torch.Tensor] = {}
+        loss = 0.0
+        if name in ("clip", "slip", "xclip"):
+            terms.update(clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"],
+                                   cfg.clip_gather_with_grad))
+            terms["logit_scale"] = out["logit_scale"].detach()
+            loss = loss + terms["clip_loss"]
+        if name in ("simclr", "slip"):
+            terms.update(simclr_loss(out["ssl_embed_1"], out["ssl_embed_2"], cfg.ssl_temperature))
+            loss = loss + (cfg.ssl_scale if name == "slip" else 1.0) * terms["ssl_loss"]
+        if name in ("nclip", "xclip"):
+            terms.update(nclip_loss(out["image_cluster_logits"], out["text_cluster_logits"],
+                                    cfg.nclip_student_temperature, cfg.nclip_teacher_temperature,
+                                    cfg.nclip_sharpness_weight, cfg.nclip_smoothness_weight))
+            loss = loss + (cfg.nclip_weight if name == "xclip" else 1.0) * terms["nclip_loss"]
+        result = {k: v.detach() for k, v in terms.items()}
+        result["loss"] = loss
+        return result
+
+
+def build_objective(cfg: ObjectiveConfig) -> Objective:
+    return Objective(cfg)
