@@ -1,0 +1,84 @@
+"""The DALI graph: decode each image once, then cut one CLIP view and two SimCLR views from it.
+
+The same definition runs on the CPU (`device="cpu"`, `device_id=None`, no GPU or driver needed)
+and on a GPU (`device="gpu"`: nvJPEG "mixed" decoding, on A100/H100 the hardware JPEG decoder,
+every operator on the GPU, outputs left in GPU memory).
+
+Inputs come from one external source fed by pipeline/loader.py: the encoded image, the tokens,
+the sample index and each view's random parameters (pipeline/view_params.py). DALI therefore
+draws no random numbers of its own, which makes the views reproducible and resumable.
+
+Per view the graph runs as few full-image passes as the recipe allows (measured by
+tools/bench_pipeline.py; `gaussian_blur` and `color_twist` cost several times more on the CPU):
+- `resize` with a relative ROI is crop + resize + (mirrored ROI) horizontal flip in one pass;
+- `coord_transform` applies jitter and grayscale as one affine colour matrix, clipped to uint8;
+- two `filter` passes with 1-D kernels are the separable Gaussian blur (a 1-tap identity kernel
+  for samples that drew no blur: no conditional, no split and merge).
+Views leave the graph as uint8 HWC; the loader normalises them where the model runs (on the GPU
+that costs nothing and moves a quarter of the bytes of float32).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from nvidia.dali import fn, pipeline_def, types
+
+from pipeline.recipe import AugmentationRecipe
+
+# The external source's outputs, in order.
+BASE_INPUTS = ("encoded", "text", "index")
+CLIP_INPUTS = ("roi_start", "roi_end")
+SSL_INPUTS = ("roi_start", "roi_end", "color", "blur_h", "blur_v")
+
+
+def input_names(recipe: AugmentationRecipe) -> list[str]:
+    names = list(BASE_INPUTS) + [f"clip_{n}" for n in CLIP_INPUTS]
+    for v in range(1, recipe.num_ssl_views + 1):
+        names += [f"ssl{v}_{n}" for n in SSL_INPUTS]
+    return names
+
+
+def output_names(recipe: AugmentationRecipe) -> list[str]:
+    return ["clip_image"] + [f"ssl_image_{v}" for v in range(1, recipe.num_ssl_views + 1)] + ["text", "index"]
+
+
+def _view(image, p: dict, size: int, ssl: bool):
+    view = fn.resize(image, size=[size, size], roi_start=p["roi_start"], roi_end=p["roi_end"],
+                     roi_relative=True, antialias=True, interp_type=types.INTERP_LINEAR)
+    if ssl:
+        view = fn.coord_transform(view, MT=p["color"], dtype=types.UINT8)
+        view = fn.filter(fn.filter(view, p["blur_h"]), p["blur_v"])
+    return view
+
+
+def build_pipeline(recipe: AugmentationRecipe, source: Callable, batch_size: int, num_threads: int = 2,
+                   device: str = "cpu", device_id: int | None = None, prefetch: int = 2,
+                   hw_decoder_load: float = 0.75):
+    """A built DALI pipeline whose outputs are `output_names(recipe)`.
+
+    `source()` returns one batch: a tuple of lists/arrays in the order of `input_names(recipe)`.
+    """
+    if device == "gpu" and device_id is None:
+        raise ValueError("device='gpu' needs a device_id")
+    names = input_names(recipe)
+    size = recipe.image_size
+
+    @pipeline_def
+    def graph():
+        inputs = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True)))
+        if device == "gpu":
+            image = fn.decoders.image(inputs["encoded"], device="mixed", output_type=types.RGB,
+                                      hw_decoder_load=hw_decoder_load)
+        else:
+            image = fn.decoders.image(inputs["encoded"], device="cpu", output_type=types.RGB)
+        views = [_view(image, {n[5:]: inputs[n] for n in names if n.startswith("clip_")}, size, ssl=False)]
+        for v in range(1, recipe.num_ssl_views + 1):
+            prefix = f"ssl{v}_"
+            params = {n[len(prefix):]: inputs[n] for n in names if n.startswith(prefix)}
+            views.append(_view(image, params, size, ssl=True))
+        return (*views, inputs["text"], inputs["index"])
+
+    pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                 prefetch_queue_depth=prefetch, exec_dynamic=True)
+    pipe.build()
+    return pipe

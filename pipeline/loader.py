@@ -1,0 +1,313 @@
+"""DALI -> PyTorch batches: rank sharding, seeded epochs, exact resume, bad samples skipped.
+
+What is guaranteed (same manifest, batch size, world size and seed):
+- An epoch is a seeded permutation of every sample in the manifest, new each epoch. Rank r takes
+  the r-th of `world_size` equal slices, so the ranks together see each sample at most once per
+  epoch (exactly once when the sample count divides evenly), and every rank yields the same
+  number of batches: `steps_per_epoch = (N // world_size) // batch_size`, N from the manifest.
+  The few samples left over are different ones each epoch.
+- Every random choice (sample order, crops, colour, blur, flip, title or description) is a pure
+  function of (seed, epoch, rank, batch index). `state_dict()` records the position of the last
+  batch handed out; `load_state_dict()` continues with exactly the batches an uninterrupted run
+  would have produced next, bit for bit: nothing replayed, nothing skipped.
+- A sample whose image is missing, not an image, corrupt, or too large, or that has no usable
+  caption, is replaced by another sample of the same rank's epoch (drawn from its own seeded
+  stream) and counted in `bad_samples` / `bad_reasons`. Training never stops for bad data.
+
+With a different world size or batch size the order cannot continue exactly; `load_state_dict`
+then restarts at the same epoch and the same fraction of it, and says so.
+
+Views leave DALI as uint8 HWC and are normalised here, on the device the model uses, into
+float [B, 3, S, S] tensors in channels-last memory order (what the patch convolution likes best).
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.dali_pipeline import build_pipeline, input_names, output_names
+from pipeline.manifest import Manifest
+from pipeline.recipe import AugmentationRecipe
+from pipeline.shards import SampleReader, build_sample_table
+from pipeline.view_params import blur_kernels, color_matrix, sample_view
+
+CAPTION_MODES = ("random", "reference", "title", "description", "txt")
+DECODABLE = {"JPEG", "PNG", "WEBP", "BMP", "TIFF"}
+MAX_REPLACEMENT_TRIES = 64
+
+
+@dataclass
+class _Batch:
+    """What the feeder hands DALI for one batch, plus what the consumer needs to account for it."""
+    epoch: int
+    step: int
+    inputs: tuple
+    indices: np.ndarray
+    bad: collections.Counter = field(default_factory=collections.Counter)
+
+
+class SLIPLoader:
+    def __init__(self, manifest: Manifest, recipe: AugmentationRecipe, batch_size: int, tokenizer: Callable,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2, device: str = "cpu",
+                 device_id: int | None = None, caption_mode: str = "random", prefetch: int = 2,
+                 context_length: int = 77, max_image_pixels: int = 40_000_000,
+                 out_dtype: torch.dtype = torch.float32):
+        if caption_mode not in CAPTION_MODES:
+            raise ValueError(f"caption_mode {caption_mode!r}: choose one of {', '.join(CAPTION_MODES)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.manifest, self.recipe, self.batch_size = manifest, recipe, batch_size
+        self.tokenizer, self.rank, self.world_size, self.seed = tokenizer, rank, world_size, seed
+        self.num_threads, self.device, self.device_id = num_threads, device, device_id
+        self.caption_mode, self.prefetch, self.context_length = caption_mode, prefetch, context_length
+        self.max_image_pixels, self.out_dtype = max_image_pixels, out_dtype
+        self.table = build_sample_table(manifest)
+        self.reader = SampleReader(self.table)
+        self.num_samples = len(self.table)
+        self.per_rank = self.num_samples // world_size
+        self.steps_per_epoch = self.per_rank // batch_size
+        # consumer position: the next batch handed out is (epoch, step)
+        self.epoch, self.step = 0, 0
+        self.bad_samples = 0
+        self.bad_reasons: collections.Counter = collections.Counter()
+        self._known_bad: dict[int, str] = {}     # found only by a failed DALI decode
+        self._orders: dict[int, np.ndarray] = {}
+        self._pipe = None
+        torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
+        self.torch_device = torch_device
+        mean = torch.tensor(recipe.mean, dtype=torch.float32) * 255
+        std = torch.tensor(recipe.std, dtype=torch.float32) * 255
+        self._scale = (1 / std).view(1, 3, 1, 1).to(torch_device)
+        self._shift = (-mean / std).view(1, 3, 1, 1).to(torch_device)
+
+    # ------------------------------------------------------------------ sample order
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's samples of `epoch`, in order (global sample indices)."""
+        order = self._orders.get(epoch)
+        if order is None:
+            perm = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.num_samples)
+            order = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = order
+        return order
+
+    # ------------------------------------------------------------------ the feeder
+
+    def _check_image(self, i: int) -> tuple[bytes | None, tuple[int, int] | str]:
+        """Encoded bytes and (height, width), or None and the reason it is unusable."""
+        if i in self._known_bad:
+            return None, self._known_bad[i]
+        data = self.reader.image(i)
+        if data is None:
+            return None, "missing_image"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+                w, h = img.size
+                fmt = img.format
+        except Exception:   # PIL raises many types for garbage; all mean "not an image"
+            return None, "not_an_image"
+        if fmt not in DECODABLE:
+            return None, "unsupported_format"
+        if w * h > self.max_image_pixels:
+            return None, "too_large"
+        if w < 1 or h < 1:
+            return None, "empty_image"
+        return data, (h, w)
+
+    def _caption(self, i: int, u: float) -> str | None:
+        """The sample's caption under `caption_mode`; u ~ U[0, 1) picks title or description."""
+        meta = self.reader.meta(i)
+        title = desc = ""
+        if meta is not None:
+            try:
+                d = json.loads(meta)
+                title, desc = (d.get("title") or "").strip(), (d.get("description") or "").strip()
+            except (ValueError, AttributeError):
+                pass
+        mode = self.caption_mode
+        if mode in ("random", "reference") and (title or desc):
+            if mode == "reference":        # the SLIP reference: a coin flip, even onto an empty field
+                return title if u < 0.5 else desc
+            options = [t for t in (title, desc) if t]
+            return options[int(u * len(options))]
+        if mode == "title" and title:
+            return title
+        if mode == "description" and desc:
+            return desc
+        text = self.reader.text(i)
+        text = text.decode("utf-8", "replace").strip() if text is not None else ""
+        return text or title or desc or None
+
+    def _sample(self, i: int, u: float) -> tuple[bytes, tuple[int, int], str] | str:
+        data, info = self._check_image(i)
+        if data is None:
+            return info
+        caption = self._caption(i, u)
+        if caption is None:
+            return "no_caption"
+        return data, info, caption
+
+    def make_batch(self, epoch: int, step: int) -> _Batch:
+        """Batch `step` of `epoch` for this rank: a pure function of its arguments and the data."""
+        b, order = self.batch_size, self.epoch_order(epoch)
+        rng = np.random.default_rng([self.seed, epoch, self.rank, step])
+        caption_u = rng.random(b)
+        indices = order[step * b:(step + 1) * b].copy()
+        encoded, heights, widths, captions = [], np.empty(b, np.int64), np.empty(b, np.int64), []
+        bad: collections.Counter = collections.Counter()
+        for slot in range(b):
+            got = self._sample(int(indices[slot]), caption_u[slot])
+            tries = 0
+            while isinstance(got, str):
+                bad[got] += 1
+                tries += 1
+                if tries > MAX_REPLACEMENT_TRIES:
+                    raise RuntimeError(f"{MAX_REPLACEMENT_TRIES} unusable samples in a row around epoch {epoch} "
+                                       f"batch {step} (last: {got}); is the shard set corrupt? "
+                                       f"{dict(bad)}")
+                sub = np.random.default_rng([self.seed, epoch, self.rank, step, slot, tries])
+                indices[slot] = order[sub.integers(len(order))]
+                got = self._sample(int(indices[slot]), caption_u[slot])
+            data, (heights[slot], widths[slot]), caption = got
+            encoded.append(np.frombuffer(data, np.uint8))
+            captions.append(caption)
+        tokens = self.tokenizer(captions, context_length=self.context_length)
+        tokens = np.asarray(tokens.numpy() if torch.is_tensor(tokens) else tokens, dtype=np.int64)
+        values = {"encoded": encoded, "text": tokens, "index": indices.reshape(b, 1).astype(np.int64)}
+        clip = sample_view(rng, heights, widths, self.recipe, ssl=False)
+        values["clip_roi_start"], values["clip_roi_end"] = clip.roi_start, clip.roi_end
+        for v in range(1, self.recipe.num_ssl_views + 1):
+            p = sample_view(rng, heights, widths, self.recipe, ssl=True)
+            values[f"ssl{v}_roi_start"], values[f"ssl{v}_roi_end"] = p.roi_start, p.roi_end
+            values[f"ssl{v}_color"] = color_matrix(p)
+            kernels = blur_kernels(p.blur_sigma)
+            values[f"ssl{v}_blur_h"] = [k.reshape(1, -1) for k in kernels]
+            values[f"ssl{v}_blur_v"] = [k.reshape(-1, 1) for k in kernels]
+        return _Batch(epoch, step, tuple(values[n] for n in input_names(self.recipe)), indices, bad)
+
+    def _next_position(self, epoch: int, step: int) -> tuple[int, int]:
+        step += 1
+        return (epoch + 1, 0) if step >= self.steps_per_epoch else (epoch, step)
+
+    # ------------------------------------------------------------------ DALI
+
+    def _start(self) -> None:
+        """(Re)build the DALI pipeline, feeding from the consumer's position."""
+        self._feed_pos = (self.epoch, self.step)
+        self._in_flight: collections.deque[_Batch] = collections.deque()
+        self._lock = threading.Lock()
+
+        def source():
+            with self._lock:
+                batch = self.make_batch(*self._feed_pos)
+                self._feed_pos = self._next_position(*self._feed_pos)
+                self._in_flight.append(batch)
+            return batch.inputs
+
+        self._pipe = build_pipeline(self.recipe, source, self.batch_size, num_threads=self.num_threads,
+                                    device=self.device, device_id=self.device_id, prefetch=self.prefetch)
+        self._outputs = output_names(self.recipe)
+
+    def _find_undecodable(self, batch: _Batch) -> dict[int, str]:
+        """After DALI failed on a batch: which of its images does a full decode reject?"""
+        found = {}
+        for i in batch.indices.tolist():
+            data = self.reader.image(i)
+            try:
+                Image.open(io.BytesIO(data)).convert("RGB")
+            except Exception:
+                found[i] = "corrupt_image"
+        return found
+
+    def _run(self) -> tuple[list, _Batch]:
+        for _ in range(MAX_REPLACEMENT_TRIES):
+            if self._pipe is None:
+                self._start()
+            try:
+                outs = self._pipe.run()
+                return outs, self._in_flight.popleft()
+            except StopIteration:
+                raise
+            except Exception as e:   # DALI reports a failed decode as a generic RuntimeError
+                batch = self._in_flight[0] if self._in_flight else None
+                found = self._find_undecodable(batch) if batch is not None else {}
+                if not found:
+                    raise
+                self._known_bad.update(found)
+                self._pipe = None   # a failed DALI pipeline is not reusable; restart at this batch
+                del e
+        raise RuntimeError("DALI kept failing on the same batch")
+
+    def _to_torch(self, tl, dtype=None) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+        dev = self.torch_device if self.device == "gpu" else torch.device("cpu")
+        t = tl.as_tensor()   # dense: every view has the same size
+        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=dev)
+        stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
+        feed_ndarray(t, out, cuda_stream=stream)
+        return out
+
+    def _normalize(self, hwc: torch.Tensor) -> torch.Tensor:
+        # uint8 NHWC -> float NCHW (channels-last memory); one fused multiply-add per element
+        x = hwc.permute(0, 3, 1, 2).to(torch.float32)
+        x = torch.addcmul(self._shift, x, self._scale)
+        return x.to(self.out_dtype) if self.out_dtype != torch.float32 else x
+
+    # ------------------------------------------------------------------ iteration
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        """The remaining batches of the current epoch; afterwards the loader is at the next epoch."""
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{self.manifest.source or self.manifest.name}: {self.num_samples} samples make no "
+                             f"batch of {self.batch_size} on each of {self.world_size} ranks")
+        epoch = self.epoch
+        while self.epoch == epoch:
+            outs, batch = self._run()
+            assert (batch.epoch, batch.step) == (self.epoch, self.step), "feeder and consumer out of step"
+            named = dict(zip(self._outputs, outs))
+            out = {name: self._normalize(self._to_torch(named[name])) for name in self._outputs
+                   if name.endswith("image") or name.startswith("ssl_image")}
+            out["text"] = self._to_torch(named["text"]).cpu() if self.device == "gpu" else self._to_torch(named["text"])
+            out["index"] = torch.from_numpy(batch.indices.copy())
+            bad = sum(batch.bad.values())
+            out["bad_samples"] = bad
+            self.bad_samples += bad
+            self.bad_reasons.update(batch.bad)
+            self.epoch, self.step = self._next_position(self.epoch, self.step)
+            yield out
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "num_samples": self.num_samples,
+                "batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
+                "bad_samples": self.bad_samples, "bad_reasons": dict(self.bad_reasons)}
+
+    def load_state_dict(self, state: dict) -> None:
+        same = all(state.get(k) == getattr(self, k) for k in ("seed", "num_samples", "batch_size", "world_size"))
+        epoch, step = int(state["epoch"]), int(state["step"])
+        if not same:
+            old_steps = max(1, (state["num_samples"] // state["world_size"]) // state["batch_size"])
+            step = min(self.steps_per_epoch - 1, step * self.steps_per_epoch // old_steps) if self.steps_per_epoch else 0
+            warnings.warn(f"loader state from a different run shape ({ {k: state.get(k) for k in ('seed', 'num_samples', 'batch_size', 'world_size')} }); "
+                          f"restarting at epoch {epoch}, batch {step} of {self.steps_per_epoch}: the data order "
+                          "does not continue exactly")
+        self.epoch, self.step = epoch, step
+        self.bad_samples = int(state.get("bad_samples", 0))
+        self.bad_reasons = collections.Counter(state.get("bad_reasons", {}))
+        self._pipe = None    # restart the feed at the restored position

@@ -1,0 +1,166 @@
+"""The DALI loader on real shards: rank sharding, seeded epochs, bit-exact resume, bad samples."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.loader import SLIPLoader
+from pipeline.manifest import load_manifest
+from pipeline.recipe import AugmentationRecipe
+from pipeline.shards import ShardError, build_sample_table
+from shard_testing import caption_sample, encode, write_shards
+
+RECIPE = AugmentationRecipe(image_size=32)
+COUNT = 48
+
+
+def chars(captions, context_length=77):
+    out = torch.zeros(len(captions), context_length, dtype=torch.long)
+    for i, c in enumerate(captions):
+        ids = [ord(ch) for ch in c][:context_length]
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+def untokenize(row: torch.Tensor) -> str:
+    return "".join(chr(i) for i in row.tolist() if i)
+
+
+def image(i: int) -> np.ndarray:
+    rng = np.random.default_rng(i)
+    img = np.zeros((40 + i % 7 * 5, 50 + i % 5 * 6, 3))
+    img[...] = rng.integers(0, 255, 3)
+    img[5:20, 10:30] = rng.integers(0, 255, 3)
+    return img
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    samples = [caption_sample(image(i), f"title {i}", f"description {i}") for i in range(COUNT)]
+    return load_manifest(write_shards(tmp_path_factory.mktemp("loader"), samples, per_shard=10))
+
+
+def loader(m, **kw):
+    kw = {"batch_size": 4, "rank": 0, "world_size": 1, "seed": 0, "num_threads": 1, **kw}
+    return SLIPLoader(m, kw.pop("recipe", RECIPE), kw.pop("batch_size"), chars, **kw)
+
+
+def epoch_batches(ld) -> list[dict]:
+    return list(ld)
+
+
+def test_two_ranks_see_every_sample_once_with_equal_batches(manifest):
+    ranks = [loader(manifest, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].steps_per_epoch == ranks[1].steps_per_epoch == COUNT // 2 // 4
+    seen = []
+    for ld in ranks:
+        batches = epoch_batches(ld)
+        assert len(batches) == ld.steps_per_epoch
+        for b in batches:
+            assert b["clip_image"].shape == (4, 3, 32, 32) and b["text"].shape == (4, 77)
+            # the text that came through DALI belongs to the image index that came with it
+            for idx, row in zip(b["index"].tolist(), b["text"]):
+                assert untokenize(row) in (f"title {idx}", f"description {idx}")
+            seen += b["index"].tolist()
+    assert sorted(seen) == list(range(COUNT))
+    # the next epoch is a different order
+    again = [i for b in epoch_batches(ranks[0]) for i in b["index"].tolist()]
+    first = [i for b in epoch_batches(loader(manifest, rank=0, world_size=2)) for i in b["index"].tolist()]
+    assert again != first and ranks[0].epoch == 2
+
+
+def test_uneven_split_drops_the_remainder_differently_each_epoch(manifest):
+    ld = loader(manifest, batch_size=5, rank=1, world_size=3)     # 48 // 3 = 16 per rank -> 3 batches
+    assert ld.steps_per_epoch == 3
+    e0 = {i for b in epoch_batches(ld) for i in b["index"].tolist()}
+    e1 = {i for b in epoch_batches(ld) for i in b["index"].tolist()}
+    assert len(e0) == len(e1) == 15 and e0 != e1
+
+
+def test_fixed_seed_reproduces_a_batch_bit_for_bit(manifest):
+    a, b = next(iter(loader(manifest))), next(iter(loader(manifest)))
+    for k in ("clip_image", "ssl_image_1", "ssl_image_2", "text", "index"):
+        assert torch.equal(a[k], b[k]), k
+    c = next(iter(loader(manifest, seed=1)))
+    assert not torch.equal(a["clip_image"], c["clip_image"])
+    assert not torch.equal(a["ssl_image_1"], a["ssl_image_2"])
+
+
+def test_resume_continues_the_stream_exactly(manifest):
+    k = 5    # crosses the epoch boundary: 12 batches an epoch
+    ref = loader(manifest)
+    stream = [b for _ in range(2) for b in ref]
+    stopped = loader(manifest)
+    it = iter(stopped)
+    for _ in range(k):
+        next(it)
+    state = json.loads(json.dumps(stopped.state_dict()))    # survives a checkpoint round trip
+    resumed = loader(manifest)
+    resumed.load_state_dict(state)
+    rest = [b for b in resumed] + [b for b in resumed]
+    assert len(rest) == len(stream) - k
+    for got, want in zip(rest, stream[k:]):
+        for key in ("clip_image", "ssl_image_1", "ssl_image_2", "text", "index"):
+            assert torch.equal(got[key], want[key]), key
+
+
+def test_captions_follow_the_mode(manifest):
+    texts = lambda mode: [untokenize(r) for b in epoch_batches(loader(manifest, caption_mode=mode))  # noqa: E731
+                          for r in b["text"]]
+    assert all(t.startswith("title") for t in texts("title"))
+    assert all(t.startswith("description") for t in texts("description"))
+    rand = texts("random")
+    titles = sum(t.startswith("title") for t in rand)
+    assert 0.25 * len(rand) < titles < 0.75 * len(rand)
+    with pytest.raises(ValueError, match="caption_mode"):
+        loader(manifest, caption_mode="sometimes")
+
+
+def test_bad_samples_are_skipped_counted_and_training_goes_on(tmp_path):
+    good = [caption_sample(image(i), f"title {i}") for i in range(20)]
+    jpeg = encode(image(99))
+    noise = encode(np.random.default_rng(0).integers(0, 255, (200, 200, 3)))
+    bad = [
+        {"jpg": b"<html>not found</html>", "txt": "html body"},                # not an image
+        {"jpg": jpeg[:40], "txt": "cut in the header"},                        # truncated header
+        {"jpg": noise[:len(noise) // 2], "txt": "cut mid-scan"},                # header fine, DALI fails
+        {"jpg": encode(image(5)), "txt": "", "json": "{}"},                    # no caption anywhere
+        {"txt": "image missing"},                                              # no image at all
+        {"jpg": jpeg[:2] + bytes(200) + jpeg[202:], "txt": "zeroed header"},   # header garbage
+    ]
+    samples = good[:10] + bad + good[10:]
+    m = load_manifest(write_shards(tmp_path, samples, per_shard=13))
+    ld = loader(m, batch_size=13)
+    batches = epoch_batches(ld)
+    assert len(batches) == 2 and all(b["clip_image"].shape[0] == 13 for b in batches)
+    used = [i for b in batches for i in b["index"].tolist()]
+    bad_idx = set(range(10, 16))
+    assert not bad_idx & set(used)
+    assert all(torch.isfinite(b["clip_image"]).all() for b in batches)
+    assert ld.bad_samples >= 5 and sum(b["bad_samples"] for b in batches) == ld.bad_samples
+    assert {"not_an_image", "no_caption", "missing_image", "corrupt_image"} <= set(ld.bad_reasons)
+    assert ld.state_dict()["bad_samples"] == ld.bad_samples
+
+
+def test_manifest_and_shards_must_agree(tmp_path, manifest):
+    table = build_sample_table(manifest)
+    assert len(table) == COUNT and (table.image[:, 0] > 0).all()
+    # without index files the tars are scanned, with the same result
+    samples = [caption_sample(image(i), f"t{i}") for i in range(12)]
+    with_idx = build_sample_table(load_manifest(write_shards(tmp_path / "a", samples, per_shard=5)))
+    no_idx = build_sample_table(load_manifest(write_shards(tmp_path / "b", samples, per_shard=5, index=False)))
+    assert np.array_equal(with_idx.image, no_idx.image) and np.array_equal(with_idx.meta, no_idx.meta)
+    # a truncated shard is a clear error naming it
+    path = tmp_path / "b" / "00001.tar"
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(ShardError, match="00001.tar"):
+        build_sample_table(load_manifest(tmp_path / "b" / "manifest.json"))
+
+
+def test_clip_only_recipe_has_no_ssl_views(manifest):
+    b = next(iter(loader(manifest, recipe=dataclasses.replace(RECIPE, num_ssl_views=0))))
+    assert "ssl_image_1" not in b and b["clip_image"].shape == (4, 3, 32, 32)
