@@ -52,6 +52,7 @@ class _Batch:
     step: int
     inputs: tuple
     indices: np.ndarray
+    views: dict = field(default_factory=dict)     # name -> ViewParams (previews, tests)
     bad: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -186,16 +187,16 @@ class SLIPLoader:
         tokens = self.tokenizer(captions, context_length=self.context_length)
         tokens = np.asarray(tokens.numpy() if torch.is_tensor(tokens) else tokens, dtype=np.int64)
         values = {"encoded": encoded, "text": tokens, "index": indices.reshape(b, 1).astype(np.int64)}
-        clip = sample_view(rng, heights, widths, self.recipe, ssl=False)
-        values["clip_roi_start"], values["clip_roi_end"] = clip.roi_start, clip.roi_end
+        views = {"clip_image": sample_view(rng, heights, widths, self.recipe, ssl=False)}
+        values["clip_roi_start"], values["clip_roi_end"] = views["clip_image"].roi_start, views["clip_image"].roi_end
         for v in range(1, self.recipe.num_ssl_views + 1):
-            p = sample_view(rng, heights, widths, self.recipe, ssl=True)
+            p = views[f"ssl_image_{v}"] = sample_view(rng, heights, widths, self.recipe, ssl=True)
             values[f"ssl{v}_roi_start"], values[f"ssl{v}_roi_end"] = p.roi_start, p.roi_end
             values[f"ssl{v}_color"] = color_matrix(p)
             kernels = blur_kernels(p.blur_sigma)
             values[f"ssl{v}_blur_h"] = [k.reshape(1, -1) for k in kernels]
             values[f"ssl{v}_blur_v"] = [k.reshape(-1, 1) for k in kernels]
-        return _Batch(epoch, step, tuple(values[n] for n in input_names(self.recipe)), indices, bad)
+        return _Batch(epoch, step, tuple(values[n] for n in input_names(self.recipe)), indices, views, bad)
 
     def _next_position(self, epoch: int, step: int) -> tuple[int, int]:
         step += 1

@@ -125,3 +125,41 @@ class SampleReader:
             self.close()
         except Exception:
             pass
+
+
+def write_shard_set(out: Path, samples: list[dict], per_shard: int, name: str = "shards", index: bool = True) -> Path:
+    """Write samples (dicts of extension -> bytes or str; None leaves a component out) as
+    img2dataset-style tars, DALI indexes and a manifest; returns the manifest path. For tests,
+    benchmarks and previews: real builds go through pipeline/build.py."""
+    import hashlib
+    import io
+    import subprocess
+    import sys
+
+    from pipeline.manifest import ShardEntry, save_manifest
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for s in range(0, len(samples), per_shard):
+        tar_path = out / f"{s // per_shard:05d}.tar"
+        with tarfile.open(tar_path, "w") as tar:
+            for k, sample in enumerate(samples[s:s + per_shard], s):
+                for ext, value in sample.items():
+                    if value is None:
+                        continue
+                    data = value.encode() if isinstance(value, str) else value
+                    info = tarfile.TarInfo(f"{k:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        idx = None
+        if index:
+            idx = tar_path.with_suffix(".idx")
+            wds2idx = Path(sys.executable).parent / "wds2idx"
+            subprocess.run([str(wds2idx) if wds2idx.exists() else "wds2idx", str(tar_path), str(idx)],
+                           check=True, capture_output=True)
+        entries.append(ShardEntry(path=tar_path.name, samples=len(samples[s:s + per_shard]),
+                                  bytes=tar_path.stat().st_size,
+                                  sha256=hashlib.sha256(tar_path.read_bytes()).hexdigest(),
+                                  index=idx.name if idx else None))
+    manifest = out / "manifest.json"
+    save_manifest(Manifest(name, str(out), entries), manifest)
+    return manifest

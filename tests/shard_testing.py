@@ -1,17 +1,14 @@
 """Write small img2dataset-style webdataset shard sets (tars, DALI indexes, manifest) for the tests."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from pipeline.manifest import Manifest, ShardEntry, save_manifest
+from pipeline.shards import write_shard_set
 
 
 def encode(array: np.ndarray, fmt: str = "JPEG", quality: int = 95) -> bytes:
@@ -32,33 +29,7 @@ def coordinate_image(w: int, h: int) -> np.ndarray:
 
 
 def write_shards(out: Path, samples: list[dict], per_shard: int, name: str = "test", index: bool = True) -> Path:
-    """samples: dicts of component -> bytes/str (e.g. jpg, txt, json); None values are left out."""
-    import tarfile
-    out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for s in range(0, len(samples), per_shard):
-        tar_path = out / f"{s // per_shard:05d}.tar"
-        with tarfile.open(tar_path, "w") as tar:
-            for k, sample in enumerate(samples[s:s + per_shard], s):
-                for ext, value in sample.items():
-                    if value is None:
-                        continue
-                    data = value.encode() if isinstance(value, str) else value
-                    info = tarfile.TarInfo(f"{k:06d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        idx = None
-        if index:
-            idx = tar_path.with_suffix(".idx")
-            subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar_path), str(idx)], check=True,
-                           capture_output=True)
-        entries.append(ShardEntry(path=tar_path.name, samples=len(samples[s:s + per_shard]),
-                                  bytes=tar_path.stat().st_size,
-                                  sha256=hashlib.sha256(tar_path.read_bytes()).hexdigest(),
-                                  index=idx.name if idx else None))
-    manifest = out / "manifest.json"
-    save_manifest(Manifest(name, str(out), entries), manifest)
-    return manifest
+    return write_shard_set(out, samples, per_shard, name, index)
 
 
 def caption_sample(img: np.ndarray, title: str, description: str = "", **extra) -> dict:

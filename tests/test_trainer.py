@@ -23,8 +23,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "trainer" / "run.py")]
 STEPS = 16            # 2 ranks x batch 8 over 32 samples = 2 steps per epoch -> 8 epochs
+# A tiny overfit run: light augmentation (large crops, no colour or blur) so 16 steps can memorise;
+# with the full recipe SimCLR stays at chance that early and the loss curve says nothing.
 COMMON = ["model.preset=vit_tiny", "objective.name=slip", "data.recipe.image_size=64",
-          "data.batch_size=8", "data.num_threads=1", "optim.lr=2e-3", "optim.epochs=8",
+          "data.recipe.ssl_scale=[0.6,1.0]", "data.recipe.jitter_prob=0", "data.recipe.grayscale_prob=0",
+          "data.recipe.blur_prob=0",
+          "data.batch_size=8", "data.num_threads=1", "optim.lr=1e-3", "optim.epochs=8",
           "optim.warmup_epochs=1", "train.log_every=1", "train.torch_threads=1",
           "checkpoint.every_steps=4", "checkpoint.keep_every=0", "eval.data=null",
           "debug.inject_nan_at_steps=[3]"]
@@ -147,7 +151,7 @@ def test_nan_step_skipped_and_reported(ddp_run):
     # the skipped step still advanced the schedule: step 4 runs at the rate of step index 3
     import math
     recs = step_records(ddp_run)
-    warmup, peak, end = 2, 2e-3, 1e-5
+    warmup, peak, end = 2, 1e-3, 1e-5
     expected = end + 0.5 * (peak - end) * (1 + math.cos(math.pi * (3 - warmup) / (STEPS - warmup)))
     assert recs[4]["lr"] == pytest.approx(expected)
 

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""3-view images/s of our DALI loader against the SLIP reference data path, on the same shards.
+
+    python tools/bench_pipeline.py                       # synthetic 500x375 JPEG shards, 2 cores
+    python tools/bench_pipeline.py --manifest demo_run/data/shards/manifest.json --image-size 64
+
+Both sides deliver what training consumes: a CLIP view and two SimCLR views per image, normalised
+float tensors, and tokenised captions. The reference is PIL + torchvision-style transforms in
+DataLoader workers (pipeline/reference_pipeline.py); ours is pipeline/loader.py on the DALI CPU
+graph. Each side runs in its own process, alternately for several rounds (this machine is
+noisy), and reports wall-clock images/s and images per CPU-second (all threads and worker
+processes counted). On a machine with CUDA the DALI GPU graph (nvJPEG "mixed" decoding) is
+measured too.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of processes (all their threads) from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            pass
+    return total
+
+
+def synthetic_shards(out: Path, count: int, size: tuple[int, int]) -> Path:
+    """Photo-like JPEGs (shapes, gradients, sensor noise) at quality 90, like a Flickr 'medium'."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from pipeline.shards import write_shard_set
+    rng = np.random.default_rng(0)
+    w, h = size
+    samples = []
+    for i in range(count):
+        img = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(0, 255, 3)))
+        d = ImageDraw.Draw(img)
+        for _ in range(12):
+            x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+            d.ellipse([x, y, x + int(rng.integers(10, w // 2)), y + int(rng.integers(10, h // 2))],
+                      fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        a = np.asarray(img, np.int16) + rng.integers(-10, 10, (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        caption = f"photo {i} of some shapes on a coloured background"
+        samples.append({"jpg": buf.getvalue(), "txt": caption,
+                        "json": json.dumps({"title": caption, "description": f"number {i}"})})
+    return write_shard_set(out, samples, max(8, count // 8), name="bench")   # 8 shards: every worker reads
+
+
+def run_worker(args) -> dict:
+    """One timed measurement in this process; prints a JSON line."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.manifest import load_manifest
+    from pipeline.recipe import AugmentationRecipe
+    from pipeline.tokenizer import Tokenizer
+    torch.set_num_threads(1)    # the training process's threads belong to the model, not the data
+    manifest = load_manifest(args.manifest)
+    recipe = dataclasses.replace(AugmentationRecipe(), image_size=args.image_size)
+    tokenizer = Tokenizer()
+    if args.worker == "reference":
+        from pipeline.reference_pipeline import reference_loader
+        loader = reference_loader(manifest, recipe, args.batch_size, tokenizer, num_workers=args.threads)
+    else:
+        from pipeline.loader import SLIPLoader
+        gpu = args.worker == "dali-gpu"
+        loader = SLIPLoader(manifest, recipe, args.batch_size, tokenizer, num_threads=args.threads,
+                            device="gpu" if gpu else "cpu", device_id=0 if gpu else None)
+
+    def batches():
+        while True:
+            yield from loader
+
+    stream = batches()
+    for _ in range(args.warmup):
+        next(stream)
+    pids = [os.getpid()]
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        pids += [w.pid for w in getattr(iterator, "_workers", [])]
+    cpu0, t0, images = cpu_seconds(pids), time.perf_counter(), 0
+    while images < args.images:
+        b = next(stream)
+        images += b[0].shape[0] if isinstance(b, (list, tuple)) else b["clip_image"].shape[0]
+    if args.worker == "dali-gpu":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(pids) - cpu0
+    return {"pipeline": args.worker, "images": images, "seconds": wall, "cpu_seconds": cpu,
+            "images_per_s": images / wall, "images_per_cpu_s": images / max(cpu, 1e-9), "cores_busy": cpu / wall}
+
+
+def measure(args, worker: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", worker, "--manifest", str(args.manifest), "--images",
+           str(args.images), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+           "--image-size", str(args.image_size), "--warmup", str(args.warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        raise SystemExit(f"{worker} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", type=Path, help="shard manifest (default: generate synthetic shards)")
+    p.add_argument("--synthetic-images", type=int, default=768)
+    p.add_argument("--synthetic-size", default="500x375", help="WxH of the synthetic JPEGs")
+    p.add_argument("--images", type=int, default=1536, help="images timed per round and pipeline")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                   help="DALI threads = reference DataLoader workers")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="batches before timing")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return 0
+    import torch
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.manifest is None:
+            w, h = (int(v) for v in args.synthetic_size.split("x"))
+            print(f"writing {args.synthetic_images} synthetic {w}x{h} JPEGs ...", flush=True)
+            args.manifest = synthetic_shards(Path(tmp) / "shards", args.synthetic_images, (w, h))
+        workers = ["dali-cpu", "reference"] + (["dali-gpu"] if torch.cuda.is_available() else [])
+        results: dict[str, list[dict]] = {k: [] for k in workers}
+        for r in range(args.rounds):
+            for worker in workers:
+                res = measure(args, worker)
+                results[worker].append(res)
+                print(f"round {r + 1}/{args.rounds} {worker:10s} {res['images_per_s']:8.1f} images/s  "
+                      f"{res['images_per_cpu_s']:7.1f} images/CPU-s  ({res['cores_busy']:.2f} cores busy)",
+                      flush=True)
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("images_per_s", "images_per_cpu_s", "cores_busy")}
+           for k, v in results.items()}
+    ours, ref = med["dali-cpu"], med["reference"]
+    print(f"\n3-view images/s at {args.image_size}px, batch {args.batch_size}, {args.threads} threads/workers, "
+          f"median of {args.rounds} rounds, {os.cpu_count()} cores")
+    print(f"{'pipeline':12s} {'images/s':>10s} {'img/CPU-s':>10s} {'cores':>6s}")
+    for k, v in med.items():
+        print(f"{k:12s} {v['images_per_s']:10.1f} {v['images_per_cpu_s']:10.1f} {v['cores_busy']:6.2f}")
+    summary = {"wall_ratio": ours["images_per_s"] / ref["images_per_s"],
+               "per_core_ratio": ours["images_per_cpu_s"] / ref["images_per_cpu_s"]}
+    print(f"DALI CPU vs reference: {summary['wall_ratio']:.2f}x images/s, "
+          f"{summary['per_core_ratio']:.2f}x images per CPU-second")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "median": med,
+                                         "rounds": results, **summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
