@@ -164,3 +164,17 @@ def test_manifest_and_shards_must_agree(tmp_path, manifest):
 def test_clip_only_recipe_has_no_ssl_views(manifest):
     b = next(iter(loader(manifest, recipe=dataclasses.replace(RECIPE, num_ssl_views=0))))
     assert "ssl_image_1" not in b and b["clip_image"].shape == (4, 3, 32, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_graph_matches_the_cpu_graph(manifest):
+    """nvJPEG ("mixed") decoding and GPU operators give the CPU graph's views, up to decoder rounding;
+    the CPU tests above cover the same graph definition and the same parameter draws."""
+    cpu = next(iter(loader(manifest)))
+    gpu = next(iter(loader(manifest, device="gpu", device_id=0)))
+    assert gpu["clip_image"].is_cuda and gpu["clip_image"].dtype == torch.float32
+    assert torch.equal(gpu["index"], cpu["index"]) and torch.equal(gpu["text"].cpu(), cpu["text"])
+    for k in ("clip_image", "ssl_image_1", "ssl_image_2"):
+        diff = (gpu[k].cpu() - cpu[k]).abs()
+        assert diff.mean() < 0.05, (k, diff.mean())    # normalised units: about 3 grey levels
