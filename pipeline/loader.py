@@ -252,8 +252,9 @@ class SLIPLoader:
         raise RuntimeError("DALI kept failing on the same batch")
 
     def _to_torch(self, tl, dtype=None) -> torch.Tensor:
+        from nvidia.dali.backend import TensorListGPU
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-        dev = self.torch_device if self.device == "gpu" else torch.device("cpu")
+        dev = self.torch_device if isinstance(tl, TensorListGPU) else torch.device("cpu")
         t = tl.as_tensor()   # dense: every view has the same size
         out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=dev)
         stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
@@ -283,7 +284,7 @@ class SLIPLoader:
             named = dict(zip(self._outputs, outs))
             out = {name: self._normalize(self._to_torch(named[name])) for name in self._outputs
                    if name.endswith("image") or name.startswith("ssl_image")}
-            out["text"] = self._to_torch(named["text"]).cpu() if self.device == "gpu" else self._to_torch(named["text"])
+            out["text"] = self._to_torch(named["text"])     # stays on the CPU side of the graph
             out["index"] = torch.from_numpy(batch.indices.copy())
             bad = sum(batch.bad.values())
             out["bad_samples"] = bad
