@@ -17,8 +17,8 @@ What is guaranteed (same manifest, batch size, world size and seed):
 With a different world size or batch size the order cannot continue exactly; `load_state_dict`
 then restarts at the same epoch and the same fraction of it, and says so.
 
-Views leave DALI as uint8 HWC and are normalised here, on the device the model uses, into
-float [B, 3, S, S] tensors in channels-last memory order (what the patch convolution likes best).
+Views arrive normalised, float [B, 3, S, S] (float16 with `fp16=True`), on the GPU for
+`device="gpu"`.
 """
 from __future__ import annotations
 
@@ -60,8 +60,7 @@ class SLIPLoader:
     def __init__(self, manifest: Manifest, recipe: AugmentationRecipe, batch_size: int, tokenizer: Callable,
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2, device: str = "cpu",
                  device_id: int | None = None, caption_mode: str = "random", prefetch: int = 2,
-                 context_length: int = 77, max_image_pixels: int = 40_000_000,
-                 out_dtype: torch.dtype = torch.float32):
+                 context_length: int = 77, max_image_pixels: int = 40_000_000, fp16: bool = False):
         if caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode {caption_mode!r}: choose one of {', '.join(CAPTION_MODES)}")
         if not 0 <= rank < world_size:
@@ -70,7 +69,7 @@ class SLIPLoader:
         self.tokenizer, self.rank, self.world_size, self.seed = tokenizer, rank, world_size, seed
         self.num_threads, self.device, self.device_id = num_threads, device, device_id
         self.caption_mode, self.prefetch, self.context_length = caption_mode, prefetch, context_length
-        self.max_image_pixels, self.out_dtype = max_image_pixels, out_dtype
+        self.max_image_pixels, self.fp16 = max_image_pixels, fp16
         self.table = build_sample_table(manifest)
         self.reader = SampleReader(self.table)
         self.num_samples = len(self.table)
@@ -83,12 +82,7 @@ class SLIPLoader:
         self._known_bad: dict[int, str] = {}     # found only by a failed DALI decode
         self._orders: dict[int, np.ndarray] = {}
         self._pipe = None
-        torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
-        self.torch_device = torch_device
-        mean = torch.tensor(recipe.mean, dtype=torch.float32) * 255
-        std = torch.tensor(recipe.std, dtype=torch.float32) * 255
-        self._scale = (1 / std).view(1, 3, 1, 1).to(torch_device)
-        self._shift = (-mean / std).view(1, 3, 1, 1).to(torch_device)
+        self.torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
 
     # ------------------------------------------------------------------ sample order
 
@@ -218,7 +212,8 @@ class SLIPLoader:
             return batch.inputs
 
         self._pipe = build_pipeline(self.recipe, source, self.batch_size, num_threads=self.num_threads,
-                                    device=self.device, device_id=self.device_id, prefetch=self.prefetch)
+                                    device=self.device, device_id=self.device_id, prefetch=self.prefetch,
+                                    fp16=self.fp16)
         self._outputs = output_names(self.recipe)
 
     def _find_undecodable(self, batch: _Batch) -> dict[int, str]:
@@ -251,21 +246,14 @@ class SLIPLoader:
                 del e
         raise RuntimeError("DALI kept failing on the same batch")
 
-    def _to_torch(self, tl, dtype=None) -> torch.Tensor:
+    def _to_torch(self, tl) -> torch.Tensor:
+        """Zero copy: the dynamic executor hands out fresh buffers that live as long as the tensor."""
         from nvidia.dali.backend import TensorListGPU
-        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-        dev = self.torch_device if isinstance(tl, TensorListGPU) else torch.device("cpu")
         t = tl.as_tensor()   # dense: every view has the same size
-        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=dev)
-        stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
-        feed_ndarray(t, out, cuda_stream=stream)
-        return out
-
-    def _normalize(self, hwc: torch.Tensor) -> torch.Tensor:
-        # uint8 NHWC -> float NCHW (channels-last memory); one fused multiply-add per element
-        x = hwc.permute(0, 3, 1, 2).to(torch.float32)
-        x = torch.addcmul(self._shift, x, self._scale)
-        return x.to(self.out_dtype) if self.out_dtype != torch.float32 else x
+        if isinstance(tl, TensorListGPU):
+            with self.torch_device:
+                return torch.from_dlpack(t)
+        return torch.from_dlpack(t)
 
     # ------------------------------------------------------------------ iteration
 
@@ -282,8 +270,7 @@ class SLIPLoader:
             outs, batch = self._run()
             assert (batch.epoch, batch.step) == (self.epoch, self.step), "feeder and consumer out of step"
             named = dict(zip(self._outputs, outs))
-            out = {name: self._normalize(self._to_torch(named[name])) for name in self._outputs
-                   if name.endswith("image") or name.startswith("ssl_image")}
+            out = {name: self._to_torch(named[name]) for name in self._outputs if "image" in name}
             out["text"] = self._to_torch(named["text"])     # stays on the CPU side of the graph
             out["index"] = torch.from_numpy(batch.indices.copy())
             bad = sum(batch.bad.values())

@@ -103,17 +103,17 @@ class ReferenceDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         import webdataset as wds
         info = torch.utils.data.get_worker_info()
-        wid, workers = (info.id, info.num_workers) if info else (0, 1)
+        wid = info.id if info else 0
         tf = ReferenceTransforms(self.recipe, self.seed * 1000 + wid)
-        for url in self.urls[wid::workers]:
-            for sample in wds.WebDataset(url, shardshuffle=False):
-                data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-                if data is None:
-                    continue
-                img = Image.open(io.BytesIO(data)).convert("RGB")
-                views = [tf.clip_view(img)] + [tf.ssl_view(img) for _ in range(self.recipe.num_ssl_views)]
-                caption = sample.get("txt", b"").decode("utf-8", "replace")
-                yield (*views, self.tokenizer([caption])[0])
+        # webdataset splits the shards between DataLoader workers (its default split_by_worker)
+        for sample in wds.WebDataset(self.urls, shardshuffle=False):
+            data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+            if data is None:
+                continue
+            img = Image.open(io.BytesIO(data)).convert("RGB")
+            views = [tf.clip_view(img)] + [tf.ssl_view(img) for _ in range(self.recipe.num_ssl_views)]
+            caption = sample.get("txt", b"").decode("utf-8", "replace")
+            yield (*views, self.tokenizer([caption])[0])
 
 
 def reference_loader(manifest: Manifest, recipe: AugmentationRecipe, batch_size: int, tokenizer: Callable,

@@ -78,7 +78,8 @@ def run_worker(args) -> dict:
     from pipeline.tokenizer import Tokenizer
     torch.set_num_threads(1)    # the training process's threads belong to the model, not the data
     manifest = load_manifest(args.manifest)
-    recipe = dataclasses.replace(AugmentationRecipe(), image_size=args.image_size)
+    recipe = dataclasses.replace(AugmentationRecipe(), image_size=args.image_size,
+                                 antialias=not args.no_antialias)
     tokenizer = Tokenizer()
     if args.worker == "reference":
         from pipeline.reference_pipeline import reference_loader
@@ -115,6 +116,8 @@ def measure(args, worker: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, "--manifest", str(args.manifest), "--images",
            str(args.images), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
            "--image-size", str(args.image_size), "--warmup", str(args.warmup)]
+    if args.no_antialias:
+        cmd.append("--no-antialias")
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         raise SystemExit(f"{worker} failed:\n{proc.stderr[-3000:]}")
@@ -132,6 +135,9 @@ def main(argv=None) -> int:
                    help="DALI threads = reference DataLoader workers")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-antialias", action="store_true",
+                   help="recipe.antialias=False for both pipelines (DALI resize without antialiasing; "
+                        "the reference's PIL resize always antialiases)")
     p.add_argument("--warmup", type=int, default=3, help="batches before timing")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
