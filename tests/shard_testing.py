@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pipeline.shards import write_shard_set
@@ -30,6 +31,15 @@ def coordinate_image(w: int, h: int) -> np.ndarray:
 
 def write_shards(out: Path, samples: list[dict], per_shard: int, name: str = "test", index: bool = True) -> Path:
     return write_shard_set(out, samples, per_shard, name, index)
+
+
+def chars(captions, context_length=77) -> torch.Tensor:
+    """A test tokenizer the loader's outputs can be read back from: one id per character."""
+    out = torch.zeros(len(captions), context_length, dtype=torch.long)
+    for i, c in enumerate(captions):
+        ids = [ord(ch) for ch in c][:context_length]
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
 
 
 def caption_sample(img: np.ndarray, title: str, description: str = "", **extra) -> dict:

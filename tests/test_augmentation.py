@@ -15,7 +15,7 @@ from pipeline.loader import SLIPLoader
 from pipeline.manifest import load_manifest
 from pipeline.recipe import AugmentationRecipe
 from pipeline.view_params import blur_kernels, color_matrix, random_resized_crop, sample_view
-from shard_testing import caption_sample, coordinate_image, encode, write_shards
+from shard_testing import chars, coordinate_image, encode, write_shards
 
 N = 4000
 RECIPE = AugmentationRecipe()
@@ -25,13 +25,6 @@ def binomial_ok(hits: int, n: int, p: float, sigmas: float = 5.0) -> bool:
     return abs(hits - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
 
 
-def chars(captions, context_length=77):
-    """A test tokenizer the outputs can be read back from: one id per character."""
-    out = torch.zeros(len(captions), context_length, dtype=torch.long)
-    for i, c in enumerate(captions):
-        ids = [ord(ch) for ch in c][:context_length]
-        out[i, :len(ids)] = torch.tensor(ids)
-    return out
 
 
 # ---------------------------------------------------------------- parameter draws

@@ -12,18 +12,12 @@ from pipeline.loader import SLIPLoader
 from pipeline.manifest import load_manifest
 from pipeline.recipe import AugmentationRecipe
 from pipeline.shards import ShardError, build_sample_table
-from shard_testing import caption_sample, encode, write_shards
+from shard_testing import caption_sample, chars, encode, write_shards
 
 RECIPE = AugmentationRecipe(image_size=32)
 COUNT = 48
 
 
-def chars(captions, context_length=77):
-    out = torch.zeros(len(captions), context_length, dtype=torch.long)
-    for i, c in enumerate(captions):
-        ids = [ord(ch) for ch in c][:context_length]
-        out[i, :len(ids)] = torch.tensor(ids)
-    return out
 
 
 def untokenize(row: torch.Tensor) -> str:

@@ -173,6 +173,10 @@ def build_report(cfg: DemoConfig, out: Path, runs: dict, evals: dict, timings: d
         "slip_probe_margin_z": two_proportion_z(slip["linear_probe_top1"], rnd["linear_probe_top1"],
                                                 zs_any["num_images"]),
     }
+    targets["slip_vs_clip_zeroshot_z"] = two_proportion_z(slip["zeroshot_top1"], clip["zeroshot_top1"],
+                                                          zs_any["num_images"])
+    targets["slip_vs_clip_probe_z"] = two_proportion_z(slip["linear_probe_top1"], clip["linear_probe_top1"],
+                                                       zs_any["num_images"])
     targets["slip_probe_clearly_above_random"] = (targets["slip_probe_margin_over_random"] >= cfg.probe_margin
                                                   and targets["slip_probe_margin_z"] >= cfg.probe_min_z)
     targets["met"] = targets["slip_zeroshot_ge_3x_chance"] and targets["slip_probe_clearly_above_random"]
@@ -222,10 +226,12 @@ def report_markdown(report: dict) -> str:
         f"({ok(t['slip_probe_clearly_above_random'])}: needs >= 5 points and z >= 2.33, p < 0.01 one-sided).",
         f"Retrieval: chance R@1 is {100 / max(1, t['num_eval_images']):.2f}%; captions name the class, not the instance, "
         f"so about {t['num_eval_images'] // max(1, t['num_classes'])} images fit each caption equally and R@1 stays low.",
-        f"SLIP vs CLIP (same data, steps, model): zero-shot {s['zeroshot_top1'] - c['zeroshot_top1']:+.1f}, "
-        f"linear probe {s['linear_probe_top1'] - c['linear_probe_top1']:+.1f} points; SLIP's step costs 3 image "
-        "passes vs 1, so its wall time is higher. One seed on a tiny synthetic set: differences of a few "
-        "points are within noise.",
+        f"SLIP vs CLIP (same data, steps, model): zero-shot {s['zeroshot_top1'] - c['zeroshot_top1']:+.1f} "
+        f"(z = {t['slip_vs_clip_zeroshot_z']:.1f}), linear probe {s['linear_probe_top1'] - c['linear_probe_top1']:+.1f} "
+        f"points (z = {t['slip_vs_clip_probe_z']:.1f}); |z| < 2 is within the noise of one seed on this split. "
+        "SLIP's step costs 3 image passes vs 1. The paper's SLIP gains were measured on natural images over "
+        "25+ YFCC15M epochs; a 10-minute run on synthetic shapes need not show them, and this report does "
+        "not tune either method to make it.",
         "",
         "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings_s"].items()),
         "",
