@@ -43,3 +43,12 @@ def test_pipeline_benchmark_reports_a_ratio(tmp_path):
     for name in ("dali-cpu", "reference"):
         assert result["median"][name]["images_per_s"] > 0
     assert result["wall_ratio"] > 0 and result["per_core_ratio"] > 0
+
+
+def test_graph_benchmark_compares_with_the_naive_graph():
+    proc = subprocess.run([sys.executable, "tools/bench_pipeline.py", "--graphs", "--synthetic-images", "16",
+                           "--synthetic-size", "96x72", "--images", "16", "--rounds", "1", "--batch-size", "8",
+                           "--image-size", "32", "--threads", "1", "--warmup", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ours" in proc.stdout and "naive" in proc.stdout and "ratio" in proc.stdout

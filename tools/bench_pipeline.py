@@ -3,6 +3,7 @@
 
     python tools/bench_pipeline.py                       # synthetic 500x375 JPEG shards, 2 cores
     python tools/bench_pipeline.py --manifest demo_run/data/shards/manifest.json --image-size 64
+    python tools/bench_pipeline.py --graphs     # graph only: our DALI graph vs a naive DALI graph
 
 Both sides deliver what training consumes: a CLIP view and two SimCLR views per image, normalised
 float tensors, and tokenised captions. The reference is PIL + torchvision-style transforms in
@@ -65,6 +66,77 @@ def synthetic_shards(out: Path, count: int, size: tuple[int, int]) -> Path:
         samples.append({"jpg": buf.getvalue(), "txt": caption,
                         "json": json.dumps({"title": caption, "description": f"number {i}"})})
     return write_shard_set(out, samples, max(8, count // 8), name="bench")   # 8 shards: every worker reads
+
+
+def naive_graph(recipe, source, batch_size: int, num_threads: int):
+    """The straightforward DALI translation of the recipe, for comparison: DALI's own random
+    operators, `color_twist`, `hsv` for grey and `gaussian_blur` under conditionals."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipeline.dali_pipeline import input_names
+    names, size = input_names(recipe), [recipe.image_size] * 2
+    norm = dict(dtype=types.FLOAT, output_layout="CHW", mean=[255 * m for m in recipe.mean],
+                std=[255 * s for s in recipe.std])
+    r = recipe
+
+    @pipeline_def(enable_conditionals=True)
+    def graph():
+        encoded = fn.external_source(source=source, num_outputs=len(names), batch=True)[0]
+        img = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        views = [fn.crop_mirror_normalize(fn.random_resized_crop(img, size=size, random_area=list(r.clip_scale)), **norm)]
+        for _ in range(r.num_ssl_views):
+            x = fn.random_resized_crop(img, size=size, random_area=list(r.ssl_scale))
+            if fn.random.coin_flip(probability=r.jitter_prob):
+                x = fn.color_twist(x, brightness=fn.random.uniform(range=[1 - r.brightness, 1 + r.brightness]),
+                                   contrast=fn.random.uniform(range=[1 - r.contrast, 1 + r.contrast]),
+                                   saturation=fn.random.uniform(range=[1 - r.saturation, 1 + r.saturation]),
+                                   hue=fn.random.uniform(range=[-360 * r.hue, 360 * r.hue]))
+            if fn.random.coin_flip(probability=r.grayscale_prob):
+                x = fn.hsv(x, saturation=0.0)
+            if fn.random.coin_flip(probability=r.blur_prob):
+                x = fn.gaussian_blur(x, sigma=fn.random.uniform(range=list(r.blur_sigma)))
+            views.append(fn.crop_mirror_normalize(x, mirror=fn.random.coin_flip(probability=r.flip_prob), **norm))
+        return tuple(views)
+
+    pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=None, exec_dynamic=True)
+    pipe.build()
+    return pipe
+
+
+def graphs_only(args) -> None:
+    """DALI graph cost alone (inputs prepared beforehand): ours against the naive graph, alternating."""
+    import dataclasses
+
+    from pipeline.dali_pipeline import build_pipeline
+    from pipeline.loader import SLIPLoader
+    from pipeline.manifest import load_manifest
+    from pipeline.recipe import AugmentationRecipe
+    from pipeline.tokenizer import Tokenizer
+    recipe = dataclasses.replace(AugmentationRecipe(), image_size=args.image_size, antialias=not args.no_antialias)
+    loader = SLIPLoader(load_manifest(args.manifest), recipe, args.batch_size, Tokenizer())
+    batches = [loader.make_batch(0, s) for s in range(min(8, loader.steps_per_epoch))]
+    count = [0]
+
+    def source():
+        count[0] += 1
+        return batches[count[0] % len(batches)].inputs
+
+    pipes = {"ours": build_pipeline(recipe, source, args.batch_size, num_threads=args.threads),
+             "naive": naive_graph(recipe, source, args.batch_size, args.threads)}
+    runs = max(1, args.images // args.batch_size)
+    results: dict[str, list[float]] = {k: [] for k in pipes}
+    for p in pipes.values():
+        for _ in range(args.warmup):
+            p.run()
+    for _ in range(args.rounds):
+        for name, p in pipes.items():
+            t0 = time.perf_counter()
+            for _ in range(runs):
+                p.run()
+            results[name].append(runs * args.batch_size / (time.perf_counter() - t0))
+    ours, naive = statistics.median(results["ours"]), statistics.median(results["naive"])
+    print(f"DALI graph only, {args.image_size}px, {args.threads} threads, median of {args.rounds} rounds: "
+          f"ours {ours:.1f} images/s, naive {naive:.1f} images/s, ratio {ours / naive:.2f}x")
 
 
 def run_worker(args) -> dict:
@@ -140,6 +212,7 @@ def main(argv=None) -> int:
                         "the reference's PIL resize always antialiases)")
     p.add_argument("--warmup", type=int, default=3, help="batches before timing")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--graphs", action="store_true", help="compare DALI graphs only (ours vs naive), no loaders")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -151,6 +224,9 @@ def main(argv=None) -> int:
             w, h = (int(v) for v in args.synthetic_size.split("x"))
             print(f"writing {args.synthetic_images} synthetic {w}x{h} JPEGs ...", flush=True)
             args.manifest = synthetic_shards(Path(tmp) / "shards", args.synthetic_images, (w, h))
+        if args.graphs:
+            graphs_only(args)
+            return 0
         workers = ["dali-cpu", "reference"] + (["dali-gpu"] if torch.cuda.is_available() else [])
         results: dict[str, list[dict]] = {k: [] for k in workers}
         for r in range(args.rounds):
