@@ -23,6 +23,7 @@ Views arrive normalised, float [B, 3, S, S] (float16 with `fp16=True`), on the G
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import threading
@@ -234,26 +235,20 @@ class SLIPLoader:
             try:
                 outs = self._pipe.run()
                 return outs, self._in_flight.popleft()
-            except StopIteration:
-                raise
-            except Exception as e:   # DALI reports a failed decode as a generic RuntimeError
-                batch = self._in_flight[0] if self._in_flight else None
-                found = self._find_undecodable(batch) if batch is not None else {}
+            except Exception:   # DALI reports a failed decode as a generic RuntimeError
+                found = self._find_undecodable(self._in_flight[0]) if self._in_flight else {}
                 if not found:
                     raise
                 self._known_bad.update(found)
                 self._pipe = None   # a failed DALI pipeline is not reusable; restart at this batch
-                del e
         raise RuntimeError("DALI kept failing on the same batch")
 
     def _to_torch(self, tl) -> torch.Tensor:
         """Zero copy: the dynamic executor hands out fresh buffers that live as long as the tensor."""
         from nvidia.dali.backend import TensorListGPU
-        t = tl.as_tensor()   # dense: every view has the same size
-        if isinstance(tl, TensorListGPU):
-            with self.torch_device:
-                return torch.from_dlpack(t)
-        return torch.from_dlpack(t)
+        on_gpu = isinstance(tl, TensorListGPU)
+        with self.torch_device if on_gpu else contextlib.nullcontext():
+            return torch.from_dlpack(tl.as_tensor())    # dense: every view has the same size
 
     # ------------------------------------------------------------------ iteration
 
@@ -293,9 +288,9 @@ class SLIPLoader:
         if not same:
             old_steps = max(1, (state["num_samples"] // state["world_size"]) // state["batch_size"])
             step = min(self.steps_per_epoch - 1, step * self.steps_per_epoch // old_steps) if self.steps_per_epoch else 0
-            warnings.warn(f"loader state from a different run shape ({ {k: state.get(k) for k in ('seed', 'num_samples', 'batch_size', 'world_size')} }); "
-                          f"restarting at epoch {epoch}, batch {step} of {self.steps_per_epoch}: the data order "
-                          "does not continue exactly")
+            shape = {k: state.get(k) for k in ("seed", "num_samples", "batch_size", "world_size")}
+            warnings.warn(f"loader state from a different run shape {shape}; restarting at epoch {epoch}, batch "
+                          f"{step} of {self.steps_per_epoch}: the data order does not continue exactly")
         self.epoch, self.step = epoch, step
         self.bad_samples = int(state.get("bad_samples", 0))
         self.bad_reasons = collections.Counter(state.get("bad_reasons", {}))

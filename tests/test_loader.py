@@ -172,3 +172,15 @@ def test_gpu_graph_matches_the_cpu_graph(manifest):
     for k in ("clip_image", "ssl_image_1", "ssl_image_2"):
         diff = (gpu[k].cpu() - cpu[k]).abs()
         assert diff.mean() < 0.05, (k, diff.mean())    # normalised units: about 3 grey levels
+
+
+def test_resume_with_another_run_shape_keeps_the_epoch_fraction_and_warns(manifest):
+    a = loader(manifest, batch_size=4)            # 12 batches an epoch
+    it = iter(a)
+    for _ in range(6):
+        next(it)
+    b = loader(manifest, batch_size=8)            # 6 batches an epoch
+    with pytest.warns(UserWarning, match="does not continue exactly"):
+        b.load_state_dict(a.state_dict())
+    assert (b.epoch, b.step) == (0, 3)
+    assert len(list(b)) == 3
