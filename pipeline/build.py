@@ -36,7 +36,6 @@ via fsspec). Example, on the Spark driver:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -56,6 +55,7 @@ from tqdm import tqdm
 from pipeline.captions import clean_caption, join_caption, truncate
 from pipeline.manifest import Manifest, ShardEntry, save_manifest
 from pipeline.metadata import InputError, ScanStats, SubsetIds, read_metadata
+from pipeline.shards import file_sha256, write_index
 
 MIRROR_TEMPLATE = "https://multimedia-commons.s3-us-west-2.amazonaws.com/data/images/{hash[0:3]}/{hash[3:6]}/{hash}.jpg"
 ALLOWED_PREFIXES = ("http://", "https://")   # never file://, ftp://, data:...
@@ -346,28 +346,6 @@ def failure_reason(message: str) -> str:
     return "other"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_index(tar: Path) -> Path:
-    """DALI's wds2idx index beside the tar (skipped when an index newer than the tar exists)."""
-    idx = tar.with_suffix(".idx")
-    if idx.exists() and idx.stat().st_mtime >= tar.stat().st_mtime:
-        return idx
-    from wds2idx import IndexCreator   # ships with the nvidia-dali wheel
-    tmp = tar.with_name(f".{tar.stem}.idx.tmp")
-    creator = IndexCreator(str(tar), str(tmp), verbose=False)
-    creator.create_index()
-    creator.close()
-    tmp.replace(idx)
-    return idx
-
-
 def finalize_stage(cfg: BuildConfig, select_stats: dict, download_info: dict) -> Manifest:
     shards, dl, status, errors = [], Counter(), Counter(), Counter()
     files = _stats_files(cfg.shard_dir)
@@ -388,7 +366,7 @@ def finalize_stage(cfg: BuildConfig, select_stats: dict, download_info: dict) ->
         tar = cfg.shard_dir / f"{sid}.tar"
         idx = write_index(tar)
         shards.append(ShardEntry(path=tar.name, samples=s["successes"], bytes=tar.stat().st_size,
-                                 sha256=_sha256(tar), index=idx.name))
+                                 sha256=file_sha256(tar), index=idx.name))
     failures = Counter()
     for msg, n in errors.items():
         failures[failure_reason(msg)] += n

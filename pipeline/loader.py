@@ -26,7 +26,6 @@ import collections
 import contextlib
 import io
 import json
-import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -203,13 +202,11 @@ class SLIPLoader:
         """(Re)build the DALI pipeline, feeding from the consumer's position."""
         self._feed_pos = (self.epoch, self.step)
         self._in_flight: collections.deque[_Batch] = collections.deque()
-        self._lock = threading.Lock()
 
-        def source():
-            with self._lock:
-                batch = self.make_batch(*self._feed_pos)
-                self._feed_pos = self._next_position(*self._feed_pos)
-                self._in_flight.append(batch)
+        def source():   # DALI calls it from run(), in this thread, once per batch it prefetches
+            batch = self.make_batch(*self._feed_pos)
+            self._feed_pos = self._next_position(*self._feed_pos)
+            self._in_flight.append(batch)
             return batch.inputs
 
         self._pipe = build_pipeline(self.recipe, source, self.batch_size, num_threads=self.num_threads,

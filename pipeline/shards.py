@@ -8,6 +8,8 @@ sample: 0.6 GB for YFCC15M), never a Python object per sample.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import tarfile
 from dataclasses import dataclass
@@ -127,15 +129,32 @@ class SampleReader:
             pass
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_index(tar: Path) -> Path:
+    """DALI's wds2idx index beside the tar (skipped when an index newer than the tar exists)."""
+    idx = tar.with_suffix(".idx")
+    if idx.exists() and idx.stat().st_mtime >= tar.stat().st_mtime:
+        return idx
+    from wds2idx import IndexCreator   # ships with the nvidia-dali wheel
+    tmp = tar.with_name(f".{tar.stem}.idx.tmp")
+    creator = IndexCreator(str(tar), str(tmp), verbose=False)
+    creator.create_index()
+    creator.close()
+    tmp.replace(idx)
+    return idx
+
+
 def write_shard_set(out: Path, samples: list[dict], per_shard: int, name: str = "shards", index: bool = True) -> Path:
     """Write samples (dicts of extension -> bytes or str; None leaves a component out) as
     img2dataset-style tars, DALI indexes and a manifest; returns the manifest path. For tests,
     benchmarks and previews: real builds go through pipeline/build.py."""
-    import hashlib
-    import io
-    import subprocess
-    import sys
-
     from pipeline.manifest import ShardEntry, save_manifest
     out.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -150,15 +169,9 @@ def write_shard_set(out: Path, samples: list[dict], per_shard: int, name: str = 
                     info = tarfile.TarInfo(f"{k:06d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-        idx = None
-        if index:
-            idx = tar_path.with_suffix(".idx")
-            wds2idx = Path(sys.executable).parent / "wds2idx"
-            subprocess.run([str(wds2idx) if wds2idx.exists() else "wds2idx", str(tar_path), str(idx)],
-                           check=True, capture_output=True)
+        idx = write_index(tar_path) if index else None
         entries.append(ShardEntry(path=tar_path.name, samples=len(samples[s:s + per_shard]),
-                                  bytes=tar_path.stat().st_size,
-                                  sha256=hashlib.sha256(tar_path.read_bytes()).hexdigest(),
+                                  bytes=tar_path.stat().st_size, sha256=file_sha256(tar_path),
                                   index=idx.name if idx else None))
     manifest = out / "manifest.json"
     save_manifest(Manifest(name, str(out), entries), manifest)

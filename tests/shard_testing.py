@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.shards import write_shard_set
+from pipeline.shards import write_shard_set as write_shards  # noqa: F401  (re-exported for the tests)
 
 
 def encode(array: np.ndarray, fmt: str = "JPEG", quality: int = 95) -> bytes:
@@ -27,10 +26,6 @@ def coordinate_image(w: int, h: int) -> np.ndarray:
     img[..., 1] = y[:, None]
     img[..., 2] = 128
     return np.rint(img)
-
-
-def write_shards(out: Path, samples: list[dict], per_shard: int, name: str = "test", index: bool = True) -> Path:
-    return write_shard_set(out, samples, per_shard, name, index)
 
 
 def chars(captions, context_length=77) -> torch.Tensor:

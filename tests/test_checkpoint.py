@@ -1,5 +1,4 @@
 """Atomic checkpoints: an interrupted write keeps the previous checkpoint; pruning; validated loads."""
-import os
 import random
 import subprocess
 import sys

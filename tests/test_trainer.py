@@ -8,7 +8,6 @@ gloo DDP (torchrun subprocesses):
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -52,30 +51,15 @@ def _image(color, shape: int, size: int = 96) -> bytes:
 
 def make_shards(out: Path, shards: int = 2, per_shard: int = 16) -> Path:
     """32 distinct (image, caption) pairs as img2dataset-style webdataset shards + DALI indexes + manifest."""
-    import webdataset as wds
-    from pipeline.manifest import Manifest, ShardEntry
-    out.mkdir(parents=True, exist_ok=True)
-    entries, i = [], 0
-    names = list(COLORS)
-    for s in range(shards):
-        tar = out / f"{s:05d}.tar"
-        with wds.TarWriter(str(tar)) as w:
-            for _ in range(per_shard):
-                color, shape = names[i % 4], SHAPES[i // 4 % 8]
-                caption = f"a {color} {shape}"
-                key = f"{s:05d}{i:04d}"
-                w.write({"__key__": key, "jpg": _image(COLORS[color], i // 4 % 8), "txt": caption,
-                         "json": json.dumps({"key": key, "photoid": i, "caption": caption, "title": caption,
-                                             "description": f"{caption} on grey", "status": "success"})})
-                i += 1
-        idx = tar.with_suffix(".idx")
-        subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(idx)], check=True,
-                       capture_output=True)
-        entries.append(ShardEntry(path=tar.name, samples=per_shard, bytes=tar.stat().st_size,
-                                  sha256=hashlib.sha256(tar.read_bytes()).hexdigest(), index=idx.name))
-    manifest = out / "manifest.json"
-    manifest.write_text(json.dumps(Manifest("tiny", str(out), entries).to_dict(), indent=1))
-    return manifest
+    from pipeline.shards import write_shard_set
+    names, samples = list(COLORS), []
+    for i in range(shards * per_shard):
+        color, shape = names[i % 4], SHAPES[i // 4 % 8]
+        caption = f"a {color} {shape}"
+        samples.append({"jpg": _image(COLORS[color], i // 4 % 8), "txt": caption,
+                        "json": json.dumps({"photoid": i, "caption": caption, "title": caption,
+                                            "description": f"{caption} on grey", "status": "success"})})
+    return write_shard_set(out, samples, per_shard, name="tiny")
 
 
 def _free_port() -> int:

@@ -1,5 +1,4 @@
 """AdamW groups (SPEC no-weight-decay rule) and the warmup + per-iteration cosine schedule."""
-import math
 
 import pytest
 import torch

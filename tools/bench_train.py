@@ -23,14 +23,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from trainer.config import RunConfig, load_config
 from trainer.loop import Components, Trainer
 from trainer.models import Attention, build_model
 from trainer.objectives import build_objective
 from trainer.optim import WarmupCosine, build_optimizer
-from trainer.run import PEAK_BF16_FLOPS, peak_flops
+from trainer.run import peak_flops
 
 
 def eager_attention(self: Attention, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ objective as one batch of k*b; it only saves memory at the cost of fewer negativ
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import time
