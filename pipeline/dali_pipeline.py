@@ -24,23 +24,7 @@ from typing import Callable
 from nvidia.dali import fn, pipeline_def, types
 
 from pipeline.recipe import AugmentationRecipe
-
-# The external source's outputs, in order.
-BASE_INPUTS = ("encoded", "text", "index")
-CLIP_INPUTS = ("roi_start", "roi_end")
-SSL_INPUTS = ("roi_start", "roi_end", "color", "blur_h", "blur_v")
-
-
-def input_names(recipe: AugmentationRecipe) -> list[str]:
-    names = list(BASE_INPUTS) + [f"clip_{n}" for n in CLIP_INPUTS]
-    for v in range(1, recipe.num_ssl_views + 1):
-        names += [f"ssl{v}_{n}" for n in SSL_INPUTS]
-    return names
-
-
-def output_names(recipe: AugmentationRecipe) -> list[str]:
-    return ["clip_image"] + [f"ssl_image_{v}" for v in range(1, recipe.num_ssl_views + 1)] + ["text", "index"]
-
+from pipeline.view_params import input_names
 
 def _view(image, p: dict, recipe: AugmentationRecipe, ssl: bool, dtype):
     size = recipe.image_size

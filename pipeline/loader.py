@@ -18,7 +18,9 @@ With a different world size or batch size the order cannot continue exactly; `lo
 then restarts at the same epoch and the same fraction of it, and says so.
 
 Views arrive normalised, float [B, 3, S, S] (float16 with `fp16=True`), on the GPU for
-`device="gpu"`.
+`device="gpu"`. `backend` picks what augments: the DALI graph (pipeline/dali_pipeline.py, CPU or
+GPU) or pillow-simd (pipeline/pillow_pipeline.py, CPU only, the faster of the two there). Both
+take the same batches and draws, so everything above holds for either.
 """
 from __future__ import annotations
 
@@ -34,13 +36,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.dali_pipeline import build_pipeline, input_names, output_names
 from pipeline.manifest import Manifest
 from pipeline.recipe import AugmentationRecipe
 from pipeline.shards import SampleReader, build_sample_table
-from pipeline.view_params import blur_kernels, color_matrix, sample_view
+from pipeline.view_params import blur_kernels, color_matrix, input_names, output_names, sample_view
 
 CAPTION_MODES = ("random", "reference", "title", "description", "txt")
+BACKENDS = ("dali", "pillow")     # pipeline/dali_pipeline.py (CPU or GPU), pipeline/pillow_pipeline.py (CPU)
 DECODABLE = {"JPEG", "PNG", "WEBP", "BMP", "TIFF"}
 MAX_REPLACEMENT_TRIES = 64
 
@@ -60,7 +62,12 @@ class SLIPLoader:
     def __init__(self, manifest: Manifest, recipe: AugmentationRecipe, batch_size: int, tokenizer: Callable,
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2, device: str = "cpu",
                  device_id: int | None = None, caption_mode: str = "random", prefetch: int = 2,
-                 context_length: int = 77, max_image_pixels: int = 40_000_000, fp16: bool = False):
+                 context_length: int = 77, max_image_pixels: int = 40_000_000, fp16: bool = False,
+                 backend: str = "dali"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if backend == "pillow" and device != "cpu":
+            raise ValueError("the pillow backend runs on the CPU; use backend='dali' for device='gpu'")
         if caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode {caption_mode!r}: choose one of {', '.join(CAPTION_MODES)}")
         if not 0 <= rank < world_size:
@@ -69,7 +76,7 @@ class SLIPLoader:
         self.tokenizer, self.rank, self.world_size, self.seed = tokenizer, rank, world_size, seed
         self.num_threads, self.device, self.device_id = num_threads, device, device_id
         self.caption_mode, self.prefetch, self.context_length = caption_mode, prefetch, context_length
-        self.max_image_pixels, self.fp16 = max_image_pixels, fp16
+        self.max_image_pixels, self.fp16, self.backend = max_image_pixels, fp16, backend
         self.table = build_sample_table(manifest)
         self.reader = SampleReader(self.table)
         self.num_samples = len(self.table)
@@ -199,19 +206,25 @@ class SLIPLoader:
     # ------------------------------------------------------------------ DALI
 
     def _start(self) -> None:
-        """(Re)build the DALI pipeline, feeding from the consumer's position."""
+        """(Re)build the augmentation pipeline, feeding from the consumer's position."""
         self._feed_pos = (self.epoch, self.step)
         self._in_flight: collections.deque[_Batch] = collections.deque()
 
-        def source():   # DALI calls it from run(), in this thread, once per batch it prefetches
+        def feed() -> _Batch:   # called from run(), in this thread, once per batch the pipeline prefetches
             batch = self.make_batch(*self._feed_pos)
             self._feed_pos = self._next_position(*self._feed_pos)
             self._in_flight.append(batch)
-            return batch.inputs
+            return batch
 
-        self._pipe = build_pipeline(self.recipe, source, self.batch_size, num_threads=self.num_threads,
-                                    device=self.device, device_id=self.device_id, prefetch=self.prefetch,
-                                    fp16=self.fp16)
+        if self.backend == "pillow":
+            from pipeline.pillow_pipeline import PillowPipeline
+            self._pipe = PillowPipeline(self.recipe, feed, num_threads=self.num_threads, prefetch=self.prefetch,
+                                        fp16=self.fp16)
+        else:
+            from pipeline.dali_pipeline import build_pipeline
+            self._pipe = build_pipeline(self.recipe, lambda: feed().inputs, self.batch_size,
+                                        num_threads=self.num_threads, device=self.device,
+                                        device_id=self.device_id, prefetch=self.prefetch, fp16=self.fp16)
         self._outputs = output_names(self.recipe)
 
     def _find_undecodable(self, batch: _Batch) -> dict[int, str]:
@@ -232,16 +245,18 @@ class SLIPLoader:
             try:
                 outs = self._pipe.run()
                 return outs, self._in_flight.popleft()
-            except Exception:   # DALI reports a failed decode as a generic RuntimeError
+            except Exception:   # DALI reports a failed decode as a generic RuntimeError, PIL as its own
                 found = self._find_undecodable(self._in_flight[0]) if self._in_flight else {}
                 if not found:
                     raise
                 self._known_bad.update(found)
-                self._pipe = None   # a failed DALI pipeline is not reusable; restart at this batch
-        raise RuntimeError("DALI kept failing on the same batch")
+                self._pipe = None   # a failed pipeline is not reusable; restart at this batch
+        raise RuntimeError("the augmentation pipeline kept failing on the same batch")
 
     def _to_torch(self, tl) -> torch.Tensor:
         """Zero copy: the dynamic executor hands out fresh buffers that live as long as the tensor."""
+        if isinstance(tl, torch.Tensor):   # the pillow backend
+            return tl
         from nvidia.dali.backend import TensorListGPU
         on_gpu = isinstance(tl, TensorListGPU)
         with self.torch_device if on_gpu else contextlib.nullcontext():

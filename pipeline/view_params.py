@@ -153,3 +153,20 @@ def sample_view(rng: np.random.Generator, heights: np.ndarray, widths: np.ndarra
                       hue=f32(np.where(jitter, hue, 0.0)),
                       blur_sigma=f32(np.where(blur, sigma, 0.0)),
                       flip=flip, jitter=jitter, gray=gray)
+
+
+# The layout of one fed batch (the DALI external source's outputs, in order) and of the outputs.
+BASE_INPUTS = ("encoded", "text", "index")
+CLIP_INPUTS = ("roi_start", "roi_end")
+SSL_INPUTS = ("roi_start", "roi_end", "color", "blur_h", "blur_v")
+
+
+def input_names(recipe: AugmentationRecipe) -> list[str]:
+    names = list(BASE_INPUTS) + [f"clip_{n}" for n in CLIP_INPUTS]
+    for v in range(1, recipe.num_ssl_views + 1):
+        names += [f"ssl{v}_{n}" for n in SSL_INPUTS]
+    return names
+
+
+def output_names(recipe: AugmentationRecipe) -> list[str]:
+    return ["clip_image"] + [f"ssl_image_{v}" for v in range(1, recipe.num_ssl_views + 1)] + ["text", "index"]

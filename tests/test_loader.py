@@ -43,12 +43,17 @@ def loader(m, **kw):
     return SLIPLoader(m, kw.pop("recipe", RECIPE), kw.pop("batch_size"), chars, **kw)
 
 
+# Both augmentation paths take the same batches from the loader; what the loader guarantees holds for each.
+both_backends = pytest.mark.parametrize("backend", ["dali", "pillow"])
+
+
 def epoch_batches(ld) -> list[dict]:
     return list(ld)
 
 
-def test_two_ranks_see_every_sample_once_with_equal_batches(manifest):
-    ranks = [loader(manifest, rank=r, world_size=2) for r in range(2)]
+@both_backends
+def test_two_ranks_see_every_sample_once_with_equal_batches(manifest, backend):
+    ranks = [loader(manifest, rank=r, world_size=2, backend=backend) for r in range(2)]
     assert ranks[0].steps_per_epoch == ranks[1].steps_per_epoch == COUNT // 2 // 4
     seen = []
     for ld in ranks:
@@ -56,14 +61,15 @@ def test_two_ranks_see_every_sample_once_with_equal_batches(manifest):
         assert len(batches) == ld.steps_per_epoch
         for b in batches:
             assert b["clip_image"].shape == (4, 3, 32, 32) and b["text"].shape == (4, 77)
-            # the text that came through DALI belongs to the image index that came with it
+            # the text that came through the pipeline belongs to the image index that came with it
             for idx, row in zip(b["index"].tolist(), b["text"]):
                 assert untokenize(row) in (f"title {idx}", f"description {idx}")
             seen += b["index"].tolist()
     assert sorted(seen) == list(range(COUNT))
     # the next epoch is a different order
     again = [i for b in epoch_batches(ranks[0]) for i in b["index"].tolist()]
-    first = [i for b in epoch_batches(loader(manifest, rank=0, world_size=2)) for i in b["index"].tolist()]
+    first = [i for b in epoch_batches(loader(manifest, rank=0, world_size=2, backend=backend))
+             for i in b["index"].tolist()]
     assert again != first and ranks[0].epoch == 2
 
 
@@ -75,25 +81,27 @@ def test_uneven_split_drops_the_remainder_differently_each_epoch(manifest):
     assert len(e0) == len(e1) == 15 and e0 != e1
 
 
-def test_fixed_seed_reproduces_a_batch_bit_for_bit(manifest):
-    a, b = next(iter(loader(manifest))), next(iter(loader(manifest)))
+@both_backends
+def test_fixed_seed_reproduces_a_batch_bit_for_bit(manifest, backend):
+    a, b = next(iter(loader(manifest, backend=backend))), next(iter(loader(manifest, backend=backend, num_threads=2)))
     for k in ("clip_image", "ssl_image_1", "ssl_image_2", "text", "index"):
         assert torch.equal(a[k], b[k]), k
-    c = next(iter(loader(manifest, seed=1)))
+    c = next(iter(loader(manifest, seed=1, backend=backend)))
     assert not torch.equal(a["clip_image"], c["clip_image"])
     assert not torch.equal(a["ssl_image_1"], a["ssl_image_2"])
 
 
-def test_resume_continues_the_stream_exactly(manifest):
+@both_backends
+def test_resume_continues_the_stream_exactly(manifest, backend):
     k = 5    # crosses the epoch boundary: 12 batches an epoch
-    ref = loader(manifest)
+    ref = loader(manifest, backend=backend)
     stream = [b for _ in range(2) for b in ref]
-    stopped = loader(manifest)
+    stopped = loader(manifest, backend=backend)
     it = iter(stopped)
     for _ in range(k):
         next(it)
     state = json.loads(json.dumps(stopped.state_dict()))    # survives a checkpoint round trip
-    resumed = loader(manifest)
+    resumed = loader(manifest, backend=backend)
     resumed.load_state_dict(state)
     rest = [b for b in resumed] + [b for b in resumed]
     assert len(rest) == len(stream) - k
@@ -114,21 +122,22 @@ def test_captions_follow_the_mode(manifest):
         loader(manifest, caption_mode="sometimes")
 
 
-def test_bad_samples_are_skipped_counted_and_training_goes_on(tmp_path):
+@both_backends
+def test_bad_samples_are_skipped_counted_and_training_goes_on(tmp_path, backend):
     good = [caption_sample(image(i), f"title {i}") for i in range(20)]
     jpeg = encode(image(99))
     noise = encode(np.random.default_rng(0).integers(0, 255, (200, 200, 3)))
     bad = [
         {"jpg": b"<html>not found</html>", "txt": "html body"},                # not an image
         {"jpg": jpeg[:40], "txt": "cut in the header"},                        # truncated header
-        {"jpg": noise[:len(noise) // 2], "txt": "cut mid-scan"},                # header fine, DALI fails
+        {"jpg": noise[:len(noise) // 2], "txt": "cut mid-scan"},                # header fine, decoding fails
         {"jpg": encode(image(5)), "txt": "", "json": "{}"},                    # no caption anywhere
         {"txt": "image missing"},                                              # no image at all
         {"jpg": jpeg[:2] + bytes(200) + jpeg[202:], "txt": "zeroed header"},   # header garbage
     ]
     samples = good[:10] + bad + good[10:]
     m = load_manifest(write_shards(tmp_path, samples, per_shard=13))
-    ld = loader(m, batch_size=13)
+    ld = loader(m, batch_size=13, backend=backend)
     batches = epoch_batches(ld)
     assert len(batches) == 2 and all(b["clip_image"].shape[0] == 13 for b in batches)
     used = [i for b in batches for i in b["index"].tolist()]
@@ -155,8 +164,9 @@ def test_manifest_and_shards_must_agree(tmp_path, manifest):
         build_sample_table(load_manifest(tmp_path / "b" / "manifest.json"))
 
 
-def test_clip_only_recipe_has_no_ssl_views(manifest):
-    b = next(iter(loader(manifest, recipe=dataclasses.replace(RECIPE, num_ssl_views=0))))
+@both_backends
+def test_clip_only_recipe_has_no_ssl_views(manifest, backend):
+    b = next(iter(loader(manifest, recipe=dataclasses.replace(RECIPE, num_ssl_views=0), backend=backend)))
     assert "ssl_image_1" not in b and b["clip_image"].shape == (4, 3, 32, 32)
 
 
@@ -172,6 +182,26 @@ def test_gpu_graph_matches_the_cpu_graph(manifest):
     for k in ("clip_image", "ssl_image_1", "ssl_image_2"):
         diff = (gpu[k].cpu() - cpu[k]).abs()
         assert diff.mean() < 0.05, (k, diff.mean())    # normalised units: about 3 grey levels
+
+
+def test_pillow_backend_is_cpu_only_and_backends_are_checked(manifest):
+    with pytest.raises(ValueError, match="pillow backend runs on the CPU"):
+        loader(manifest, backend="pillow", device="gpu", device_id=0)
+    with pytest.raises(ValueError, match="backend"):
+        loader(manifest, backend="opencv")
+
+
+def test_pillow_output_memory_is_reused_only_after_release(manifest):
+    """Recycled output buffers never overwrite a batch the consumer still holds."""
+    ld = loader(manifest, backend="pillow", prefetch=1)
+    held = [b["clip_image"][:2] for b in ld]          # views of every batch, kept
+    kept = [h.clone() for h in held]
+    fresh = [b["clip_image"] for b in loader(manifest, backend="pillow", prefetch=1)]
+    assert all(torch.equal(h, k) and torch.equal(h, f[:2]) for h, k, f in zip(held, kept, fresh))
+    assert len({h.data_ptr() for h in held}) == len(held)
+    # once released, memory is reused: a long epoch needs only a few buffers
+    ptrs = {b["clip_image"].data_ptr() for b in loader(manifest, backend="pillow", prefetch=1)}
+    assert len(ptrs) < len(held)
 
 
 def test_resume_with_another_run_shape_keeps_the_epoch_fraction_and_warns(manifest):

@@ -73,7 +73,7 @@ def naive_graph(recipe, source, batch_size: int, num_threads: int):
     operators, `color_twist`, `hsv` for grey and `gaussian_blur` under conditionals."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from pipeline.dali_pipeline import input_names
+    from pipeline.view_params import input_names
     names, size = input_names(recipe), [recipe.image_size] * 2
     norm = dict(dtype=types.FLOAT, output_layout="CHW", mean=[255 * m for m in recipe.mean],
                 std=[255 * s for s in recipe.std])
