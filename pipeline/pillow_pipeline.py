@@ -10,7 +10,8 @@ same samples, captions and per-view draws of pipeline/view_params.py. Per image:
 - decode once; where every view of the image is a downscale by 2x or more, let libjpeg decode at
   reduced size (`Image.draft`: DCT scaling, resolution-aware decoding);
 - per view one `resize` with a `box`: crop and bilinear antialiased resize in one pass, as the
-  reference's RandomResizedCrop; a mirrored window is flipped afterwards (`transpose`);
+  reference's RandomResizedCrop (with `recipe.antialias=False`, plain bilinear sampling of the
+  window through `transform`); a mirrored window is flipped afterwards (`transpose`);
 - jitter and grayscale as one `convert("RGB", matrix)`: the same 3x4 affine matrix the DALI graph
   applies, rounded and clipped to 0-255 once;
 - blur with `GaussianBlur(radius=sigma)`, the reference's own blur (an extended-box approximation
@@ -94,7 +95,11 @@ class PillowPipeline:
         img = img.convert("RGB")
         fx, fy = img.size[0] / w, img.size[1] / h
         for (x0, y0, x1, y1), (_, _, color, sigma), out in zip(boxes, views, images):
-            view = img.resize((s, s), Image.BILINEAR, box=(min(x0, x1) * fx, y0 * fy, max(x0, x1) * fx, y1 * fy))
+            box = (min(x0, x1) * fx, y0 * fy, max(x0, x1) * fx, y1 * fy)
+            if self.recipe.antialias:
+                view = img.resize((s, s), Image.BILINEAR, box=box)
+            else:      # plain bilinear sampling of the window, as DALI's resize with antialias off
+                view = img.transform((s, s), Image.Transform.EXTENT, box, Image.BILINEAR)
             if color is not None and not np.array_equal(color[i], IDENTITY):
                 view = view.convert("RGB", tuple(color[i].ravel().tolist()))
             if sigma[i] > 0:

@@ -273,3 +273,36 @@ def test_pillow_and_dali_paths_give_the_same_views(coord_shards, board_shards):
     assert np.abs(d - p).mean() < 4.0
     d_std, p_std = d.std(axis=(1, 2, 3)), p.std(axis=(1, 2, 3))
     assert (np.abs(d_std - p_std) < 0.1 * d_std + 3).all(), np.c_[d_std, p_std]
+    # antialias off: both sample the window plainly, and a 2x downscale of the board aliases
+    shrink = dataclasses.replace(BOARD_RECIPE, clip_scale=(0.8, 1.0))
+    plain = dataclasses.replace(shrink, antialias=False)
+    dali, _ = run_views(board_shards, plain, steps=1)
+    pil, _ = run_views(board_shards, plain, steps=1, backend="pillow")
+    smooth, _ = run_views(board_shards, shrink, steps=1, backend="pillow")
+    assert np.abs(dali[0]["clip_image"] - pil[0]["clip_image"]).mean() < 0.5
+    assert pil[0]["clip_image"].std() > 1.15 * smooth[0]["clip_image"].std()
+
+
+def test_pillow_decodes_big_jpegs_at_reduced_size_without_moving_the_views(tmp_path, monkeypatch):
+    """Where every view of an image shrinks by 2x or more, libjpeg decodes at 1/2, 1/4 or 1/8 size
+    (Image.draft); the views still show the drawn windows, as the full-size decode of DALI does."""
+    from PIL import JpegImagePlugin
+    drafts = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = original(self, mode, size)
+        drafts.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    big = encode(coordinate_image(640, 480), "JPEG")
+    samples = [{"jpg": big, "txt": f"big {i}"} for i in range(32)]
+    m = load_manifest(write_shards(tmp_path, samples, per_shard=32))
+    recipe = dataclasses.replace(RECIPE, image_size=S, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+    pil, _ = run_views(m, recipe, steps=1, backend="pillow")
+    reduced = [size for size in drafts if size[0] < 640 and size[1] < 480]
+    assert len(reduced) >= 16, drafts          # most images decoded at a fraction of their size
+    dali, _ = run_views(m, recipe, steps=1)
+    for k in ("clip_image", "ssl_image_1", "ssl_image_2"):
+        assert np.abs(dali[0][k] - pil[0][k]).mean() < 3.0, k

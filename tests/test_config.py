@@ -63,6 +63,10 @@ def test_yaml_error_names_file_and_line(tmp_path):
 def test_cross_section_check():
     with pytest.raises(ConfigError, match="image_size"):
         load_config(None, ["model.preset=vit_tiny"])  # recipe still at 224
+    with pytest.raises(ConfigError, match="backend=pillow"):
+        load_config(None, ["data.backend=pillow", "data.device=gpu"])
+    with pytest.raises(ConfigError, match="backend"):
+        load_config(None, ["data.backend=opencv"])
 
 
 def test_round_trip(tmp_path):

@@ -38,11 +38,13 @@ def test_pipeline_benchmark_reports_a_ratio(tmp_path):
                            "--image-size", "32", "--threads", "1", "--warmup", "1", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "DALI CPU vs reference" in proc.stdout
+    assert "dali-cpu vs reference" in proc.stdout and "pillow vs reference" in proc.stdout
     result = json.loads(out.read_text())
-    for name in ("dali-cpu", "reference"):
+    for name in ("pillow", "dali-cpu", "reference"):
         assert result["median"][name]["images_per_s"] > 0
-    assert result["wall_ratio"] > 0 and result["per_core_ratio"] > 0
+    for name in ("pillow", "dali-cpu"):
+        ratios = result["ratios"][name]
+        assert ratios["wall_ratio"] > 0 and ratios["per_core_ratio"] > 0
 
 
 def test_graph_benchmark_compares_with_the_naive_graph():

@@ -91,13 +91,9 @@ def timed_steps(trainer: Trainer, batch: dict, n: int) -> list[float]:
 
 
 def end_to_end(cfg: RunConfig, trainer: Trainer, device: torch.device, steps: int, warmup: int) -> dict:
-    from pipeline.loader import SLIPLoader
     from pipeline.manifest import load_manifest
-    from pipeline.tokenizer import Tokenizer
-    data_device = cfg.data.device if cfg.data.device != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    loader = SLIPLoader(load_manifest(cfg.data.manifest), cfg.data.recipe, cfg.data.batch_size, Tokenizer(),
-                        seed=cfg.train.seed, num_threads=cfg.data.num_threads, device=data_device,
-                        device_id=device.index if data_device == "gpu" else None, caption_mode=cfg.data.caption_mode)
+    from trainer.run import build_loader
+    loader = build_loader(cfg, load_manifest(cfg.data.manifest), device)
     stream = _endless(loader)
     for _ in range(warmup):
         trainer.train_step([_to(next(stream), device)])

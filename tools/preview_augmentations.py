@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     manifest = load_manifest(args.manifest)
     n = min(args.num_samples, manifest.total_samples)
     tokenizer = Tokenizer()
-    loader = SLIPLoader(manifest, recipe, n, tokenizer, seed=seed, num_threads=2, caption_mode=cfg.data.caption_mode)
+    loader = SLIPLoader(manifest, recipe, n, tokenizer, seed=seed, num_threads=2, caption_mode=cfg.data.caption_mode,
+                        backend=cfg.data.backend)     # the views of the path that will train
     batch = next(iter(loader))
     params = loader.make_batch(0, 0).views       # the draws behind this very batch
     views = ["clip_image"] + [f"ssl_image_{v}" for v in range(1, recipe.num_ssl_views + 1)]

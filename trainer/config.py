@@ -27,6 +27,9 @@ class DataConfig:
     batch_size: int = 64               # per rank and per micro-batch
     num_threads: int = 4               # DALI CPU threads per rank
     device: Literal["auto", "cpu", "gpu"] = "auto"   # where DALI augments; auto = gpu when CUDA is up
+    # what augments: the DALI graph (CPU or GPU) or pillow-simd (CPU only: the faster CPU path,
+    # tools/bench_pipeline.py; its batches are copied to the GPU by the trainer)
+    backend: Literal["dali", "pillow"] = "dali"
     caption_mode: str = "random"       # title or description picked at random, as the reference
     recipe: AugmentationRecipe = field(default_factory=AugmentationRecipe)
 
@@ -297,6 +300,8 @@ def check_consistency(cfg: RunConfig) -> None:
                           f"model.image_size={cfg.model.image_size}")
     if cfg.objective.name in ("simclr", "slip") and cfg.data.recipe.num_ssl_views != 2:
         raise ConfigError(f"objective {cfg.objective.name} needs data.recipe.num_ssl_views=2")
+    if cfg.data.backend == "pillow" and cfg.data.device == "gpu":
+        raise ConfigError("data.backend=pillow augments on the CPU: set data.device to cpu or auto")
     if cfg.optim.accum_steps < 1 or cfg.data.batch_size < 1:
         raise ConfigError("data.batch_size and optim.accum_steps must be >= 1")
     if cfg.train.log_every < 1:

@@ -82,10 +82,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(cfg: RunConfig) -> Trainer:
+def build_loader(cfg: RunConfig, manifest, device: torch.device, rank: int = 0, world: int = 1) -> SLIPLoader:
+    """This rank's loader; DALI augments on the training device unless told otherwise."""
     from pipeline.loader import SLIPLoader
-    from pipeline.manifest import load_manifest
     from pipeline.tokenizer import Tokenizer
+    data_device = cfg.data.device
+    if data_device == "auto":
+        data_device = "gpu" if device.type == "cuda" and cfg.data.backend == "dali" else "cpu"
+    return SLIPLoader(manifest, cfg.data.recipe, cfg.data.batch_size, Tokenizer(), rank=rank, world_size=world,
+                      seed=cfg.train.seed, num_threads=cfg.data.num_threads, device=data_device,
+                      device_id=device.index if data_device == "gpu" else None,
+                      caption_mode=cfg.data.caption_mode, backend=cfg.data.backend)
+
+
+def build(cfg: RunConfig) -> Trainer:
+    from pipeline.manifest import load_manifest
     from trainer.models import build_model
     from trainer.objectives import build_objective
 
@@ -112,14 +123,8 @@ def build(cfg: RunConfig) -> Trainer:
     objective = build_objective(cfg.objective)
     seed_everything(cfg.train.seed * 1000 + rank)   # per-rank streams from here on
 
-    data_device = cfg.data.device
-    if data_device == "auto":
-        data_device = "gpu" if device.type == "cuda" else "cpu"
     manifest = load_manifest(cfg.data.manifest)
-    loader = SLIPLoader(manifest, cfg.data.recipe, cfg.data.batch_size, Tokenizer(), rank=rank,
-                        world_size=world, seed=cfg.train.seed, num_threads=cfg.data.num_threads,
-                        device=data_device, device_id=local if data_device == "gpu" else None,
-                        caption_mode=cfg.data.caption_mode)
+    loader = build_loader(cfg, manifest, device, rank, world)
     accum = cfg.optim.accum_steps
     steps_per_epoch = loader.steps_per_epoch // accum
     if steps_per_epoch < 1:
