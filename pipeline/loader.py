@@ -1,4 +1,4 @@
-"""DALI -> PyTorch batches: rank sharding, seeded epochs, exact resume, bad samples skipped.
+"""Batches -> DALI (or pillow) -> PyTorch: rank sharding, seeded epochs, exact resume, bad samples skipped.
 
 What is guaranteed (same manifest, batch size, world size and seed):
 - An epoch is a seeded permutation of every sample in the manifest, new each epoch. Rank r takes

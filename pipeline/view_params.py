@@ -15,7 +15,8 @@ Semantics follow torchvision, as used by the SLIP reference:
 
 Colour and blur reach DALI in the form its fastest operators take (see `color_matrix` and
 `blur_kernels`): jitter and grayscale become one 3x4 affine colour matrix per sample, the blur
-two 1-D Gaussian kernels. Where this differs from torchvision, by choice:
+two 1-D Gaussian kernels. The pillow path (pipeline/pillow_pipeline.py) applies the same matrix,
+and blurs with the sample's sigma. Where this differs from torchvision, by choice:
 - the four jitter operations compose in the fixed order brightness, contrast, saturation, hue
   (torchvision draws a random order) and clip to [0, 255] once, at the end;
 - contrast pivots on mid-grey (128, as DALI's own colour operators) instead of the image's mean
