@@ -75,9 +75,9 @@ class PillowPipeline:
     def _submit(self, batch) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Future]]:
         r, b = self.recipe, len(batch.indices)
         fed = dict(zip(self.names, batch.inputs))
-        prefixes = ["clip"] + [f"ssl{v}" for v in range(1, r.num_ssl_views + 1)]
-        views = [(fed[f"{p}_roi_start"], fed[f"{p}_roi_end"], fed.get(f"{p}_color"), params.blur_sigma)
-                 for p, params in zip(prefixes, batch.views.values())]
+        prefixes = {"clip_image": "clip", **{f"ssl_image_{v}": f"ssl{v}" for v in range(1, r.num_ssl_views + 1)}}
+        views = [(fed[f"{p}_roi_start"], fed[f"{p}_roi_end"], fed.get(f"{p}_color"), batch.views[name].blur_sigma)
+                 for name, p in prefixes.items()]
         images = [self.buffers.take((b, 3, r.image_size, r.image_size)) for _ in views]
         futures = [self.pool.submit(self._augment, fed["encoded"][i], i, views, images) for i in range(b)]
         return images, [torch.from_numpy(fed["text"]), torch.from_numpy(fed["index"])], futures

@@ -165,6 +165,15 @@ def test_manifest_and_shards_must_agree(tmp_path, manifest):
 
 
 @both_backends
+def test_fp16_views_are_the_fp32_views_rounded(manifest, backend):
+    full = next(iter(loader(manifest, backend=backend)))
+    half = next(iter(loader(manifest, backend=backend, fp16=True)))
+    for k in ("clip_image", "ssl_image_1", "ssl_image_2"):
+        assert half[k].dtype == torch.float16
+        assert torch.allclose(half[k].float(), full[k], atol=2e-3, rtol=1e-3), k
+
+
+@both_backends
 def test_clip_only_recipe_has_no_ssl_views(manifest, backend):
     b = next(iter(loader(manifest, recipe=dataclasses.replace(RECIPE, num_ssl_views=0), backend=backend)))
     assert "ssl_image_1" not in b and b["clip_image"].shape == (4, 3, 32, 32)
