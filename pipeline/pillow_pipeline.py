@@ -1,9 +1,10 @@
 """The recipe on pillow-simd: the CPU path that needs no DALI, and the fastest one on a CPU.
 
-DALI's CPU operators are written for correctness, not speed: at 224 px one antialiased crop-resize
-costs about 1.7 ms and one colour matrix about 1.2 ms, where pillow-simd's SIMD kernels take about
-0.2 ms each (tools/bench_pipeline.py measures both paths against the reference). On a machine
-without a GPU this path therefore feeds training; on a GPU the DALI graph does.
+On a CPU, DALI's operators are slow at this work: at 224 px one antialiased crop-resize costs
+about 1.7 ms and one colour matrix about 1.2 ms, where pillow-simd's SIMD kernels take about
+0.2 ms each (tools/bench_pipeline.py measures both paths against the reference). So on a machine
+without a GPU, pick this path (`backend="pillow"`, `data.backend=pillow`); on a GPU the DALI graph
+is the one to use.
 
 It is driven by exactly what drives the DALI graph: the batches of pipeline/loader.py, with the
 same samples, captions and per-view draws of pipeline/view_params.py. Per image:
