@@ -203,7 +203,7 @@ class SLIPLoader:
         step += 1
         return (epoch + 1, 0) if step >= self.steps_per_epoch else (epoch, step)
 
-    # ------------------------------------------------------------------ DALI
+    # ------------------------------------------------------------------ the augmentation pipeline
 
     def _start(self) -> None:
         """(Re)build the augmentation pipeline, feeding from the consumer's position."""
@@ -254,8 +254,9 @@ class SLIPLoader:
         raise RuntimeError("the augmentation pipeline kept failing on the same batch")
 
     def _to_torch(self, tl) -> torch.Tensor:
-        """Zero copy: the dynamic executor hands out fresh buffers that live as long as the tensor."""
-        if isinstance(tl, torch.Tensor):   # the pillow backend
+        """DALI outputs without a copy (the dynamic executor hands out fresh buffers that live as long
+        as the tensor); the pillow path's outputs are tensors already."""
+        if isinstance(tl, torch.Tensor):
             return tl
         from nvidia.dali.backend import TensorListGPU
         on_gpu = isinstance(tl, TensorListGPU)
