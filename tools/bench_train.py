@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         if cfg.data.manifest and Path(cfg.data.manifest).exists():
             e2e = end_to_end(cfg, ours, device, a.steps * a.rounds, a.warmup)
             print(f"end-to-end ours:    {e2e['steps_per_s']:7.3f} steps/s  {e2e['images_per_s']:8.1f} images/s  "
-                  f"data-wait {100 * e2e['data_wait']:.1f}%  (DALI {cfg.data.num_threads} threads, "
+                  f"data-wait {100 * e2e['data_wait']:.1f}%  ({cfg.data.backend} {cfg.data.num_threads} threads, "
                   f"{e2e['bad_samples']} bad samples)")
         else:
             print(f"end-to-end skipped: data.manifest {cfg.data.manifest!r} not found")
