@@ -62,9 +62,10 @@ class PillowPipeline:
             self.in_flight.append(self._submit(self.feed()))
         images, rest, futures = self.in_flight.popleft()
         for f in futures:
-            if f.exception() is not None:
+            error = f.exception()     # waits for the sample
+            if error is not None:
                 self.close()
-                raise f.exception()
+                raise error
         if self.fp16:
             images = [im.half() for im in images]
         return images + rest

@@ -30,7 +30,8 @@ class AugmentationRecipe:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     # Antialiased downscaling in the crop resize, as PIL's bilinear resize in the reference.
-    # False is faster on the CPU (tools/bench_pipeline.py) at the price of aliasing on downscales.
+    # False makes the DALI CPU graph faster at the price of aliasing on downscales, and the pillow
+    # path slower (PIL samples without antialiasing only through its generic `transform`).
     antialias: bool = True
     # Evaluation transform: Resize(eval_resize) + CenterCrop(image_size).
     eval_resize: int | None = None  # None -> image_size (zero-shot); linear probe uses 256/224 ratio

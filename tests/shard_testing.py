@@ -5,6 +5,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -40,3 +41,7 @@ def chars(captions, context_length=77) -> torch.Tensor:
 def caption_sample(img: np.ndarray, title: str, description: str = "", **extra) -> dict:
     meta = {"title": title, "description": description, "caption": title, **extra}
     return {"jpg": encode(img), "txt": title, "json": json.dumps(meta)}
+
+
+# Both augmentation paths take the same batches from the loader; tests of what they share run on each.
+both_backends = pytest.mark.parametrize("backend", ["dali", "pillow"])

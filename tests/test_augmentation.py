@@ -14,7 +14,7 @@ from pipeline.loader import SLIPLoader
 from pipeline.manifest import load_manifest
 from pipeline.recipe import AugmentationRecipe
 from pipeline.view_params import blur_kernels, color_matrix, input_names, random_resized_crop, sample_view
-from shard_testing import chars, coordinate_image, encode, write_shards
+from shard_testing import both_backends, chars, coordinate_image, encode, write_shards
 
 N = 4000
 RECIPE = AugmentationRecipe()
@@ -143,9 +143,6 @@ def coord_shards(tmp_path_factory):
     img = encode(coordinate_image(W, H), "PNG")   # lossless: pixel values are exact coordinates
     samples = [{"png": img, "txt": f"sample {i}", "json": '{"title": "sample %d"}' % i} for i in range(64)]
     return load_manifest(write_shards(tmp_path_factory.mktemp("coord"), samples, per_shard=32))
-
-
-both_backends = pytest.mark.parametrize("backend", ["dali", "pillow"])
 
 
 def run_views(manifest, recipe, steps: int = 2, batch: int = 32, seed: int = 0, backend: str = "dali"):

@@ -12,7 +12,7 @@ from pipeline.loader import SLIPLoader
 from pipeline.manifest import load_manifest
 from pipeline.recipe import AugmentationRecipe
 from pipeline.shards import ShardError, build_sample_table
-from shard_testing import caption_sample, chars, encode, write_shards
+from shard_testing import both_backends, caption_sample, chars, encode, write_shards
 
 RECIPE = AugmentationRecipe(image_size=32)
 COUNT = 48
@@ -41,10 +41,6 @@ def manifest(tmp_path_factory):
 def loader(m, **kw):
     kw = {"batch_size": 4, "rank": 0, "world_size": 1, "seed": 0, "num_threads": 1, **kw}
     return SLIPLoader(m, kw.pop("recipe", RECIPE), kw.pop("batch_size"), chars, **kw)
-
-
-# Both augmentation paths take the same batches from the loader; what the loader guarantees holds for each.
-both_backends = pytest.mark.parametrize("backend", ["dali", "pillow"])
 
 
 def epoch_batches(ld) -> list[dict]:

@@ -177,6 +177,7 @@ def build_report(cfg: DemoConfig, out: Path, runs: dict, evals: dict, timings: d
                                                           zs_any["num_images"])
     targets["slip_vs_clip_probe_z"] = two_proportion_z(slip["linear_probe_top1"], clip["linear_probe_top1"],
                                                        zs_any["num_images"])
+    targets["probe_margin_needed"], targets["probe_z_needed"] = cfg.probe_margin, cfg.probe_min_z
     targets["slip_probe_clearly_above_random"] = (targets["slip_probe_margin_over_random"] >= cfg.probe_margin
                                                   and targets["slip_probe_margin_z"] >= cfg.probe_min_z)
     targets["met"] = targets["slip_zeroshot_ge_3x_chance"] and targets["slip_probe_clearly_above_random"]
@@ -223,7 +224,8 @@ def report_markdown(report: dict) -> str:
         f"Targets: SLIP zero-shot >= 3x chance: {ok(t['slip_zeroshot_ge_3x_chance'])} "
         f"(CLIP: {ok(t['clip_zeroshot_ge_3x_chance'])}); SLIP linear probe over random encoder: "
         f"{t['slip_probe_margin_over_random']:+.1f} points, z = {t['slip_probe_margin_z']:.1f} "
-        f"({ok(t['slip_probe_clearly_above_random'])}: needs >= 5 points and z >= 2.33, p < 0.01 one-sided).",
+        f"({ok(t['slip_probe_clearly_above_random'])}: needs >= {t['probe_margin_needed']:g} points and "
+        f"z >= {t['probe_z_needed']:g}, one-sided).",
         f"Retrieval: chance R@1 is {100 / max(1, t['num_eval_images']):.2f}%; captions name the class, not the instance, "
         f"so about {t['num_eval_images'] // max(1, t['num_classes'])} images fit each caption equally and R@1 stays low.",
         f"SLIP vs CLIP (same data, steps, model): zero-shot {s['zeroshot_top1'] - c['zeroshot_top1']:+.1f} "
