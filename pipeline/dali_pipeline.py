@@ -9,7 +9,7 @@ the sample index and each view's random parameters (pipeline/view_params.py). DA
 draws no random numbers of its own, which makes the views reproducible and resumable.
 
 Per view the graph runs as few full-image passes as the recipe allows (measured by
-tools/bench_pipeline.py; `gaussian_blur` and `color_twist` cost several times more on the CPU):
+tools/bench/bench_pipeline.py; `gaussian_blur` and `color_twist` cost several times more on the CPU):
 - `resize` with a relative ROI is crop + resize + (mirrored ROI) horizontal flip in one pass;
 - `coord_transform` applies jitter and grayscale as one affine colour matrix, clipped to uint8;
 - two `filter` passes with 1-D kernels are the separable Gaussian blur (a 1-tap identity kernel

@@ -2,7 +2,7 @@
 
 On a CPU, DALI's operators are slow at this work: at 224 px one antialiased crop-resize costs
 about 1.7 ms and one colour matrix about 1.2 ms, where pillow-simd's SIMD kernels take about
-0.2 ms each (tools/bench_pipeline.py measures both paths against the reference). So on a machine
+0.2 ms each (tools/bench/bench_pipeline.py measures both paths against the reference). So on a machine
 without a GPU, pick this path (`backend="pillow"`, `data.backend=pillow`); on a GPU the DALI graph
 is the one to use.
 

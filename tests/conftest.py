@@ -109,7 +109,7 @@ def make_fixture(root: Path, server_factory) -> Fixture:
 
 @pytest.fixture(scope="session")
 def image_server(tmp_path_factory):
-    from pipeline.http_server import ImageServer
+    from demokit.http_server import ImageServer
     servers = []
 
     def factory(root):

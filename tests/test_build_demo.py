@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.demo_data import CLASSNAMES, COLORS, SHAPES, draw
+from demokit.data import CLASSNAMES, COLORS, SHAPES, draw
 from pipeline.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,7 +33,7 @@ def test_preview_sheets_show_every_view(tmp_path):
 
 def test_pipeline_benchmark_reports_a_ratio(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "tools/bench_pipeline.py", "--synthetic-images", "32",
+    proc = subprocess.run([sys.executable, "tools/bench/bench_pipeline.py", "--synthetic-images", "32",
                            "--synthetic-size", "96x72", "--images", "32", "--rounds", "1", "--batch-size", "8",
                            "--image-size", "32", "--threads", "1", "--warmup", "1", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -48,7 +48,7 @@ def test_pipeline_benchmark_reports_a_ratio(tmp_path):
 
 
 def test_graph_benchmark_compares_with_the_naive_graph():
-    proc = subprocess.run([sys.executable, "tools/bench_pipeline.py", "--graphs", "--synthetic-images", "16",
+    proc = subprocess.run([sys.executable, "tools/bench/bench_pipeline.py", "--graphs", "--synthetic-images", "16",
                            "--synthetic-size", "96x72", "--images", "16", "--rounds", "1", "--batch-size", "8",
                            "--image-size", "32", "--threads", "1", "--warmup", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -1,5 +1,5 @@
 """The CLIP tokenizer against ids produced once by the real OpenCLIP tokenizer (tests/fixtures, made by
-tools/make_tokenizer_fixture.py), plus the layout, truncation, decoding and packaging contracts."""
+tools/fixtures/make_tokenizer_fixture.py), plus the layout, truncation, decoding and packaging contracts."""
 from __future__ import annotations
 
 import hashlib

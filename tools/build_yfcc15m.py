@@ -63,8 +63,8 @@ def config_from_args(a: argparse.Namespace, **fixed) -> BuildConfig:
 
 
 def run_demo(a: argparse.Namespace):
-    from pipeline.demo_data import DemoConfig, demo_url_template, generate
-    from pipeline.http_server import ImageServer
+    from demokit.data import DemoConfig, demo_url_template, generate
+    from demokit.http_server import ImageServer
     meta, subset = generate(DemoConfig(out=a.out, samples=a.demo_samples, eval_per_class=a.demo_eval_per_class,
                                        seed=a.demo_seed))
     port_file = a.out / "source" / "server_port"

@@ -28,7 +28,7 @@ class DataConfig:
     num_threads: int = 4               # DALI CPU threads per rank
     device: Literal["auto", "cpu", "gpu"] = "auto"   # where DALI augments; auto = gpu when CUDA is up
     # what augments: the DALI graph (CPU or GPU) or pillow-simd (CPU only: the faster CPU path,
-    # tools/bench_pipeline.py; its batches are copied to the GPU by the trainer)
+    # tools/bench/bench_pipeline.py; its batches are copied to the GPU by the trainer)
     backend: Literal["dali", "pillow"] = "dali"
     caption_mode: str = "random"       # title or description picked at random, as the reference
     recipe: AugmentationRecipe = field(default_factory=AugmentationRecipe)

@@ -1,7 +1,7 @@
 """Metadata scan speed and peak memory of the builder's select stage (no download).
 
-    python tools/make_fake_metadata.py --rows 1000000 --out /tmp/fake
-    python tools/bench_metadata_scan.py --metadata /tmp/fake/yfcc100m_dataset.tsv \\
+    python tools/fixtures/make_fake_metadata.py --rows 1000000 --out /tmp/fake
+    python tools/bench/bench_metadata_scan.py --metadata /tmp/fake/yfcc100m_dataset.tsv \\
         --subset /tmp/fake/yfcc100m_subset_data.tsv --out /tmp/fake/build
 
 Prints rows/s of the full select stage (subset load, parse, filter, caption cleaning, parquet

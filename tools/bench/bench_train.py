@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput: steps/s, images/s, data-wait share, MFU (GPU), and a reference baseline.
 
-    python tools/bench_train.py --config trainer/configs/demo_slip.yaml [key=value ...] [--steps 10]
+    python tools/bench/bench_train.py --config trainer/configs/demo_slip.yaml [key=value ...] [--steps 10]
 
 Two measurements in the same process:
 1. Compute: the trainer's own train step (optimizer included) on fixed in-memory batches, against a

@@ -1,6 +1,6 @@
 """Throughput of batch tokenisation (captions/s) with a cold and a warm word cache, and its share of a step.
 
-    python tools/bench_tokenizer.py --captions 4000 --batch 256 --step-time 0.5
+    python tools/bench/bench_tokenizer.py --captions 4000 --batch 256 --step-time 0.5
 
 Captions are generated here, YFCC-like as they sit in the shards (pipeline/captions.py has already
 removed URLs and tags and fixed entities): camera file names and short titles, sentences, long
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 COMMON = ("the a of and in on at with my our to from by for is was this that photo picture view old new "
           "beautiful little big red blue green white black light night day morning evening summer winter "

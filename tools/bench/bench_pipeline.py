@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """3-view images/s of our DALI loader against the SLIP reference data path, on the same shards.
 
-    python tools/bench_pipeline.py                       # synthetic 500x375 JPEG shards, 2 cores
-    python tools/bench_pipeline.py --manifest demo_run/data/shards/manifest.json --image-size 64
-    python tools/bench_pipeline.py --graphs     # graph only: our DALI graph vs a naive DALI graph
+    python tools/bench/bench_pipeline.py                       # synthetic 500x375 JPEG shards, 2 cores
+    python tools/bench/bench_pipeline.py --manifest demo_run/data/shards/manifest.json --image-size 64
+    python tools/bench/bench_pipeline.py --graphs     # graph only: our DALI graph vs a naive DALI graph
 
 Every pipeline delivers what training consumes: a CLIP view and two SimCLR views per image,
 normalised float tensors, and tokenised captions. The reference is PIL + torchvision-style
-transforms in DataLoader workers (pipeline/reference_pipeline.py); ours is pipeline/loader.py with
+transforms in DataLoader workers (tools/bench/reference_pipeline.py); ours is pipeline/loader.py with
 each of its two CPU paths: the DALI graph on the CPU ("dali-cpu") and pillow-simd ("pillow").
 Each runs in its own process, in turn, for several rounds (this machine is noisy), and reports
 wall-clock images/s and images per CPU-second (all threads and worker processes counted). On a
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
@@ -154,7 +154,7 @@ def run_worker(args) -> dict:
                                  antialias=not args.no_antialias)
     tokenizer = Tokenizer()
     if args.worker == "reference":
-        from pipeline.reference_pipeline import reference_loader
+        from reference_pipeline import reference_loader
         loader = reference_loader(manifest, recipe, args.batch_size, tokenizer, num_workers=args.threads)
     else:
         from pipeline.loader import SLIPLoader

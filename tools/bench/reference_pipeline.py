@@ -5,7 +5,7 @@ workers. torchvision does not install beside the pinned torch here, so its PIL c
 reproduced operation for operation (RandomResizedCrop = crop + bilinear resize; ColorJitter =
 ImageEnhance brightness / contrast / colour and an HSV hue shift in random order; grayscale via
 "L"; MoCo's GaussianBlur = PIL's GaussianBlur(radius=sigma); ToTensor; Normalize). It reads the
-same webdataset shards as our loader, so tools/bench_pipeline.py compares like with like.
+same webdataset shards as our loader, so tools/bench/bench_pipeline.py compares like with like.
 """
 from __future__ import annotations
 
