@@ -55,7 +55,8 @@ from tqdm import tqdm
 from pipeline.captions import clean_caption, join_caption, truncate
 from pipeline.manifest import Manifest, ShardEntry, save_manifest
 from pipeline.metadata import InputError, ScanStats, SubsetIds, read_metadata
-from pipeline.shards import file_sha256, write_index
+from pipeline.files import write_json_atomic
+from pipeline.shards import file_sha256, iter_tar_samples, write_index
 
 MIRROR_TEMPLATE = "https://multimedia-commons.s3-us-west-2.amazonaws.com/data/images/{hash[0:3]}/{hash[3:6]}/{hash}.jpg"
 ALLOWED_PREFIXES = ("http://", "https://")   # never file://, ftp://, data:...
@@ -143,13 +144,6 @@ def sampled(photoid: int, fraction: float) -> bool:
     return fraction >= 1.0 or ((photoid * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) < fraction * 2 ** 64
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------- stage 1: select -> parquet parts
 
 def select_stage(cfg: BuildConfig) -> dict:
@@ -218,7 +212,7 @@ def select_stage(cfg: BuildConfig) -> dict:
         scan.examples["missing_from_metadata"] = [f"{cfg.subset}: photo id {i}" for i in missing[:5]]
     stats = {**scan.to_dict(), "selected": kept, "parquet_parts": parts, "scan_complete": complete,
              "select_seconds": round(time.time() - t0, 2)}
-    _write_json(marker, {"fingerprint": fingerprint, "stats": stats})
+    write_json_atomic(marker, {"fingerprint": fingerprint, "stats": stats}, indent=1)
     return stats
 
 
@@ -229,10 +223,10 @@ def _stats_files(shard_dir: Path) -> list[Path]:
 
 
 def _tar_samples(tar: Path) -> int | None:
-    """Number of .jpg members of a complete tar, None if the tar is truncated or unreadable."""
+    """Number of samples with a .jpg in a complete tar, None if the tar is truncated or unreadable."""
     try:
         with tarfile.open(tar) as t:
-            return sum(1 for m in t if m.name.endswith(".jpg"))
+            return sum(1 for _, parts in iter_tar_samples(t) if "jpg" in parts)
     except (tarfile.TarError, OSError, EOFError):
         return None
 
@@ -322,7 +316,7 @@ def download_stage(cfg: BuildConfig, selected: int) -> dict:
     if left or len(_stats_files(cfg.shard_dir)) != expected:
         raise RuntimeError(f"{cfg.shard_dir}: img2dataset finished {len(_stats_files(cfg.shard_dir))} of "
                            f"{expected} shards ({left} incomplete); rerun the same command to resume")
-    _write_json(marker, {"shards": expected})
+    write_json_atomic(marker, {"shards": expected}, indent=1)
     return {"shards_redone": redone, "skipped": False}
 
 

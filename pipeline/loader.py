@@ -1,4 +1,4 @@
-"""Batches -> DALI (or pillow) -> PyTorch: rank sharding, seeded epochs, exact resume, bad samples skipped.
+"""Plans -> augmenter (DALI or pillow) -> PyTorch: rank sharding, seeded epochs, exact resume, bad samples skipped.
 
 What is guaranteed (same manifest, batch size, world size and seed):
 - An epoch is a seeded permutation of every sample in the manifest, new each epoch. Rank r takes
@@ -17,45 +17,42 @@ What is guaranteed (same manifest, batch size, world size and seed):
 With a different world size or batch size the order cannot continue exactly; `load_state_dict`
 then restarts at the same epoch and the same fraction of it, and says so.
 
-Views arrive normalised, float [B, 3, S, S] (float16 with `fp16=True`), on the GPU for
-`device="gpu"`. `backend` picks what augments: the DALI graph (pipeline/dali_pipeline.py, CPU or
-GPU) or pillow-simd (pipeline/pillow_pipeline.py, CPU only, the faster of the two there). Both
-take the same batches and draws, so everything above holds for either.
+The loader plans, retries and converts; it never touches pixels. `make_batch(epoch, step)` is the
+plan of a batch (pipeline/plan.py: samples, encoded images, tokens, every view's draws), a pure
+function. An augmenter chosen by `backend` (pipeline/augment.py: the DALI graph on CPU or GPU, or
+pillow-simd on the CPU, the faster of the two there) turns plans into views; when it reports
+samples it cannot decode (`BadSampleError`), the loader replaces them and restarts it at the same
+batch. Views arrive normalised, float [B, 3, S, S] (float16 with `fp16=True`), on the GPU for
+`device="gpu"`; either path gives the same batches and draws, so everything above holds for both.
+
+Each yielded batch is a dict: the views by name ("clip_image", "ssl_image_1", ...), "text" (int64
+[B, context_length]), "index" (int64 [B] global sample indices), "bad_samples" (samples replaced
+in it), and "label" (int64 [B]) when the plans carry labels. `batch_transform`, if given, is applied
+to that dict last, on the training device: the place for batch-level operations that mix samples
+(mixup, cutmix, random erasing in finetuning).
 """
 from __future__ import annotations
 
 import collections
-import contextlib
 import io
 import json
 import warnings
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.augment import Augmenter, BadSampleError, check_backend, make_augmenter
 from pipeline.manifest import Manifest
+from pipeline.plan import BatchPlan
 from pipeline.recipe import AugmentationRecipe
 from pipeline.shards import SampleReader, build_sample_table
-from pipeline.view_params import blur_kernels, color_matrix, input_names, output_names, sample_view
+from pipeline.view_params import sample_views
 
 CAPTION_MODES = ("random", "reference", "title", "description", "txt")
-BACKENDS = ("dali", "pillow")     # pipeline/dali_pipeline.py (CPU or GPU), pipeline/pillow_pipeline.py (CPU)
 DECODABLE = {"JPEG", "PNG", "WEBP", "BMP", "TIFF"}
 MAX_REPLACEMENT_TRIES = 64
-
-
-@dataclass
-class _Batch:
-    """What the feeder hands DALI for one batch, plus what the consumer needs to account for it."""
-    epoch: int
-    step: int
-    inputs: tuple
-    indices: np.ndarray
-    views: dict = field(default_factory=dict)     # name -> ViewParams (previews, tests)
-    bad: collections.Counter = field(default_factory=collections.Counter)
 
 
 class SLIPLoader:
@@ -63,11 +60,8 @@ class SLIPLoader:
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2, device: str = "cpu",
                  device_id: int | None = None, caption_mode: str = "random", prefetch: int = 2,
                  context_length: int = 77, max_image_pixels: int = 40_000_000, fp16: bool = False,
-                 backend: str = "dali"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if backend == "pillow" and device != "cpu":
-            raise ValueError("the pillow backend runs on the CPU; use backend='dali' for device='gpu'")
+                 backend: str = "dali", batch_transform: Callable[[dict], dict] | None = None):
+        check_backend(backend, device)
         if caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode {caption_mode!r}: choose one of {', '.join(CAPTION_MODES)}")
         if not 0 <= rank < world_size:
@@ -77,6 +71,7 @@ class SLIPLoader:
         self.num_threads, self.device, self.device_id = num_threads, device, device_id
         self.caption_mode, self.prefetch, self.context_length = caption_mode, prefetch, context_length
         self.max_image_pixels, self.fp16, self.backend = max_image_pixels, fp16, backend
+        self.batch_transform = batch_transform
         self.table = build_sample_table(manifest)
         self.reader = SampleReader(self.table)
         self.num_samples = len(self.table)
@@ -86,10 +81,9 @@ class SLIPLoader:
         self.epoch, self.step = 0, 0
         self.bad_samples = 0
         self.bad_reasons: collections.Counter = collections.Counter()
-        self._known_bad: dict[int, str] = {}     # found only by a failed DALI decode
+        self._known_bad: dict[int, str] = {}     # found only by a failed decode in the augmenter
         self._orders: dict[int, np.ndarray] = {}
-        self._pipe = None
-        self.torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
+        self._augmenter: Augmenter | None = None
 
     # ------------------------------------------------------------------ sample order
 
@@ -103,7 +97,7 @@ class SLIPLoader:
             self._orders[epoch] = order
         return order
 
-    # ------------------------------------------------------------------ the feeder
+    # ------------------------------------------------------------------ planning
 
     def _check_image(self, i: int) -> tuple[bytes | None, tuple[int, int] | str]:
         """Encoded bytes and (height, width), or None and the reason it is unusable."""
@@ -161,13 +155,13 @@ class SLIPLoader:
             return "no_caption"
         return data, info, caption
 
-    def make_batch(self, epoch: int, step: int) -> _Batch:
-        """Batch `step` of `epoch` for this rank: a pure function of its arguments and the data."""
+    def make_batch(self, epoch: int, step: int) -> BatchPlan:
+        """The plan of batch `step` of `epoch` for this rank: a pure function of its arguments and the data."""
         b, order = self.batch_size, self.epoch_order(epoch)
         rng = np.random.default_rng([self.seed, epoch, self.rank, step])
         caption_u = rng.random(b)
         indices = order[step * b:(step + 1) * b].copy()
-        encoded, heights, widths, captions = [], np.empty(b, np.int64), np.empty(b, np.int64), []
+        encoded, sizes, captions = [], np.empty((b, 2), np.int64), []
         bad: collections.Counter = collections.Counter()
         for slot in range(b):
             got = self._sample(int(indices[slot]), caption_u[slot])
@@ -182,86 +176,56 @@ class SLIPLoader:
                 sub = np.random.default_rng([self.seed, epoch, self.rank, step, slot, tries])
                 indices[slot] = order[sub.integers(len(order))]
                 got = self._sample(int(indices[slot]), caption_u[slot])
-            data, (heights[slot], widths[slot]), caption = got
+            data, sizes[slot], caption = got
             encoded.append(np.frombuffer(data, np.uint8))
             captions.append(caption)
         tokens = self.tokenizer(captions, context_length=self.context_length)
         tokens = np.asarray(tokens.numpy() if torch.is_tensor(tokens) else tokens, dtype=np.int64)
-        values = {"encoded": encoded, "text": tokens, "index": indices.reshape(b, 1).astype(np.int64)}
-        views = {"clip_image": sample_view(rng, heights, widths, self.recipe, ssl=False)}
-        values["clip_roi_start"], values["clip_roi_end"] = views["clip_image"].roi_start, views["clip_image"].roi_end
-        for v in range(1, self.recipe.num_ssl_views + 1):
-            p = views[f"ssl_image_{v}"] = sample_view(rng, heights, widths, self.recipe, ssl=True)
-            values[f"ssl{v}_roi_start"], values[f"ssl{v}_roi_end"] = p.roi_start, p.roi_end
-            values[f"ssl{v}_color"] = color_matrix(p)
-            kernels = blur_kernels(p.blur_sigma)
-            values[f"ssl{v}_blur_h"] = [k.reshape(1, -1) for k in kernels]
-            values[f"ssl{v}_blur_v"] = [k.reshape(-1, 1) for k in kernels]
-        return _Batch(epoch, step, tuple(values[n] for n in input_names(self.recipe)), indices, views, bad)
+        views = sample_views(rng, sizes[:, 0], sizes[:, 1], self.recipe)
+        return BatchPlan(epoch, step, indices, encoded, sizes, tokens, views, bad=bad)
 
     def _next_position(self, epoch: int, step: int) -> tuple[int, int]:
         step += 1
         return (epoch + 1, 0) if step >= self.steps_per_epoch else (epoch, step)
 
-    # ------------------------------------------------------------------ the augmentation pipeline
+    # ------------------------------------------------------------------ augmentation
 
-    def _start(self) -> None:
-        """(Re)build the augmentation pipeline, feeding from the consumer's position."""
-        self._feed_pos = (self.epoch, self.step)
-        self._in_flight: collections.deque[_Batch] = collections.deque()
+    def _plans(self) -> Callable[[], BatchPlan]:
+        """The plans from the consumer's position on, one per call, for the augmenter to pull."""
+        position = (self.epoch, self.step)
 
-        def feed() -> _Batch:   # called from run(), in this thread, once per batch the pipeline prefetches
-            batch = self.make_batch(*self._feed_pos)
-            self._feed_pos = self._next_position(*self._feed_pos)
-            self._in_flight.append(batch)
-            return batch
+        def next_plan() -> BatchPlan:
+            nonlocal position
+            plan = self.make_batch(*position)
+            position = self._next_position(*position)
+            return plan
+        return next_plan
 
-        if self.backend == "pillow":
-            from pipeline.pillow_pipeline import PillowPipeline
-            self._pipe = PillowPipeline(self.recipe, feed, num_threads=self.num_threads, prefetch=self.prefetch,
-                                        fp16=self.fp16)
-        else:
-            from pipeline.dali_pipeline import build_pipeline
-            self._pipe = build_pipeline(self.recipe, lambda: feed().inputs, self.batch_size,
-                                        num_threads=self.num_threads, device=self.device,
-                                        device_id=self.device_id, prefetch=self.prefetch, fp16=self.fp16)
-        self._outputs = output_names(self.recipe)
+    def _stop(self) -> None:
+        if self._augmenter is not None:
+            self._augmenter.close()
+            self._augmenter = None
 
-    def _find_undecodable(self, batch: _Batch) -> dict[int, str]:
-        """After DALI failed on a batch: which of its images does a full decode reject?"""
-        found = {}
-        for i in batch.indices.tolist():
-            data = self.reader.image(i)
-            try:
-                Image.open(io.BytesIO(data)).convert("RGB")
-            except Exception:
-                found[i] = "corrupt_image"
-        return found
-
-    def _run(self) -> tuple[list, _Batch]:
+    def _run(self) -> tuple[dict, BatchPlan]:
         for _ in range(MAX_REPLACEMENT_TRIES):
-            if self._pipe is None:
-                self._start()
+            if self._augmenter is None:
+                self._augmenter = make_augmenter(
+                    self.backend, self.recipe, self._plans(), self.batch_size, num_threads=self.num_threads,
+                    device=self.device, device_id=self.device_id, prefetch=self.prefetch, fp16=self.fp16)
             try:
-                outs = self._pipe.run()
-                return outs, self._in_flight.popleft()
-            except Exception:   # DALI reports a failed decode as a generic RuntimeError, PIL as its own
-                found = self._find_undecodable(self._in_flight[0]) if self._in_flight else {}
-                if not found:
-                    raise
-                self._known_bad.update(found)
-                self._pipe = None   # a failed pipeline is not reusable; restart at this batch
-        raise RuntimeError("the augmentation pipeline kept failing on the same batch")
+                return self._augmenter.run()
+            except BadSampleError as e:
+                self._known_bad.update(e.samples)
+                self._stop()      # a failed augmenter is not reusable; restart at this batch
+        raise RuntimeError("the augmenter kept failing on the same batch")
 
-    def _to_torch(self, tl) -> torch.Tensor:
+    @staticmethod
+    def _to_torch(view) -> torch.Tensor:
         """DALI outputs without a copy (the dynamic executor hands out fresh buffers that live as long
-        as the tensor); the pillow path's outputs are tensors already."""
-        if isinstance(tl, torch.Tensor):
-            return tl
-        from nvidia.dali.backend import TensorListGPU
-        on_gpu = isinstance(tl, TensorListGPU)
-        with self.torch_device if on_gpu else contextlib.nullcontext():
-            return torch.from_dlpack(tl.as_tensor())    # dense: every view has the same size
+        as the tensor, on the device they were made on); the pillow path's outputs are tensors already."""
+        if isinstance(view, torch.Tensor):
+            return view
+        return torch.from_dlpack(view.as_tensor())    # dense: every view has the same size
 
     # ------------------------------------------------------------------ iteration
 
@@ -275,18 +239,19 @@ class SLIPLoader:
                              f"batch of {self.batch_size} on each of {self.world_size} ranks")
         epoch = self.epoch
         while self.epoch == epoch:
-            outs, batch = self._run()
-            assert (batch.epoch, batch.step) == (self.epoch, self.step), "feeder and consumer out of step"
-            named = dict(zip(self._outputs, outs))
-            out = {name: self._to_torch(named[name]) for name in self._outputs if "image" in name}
-            out["text"] = self._to_torch(named["text"])     # stays on the CPU side of the graph
-            out["index"] = torch.from_numpy(batch.indices.copy())
-            bad = sum(batch.bad.values())
+            views, plan = self._run()
+            assert (plan.epoch, plan.step) == (self.epoch, self.step), "planner and consumer out of step"
+            out = {name: self._to_torch(views[name]) for name in self._augmenter.output_names}
+            out["text"] = torch.from_numpy(plan.tokens)
+            out["index"] = torch.from_numpy(plan.indices.copy())
+            if plan.labels is not None:
+                out["label"] = torch.from_numpy(plan.labels)
+            bad = sum(plan.bad.values())
             out["bad_samples"] = bad
             self.bad_samples += bad
-            self.bad_reasons.update(batch.bad)
+            self.bad_reasons.update(plan.bad)
             self.epoch, self.step = self._next_position(self.epoch, self.step)
-            yield out
+            yield self.batch_transform(out) if self.batch_transform is not None else out
 
     # ------------------------------------------------------------------ resume
 
@@ -307,4 +272,4 @@ class SLIPLoader:
         self.epoch, self.step = epoch, step
         self.bad_samples = int(state.get("bad_samples", 0))
         self.bad_reasons = collections.Counter(state.get("bad_reasons", {}))
-        self._pipe = None    # restart the feed at the restored position
+        self._stop()    # restart the plans at the restored position

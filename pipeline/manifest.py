@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.files import write_json_atomic
+
 
 @dataclass
 class ShardEntry:
@@ -69,11 +71,6 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 def save_manifest(manifest: Manifest, *paths: str | Path) -> None:
-    """Write the manifest json atomically (temp file + rename) to every path given."""
-    text = json.dumps(manifest.to_dict(), indent=1, sort_keys=False) + "\n"
+    """Write the manifest json atomically to every path given."""
     for path in paths:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_json_atomic(path, manifest.to_dict(), indent=1)

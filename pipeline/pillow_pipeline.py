@@ -1,13 +1,12 @@
-"""The recipe on pillow-simd: the CPU path that needs no DALI, and the fastest one on a CPU.
+"""The pillow augmenter: the recipe on pillow-simd, the CPU path that needs no DALI.
 
-On a CPU, DALI's operators are slow at this work: at 224 px one antialiased crop-resize costs
-about 1.7 ms and one colour matrix about 1.2 ms, where pillow-simd's SIMD kernels take about
-0.2 ms each (tools/bench/bench_pipeline.py measures both paths against the reference). So on a machine
-without a GPU, pick this path (`backend="pillow"`, `data.backend=pillow`); on a GPU the DALI graph
-is the one to use.
+On a CPU, pillow-simd's SIMD resize and colour-matrix kernels do this work faster than DALI's CPU
+operators (tools/bench/bench_pipeline.py measures both paths against the reference). So on a
+machine without a GPU, pick this path (`backend="pillow"`, `data.backend=pillow`); on a GPU the
+DALI graph is the one to use.
 
-It is driven by exactly what drives the DALI graph: the batches of pipeline/loader.py, with the
-same samples, captions and per-view draws of pipeline/view_params.py. Per image:
+It takes the same batch plans as the DALI augmenter (pipeline/plan.py: the same samples, captions
+and per-view draws of pipeline/view_params.py) and applies the parameters directly. Per image:
 - decode once; where every view of the image is a downscale by 2x or more, let libjpeg decode at
   reduced size (`Image.draft`: DCT scaling, resolution-aware decoding);
 - per view one `resize` with a `box`: crop and bilinear antialiased resize in one pass, as the
@@ -27,62 +26,68 @@ import collections
 import io
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from pipeline.augment import BadSampleError, PlanSource, undecodable_samples
+from pipeline.plan import BatchPlan
 from pipeline.recipe import AugmentationRecipe
-from pipeline.view_params import input_names
+from pipeline.view_params import color_matrix, view_names
 
 IDENTITY = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], np.float32)
 
 
-class PillowPipeline:
-    """`run()` returns the next batch's outputs, in the order of view_params.output_names.
+class PillowAugmenter:
+    """pillow-simd behind the augmenter interface (pipeline/augment.py).
 
-    `feed()` returns the loader's next batch (pipeline/loader.py `_Batch`). A sample that fails
-    to decode makes `run()` raise that sample's exception, as a DALI pipeline does; the loader
-    then finds and replaces the bad image and starts a new pipeline at the same batch.
+    A sample that fails to decode fails its batch, as in the DALI graph: `run()` raises
+    BadSampleError with the samples `find_bad` rejects (or the sample's own exception if the scan
+    finds nothing), and the augmenter is closed.
     """
 
-    def __init__(self, recipe: AugmentationRecipe, feed: Callable, num_threads: int = 2, prefetch: int = 2,
+    def __init__(self, recipe: AugmentationRecipe, plans: PlanSource, num_threads: int = 2, prefetch: int = 2,
                  fp16: bool = False):
-        self.recipe, self.feed, self.prefetch, self.fp16 = recipe, feed, max(1, prefetch), fp16
-        self.names = input_names(recipe)
+        self.recipe, self.plans, self.prefetch, self.fp16 = recipe, plans, max(1, prefetch), fp16
+        self.output_names = view_names(recipe)
         self.pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="pillow-augment")
         self.buffers = BufferPool()
-        self.in_flight: collections.deque = collections.deque()
+        self.in_flight: collections.deque[tuple[BatchPlan, list[torch.Tensor], list[Future]]] = collections.deque()
         mean, std = np.array(recipe.mean, np.float32) * 255, np.array(recipe.std, np.float32) * 255
         self.scale, self.shift = (1 / std)[:, None, None], (mean / std)[:, None, None]
 
-    def run(self) -> list[torch.Tensor]:
+    def run(self) -> tuple[dict[str, torch.Tensor], BatchPlan]:
         while len(self.in_flight) <= self.prefetch:    # `prefetch` batches stay in flight while this one is used
-            self.in_flight.append(self._submit(self.feed()))
-        images, rest, futures = self.in_flight.popleft()
+            self.in_flight.append(self._submit(self.plans()))
+        plan, images, futures = self.in_flight.popleft()
         for f in futures:
             error = f.exception()     # waits for the sample
             if error is not None:
                 self.close()
-                raise error
+                found = self.find_bad(plan)
+                if not found:
+                    raise error
+                raise BadSampleError(found) from error
         if self.fp16:
             images = [im.half() for im in images]
-        return images + rest
+        return dict(zip(self.output_names, images)), plan
+
+    def find_bad(self, plan: BatchPlan) -> dict[int, str]:
+        return undecodable_samples(plan)
 
     def close(self) -> None:
         self.in_flight.clear()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def _submit(self, batch) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Future]]:
-        r, b = self.recipe, len(batch.indices)
-        fed = dict(zip(self.names, batch.inputs))
-        prefixes = {"clip_image": "clip", **{f"ssl_image_{v}": f"ssl{v}" for v in range(1, r.num_ssl_views + 1)}}
-        views = [(fed[f"{p}_roi_start"], fed[f"{p}_roi_end"], fed.get(f"{p}_color"), batch.views[name].blur_sigma)
-                 for name, p in prefixes.items()]
+    def _submit(self, plan: BatchPlan) -> tuple[BatchPlan, list[torch.Tensor], list[Future]]:
+        r, b = self.recipe, len(plan)
+        # per view: window, colour matrix (SimCLR views only), blur sigma
+        views = [(p.roi_start, p.roi_end, None if name == "clip_image" else color_matrix(p), p.blur_sigma)
+                 for name, p in ((n, plan.views[n]) for n in self.output_names)]
         images = [self.buffers.take((b, 3, r.image_size, r.image_size)) for _ in views]
-        futures = [self.pool.submit(self._augment, fed["encoded"][i], i, views, images) for i in range(b)]
-        return images, [torch.from_numpy(fed["text"]), torch.from_numpy(fed["index"])], futures
+        futures = [self.pool.submit(self._augment, plan.encoded[i], i, views, images) for i in range(b)]
+        return plan, images, futures
 
     def _augment(self, encoded: np.ndarray, i: int, views: list, images: list[torch.Tensor]) -> None:
         s = self.recipe.image_size
@@ -116,9 +121,9 @@ class PillowPipeline:
 class BufferPool:
     """Float32 arrays handed out as tensors, and reused once nothing refers to them any more.
 
-    A fresh 38 MB view tensor (64 x 3 x 224 x 224) is mmapped memory that faults in 4 KB at a
-    time on first write: a quarter of this path's time in measurement. The memory of a handed-out
-    tensor returns to the pool only when that tensor, and every view of it, is gone.
+    A fresh batch-sized view tensor is mmapped memory that faults in one page at a time on first
+    write, a large share of this path's time. The memory of a handed-out tensor returns to the
+    pool only when that tensor, and every view of it, is gone.
     """
 
     def __init__(self):

@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
+from pipeline.files import atomic_output
 from pipeline.manifest import Manifest
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")   # img2dataset's encode formats, preferred in this order
@@ -53,18 +56,49 @@ def _parse_index(idx: Path) -> list[dict[str, tuple[int, int]]]:
     return samples
 
 
+# webdataset's naming rule: the key is the member's path up to the first dot of its file name, the
+# extension everything after that dot ("a/0001.seg.png" -> "a/0001", "seg.png"). A file name
+# without a dot, or starting with one, belongs to no sample.
+_MEMBER_NAME = re.compile(r"((?:.*/)?[^.]+)\.([^/]*)")
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member name as webdataset splits it, or None for no sample."""
+    m = _MEMBER_NAME.fullmatch(name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def iter_tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """The samples of an open tar, in order: (key, {extension: member}) for each run of consecutive
+    regular files with the same key, extensions lower-cased (as webdataset and DALI's indexer
+    group). A damaged tar yields what it read before the damage (the last sample possibly
+    incomplete), then raises the read error (tarfile.TarError, OSError or EOFError)."""
+    key, parts = None, {}
+    try:
+        for m in tar:
+            split = split_member_name(m.name) if m.isfile() else None
+            if split is None:
+                continue
+            if split[0] != key:
+                if parts:
+                    yield key, parts
+                key, parts = split[0], {}
+            parts[split[1].lower()] = m
+    except (tarfile.TarError, OSError, EOFError):
+        if parts:
+            yield key, parts
+        raise
+    if parts:
+        yield key, parts
+
+
 def _scan_tar(tar: Path) -> list[dict[str, tuple[int, int]]]:
-    """Fallback without an index: group members by key (the name before the first dot)."""
-    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    """Fallback without an index: each sample's components, (offset, size) by extension."""
     try:
         with tarfile.open(tar) as tf:
-            for m in tf:
-                if m.isfile() and "." in m.name:
-                    key, ext = m.name.split(".", 1)
-                    samples.setdefault(key, {})[ext] = (m.offset_data, m.size)
-    except (tarfile.TarError, OSError) as e:
+            return [{ext: (m.offset_data, m.size) for ext, m in parts.items()} for _, parts in iter_tar_samples(tf)]
+    except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"{tar}: unreadable tar ({e})") from e
-    return list(samples.values())
 
 
 def build_sample_table(manifest: Manifest) -> SampleTable:
@@ -143,11 +177,10 @@ def write_index(tar: Path) -> Path:
     if idx.exists() and idx.stat().st_mtime >= tar.stat().st_mtime:
         return idx
     from wds2idx import IndexCreator   # ships with the nvidia-dali wheel
-    tmp = tar.with_name(f".{tar.stem}.idx.tmp")
-    creator = IndexCreator(str(tar), str(tmp), verbose=False)
-    creator.create_index()
-    creator.close()
-    tmp.replace(idx)
+    with atomic_output(idx) as tmp:
+        creator = IndexCreator(str(tar), str(tmp), verbose=False)
+        creator.create_index()
+        creator.close()
     return idx
 
 

@@ -13,10 +13,10 @@ Semantics follow torchvision, as used by the SLIP reference:
 - GaussianBlur with probability p: sigma ~ U(sigma range); 0 means no blur.
 - Horizontal flip: the crop window is mirrored (DALI's resize flips a reversed ROI for free).
 
-Colour and blur reach DALI in the form its fastest operators take (see `color_matrix` and
-`blur_kernels`): jitter and grayscale become one 3x4 affine colour matrix per sample, the blur
-two 1-D Gaussian kernels. The pillow path (pipeline/pillow_pipeline.py) applies the same matrix,
-and blurs with the sample's sigma. Where this differs from torchvision, by choice:
+The augmenters apply these parameters in the form their fastest operators take, with the helpers
+here: jitter and grayscale become one 3x4 affine colour matrix per sample (`color_matrix`, both
+augmenters); the DALI graph blurs with two 1-D Gaussian kernels (`blur_kernels`), the pillow
+path with the sample's sigma directly. Where this differs from torchvision, by choice:
 - the four jitter operations compose in the fixed order brightness, contrast, saturation, hue
   (torchvision draws a random order) and clip to [0, 255] once, at the end;
 - contrast pivots on mid-grey (128, as DALI's own colour operators) instead of the image's mean
@@ -156,18 +156,12 @@ def sample_view(rng: np.random.Generator, heights: np.ndarray, widths: np.ndarra
                       flip=flip, jitter=jitter, gray=gray)
 
 
-# The layout of one fed batch (the DALI external source's outputs, in order) and of the outputs.
-BASE_INPUTS = ("encoded", "text", "index")
-CLIP_INPUTS = ("roi_start", "roi_end")
-SSL_INPUTS = ("roi_start", "roi_end", "color", "blur_h", "blur_v")
+def view_names(recipe: AugmentationRecipe) -> list[str]:
+    """The views of each sample, in the order they are drawn and output."""
+    return ["clip_image"] + [f"ssl_image_{v}" for v in range(1, recipe.num_ssl_views + 1)]
 
 
-def input_names(recipe: AugmentationRecipe) -> list[str]:
-    names = list(BASE_INPUTS) + [f"clip_{n}" for n in CLIP_INPUTS]
-    for v in range(1, recipe.num_ssl_views + 1):
-        names += [f"ssl{v}_{n}" for n in SSL_INPUTS]
-    return names
-
-
-def output_names(recipe: AugmentationRecipe) -> list[str]:
-    return ["clip_image"] + [f"ssl_image_{v}" for v in range(1, recipe.num_ssl_views + 1)] + ["text", "index"]
+def sample_views(rng: np.random.Generator, heights: np.ndarray, widths: np.ndarray,
+                 recipe: AugmentationRecipe) -> dict[str, ViewParams]:
+    """Every view of a batch, by name: the CLIP view, then each SimCLR view, drawn in that order."""
+    return {name: sample_view(rng, heights, widths, recipe, ssl=name != "clip_image") for name in view_names(recipe)}

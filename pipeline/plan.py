@@ -1,0 +1,31 @@
+"""The batch plan: everything about one batch that is decided before any pixel is touched.
+
+A loader makes plans (which samples, their encoded images, their tokens or labels, every random
+parameter of every view); an augmenter (pipeline/augment.py) turns a plan into pixels. A plan is
+plain data and a pure function of (seed, epoch, rank, step) and the data set, so it can be made
+again at any time: to resume, to preview, to test that an augmenter applied what it says.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.view_params import ViewParams
+
+
+@dataclass(frozen=True, eq=False)
+class BatchPlan:
+    epoch: int
+    step: int
+    indices: np.ndarray                  # int64 [B] global sample indices (manifest order)
+    encoded: list[np.ndarray]            # uint8 [n_bytes] encoded image, per sample
+    sizes: np.ndarray                    # int64 [B, 2] (height, width) read from each image header
+    tokens: np.ndarray | None            # int64 [B, context_length]; None where there is no text
+    views: dict[str, ViewParams]         # output name ("clip_image", "ssl_image_1", ...) -> its draws
+    labels: np.ndarray | None = None     # int64 [B] class labels (classification); None in pretraining
+    bad: collections.Counter = field(default_factory=collections.Counter)   # samples replaced, by reason
+
+    def __len__(self) -> int:
+        return len(self.indices)
