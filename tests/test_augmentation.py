@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.dali_pipeline import dali_inputs, input_names
 from pipeline.loader import SLIPLoader
 from pipeline.manifest import load_manifest
 from pipeline.recipe import AugmentationRecipe
-from pipeline.view_params import blur_kernels, color_matrix, input_names, random_resized_crop, sample_view
+from pipeline.view_params import blur_kernels, color_matrix, random_resized_crop, sample_view
 from shard_testing import both_backends, chars, coordinate_image, encode, write_shards
 
 N = 4000
@@ -146,12 +147,12 @@ def coord_shards(tmp_path_factory):
 
 
 def run_views(manifest, recipe, steps: int = 2, batch: int = 32, seed: int = 0, backend: str = "dali"):
-    """Raw uint8-range views (un-normalised) and the parameters the feeder drew for them."""
+    """Raw uint8-range views (un-normalised) and the parameters drawn for them, as the DALI graph takes them."""
     loader = SLIPLoader(manifest, recipe, batch, chars, seed=seed, num_threads=2, backend=backend)
     views, params = [], []
     names = input_names(recipe)
     for step, b in zip(range(steps), loader):
-        fed = dict(zip(names, loader.make_batch(0, step).inputs))
+        fed = dict(zip(names, dali_inputs(loader.make_batch(0, step), recipe)))
         mean = torch.tensor(recipe.mean).view(1, 3, 1, 1) * 255
         std = torch.tensor(recipe.std).view(1, 3, 1, 1) * 255
         views.append({k: (b[k] * std + mean).numpy() for k in b if k.endswith("image") or k.startswith("ssl_image")})

@@ -16,8 +16,10 @@ import pytest
 from PIL import Image
 
 from pipeline.build import build, check_shards, format_url, select_stage
+from pipeline.files import write_json_atomic
 from pipeline.manifest import load_manifest
 from pipeline.metadata import InputError
+from pipeline.shards import iter_tar_samples
 
 from conftest import fixture_config
 
@@ -29,9 +31,8 @@ def read_samples(manifest):
     samples = {}
     for tar in manifest.shard_paths():
         with tarfile.open(tar) as t:
-            for m in t:
-                key, ext = m.name.rsplit(".", 1)
-                samples.setdefault(key, {})[ext] = t.extractfile(m).read()
+            for key, parts in iter_tar_samples(t):
+                samples[key] = {ext: t.extractfile(m).read() for ext, m in parts.items()}
     return samples
 
 
@@ -200,3 +201,13 @@ def test_wrong_metadata_file_is_a_clear_cli_error(yfcc_fixture, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert f"{fx.subset}:1: expected 25 tab-separated columns, found 3" in proc.stderr
+
+
+def test_json_writes_are_atomic(tmp_path):
+    path = tmp_path / "state" / "marker.json"
+    write_json_atomic(path, {"b": 1, "a": [1, 2]}, indent=1, sort_keys=True)
+    assert path.read_text() == json.dumps({"a": [1, 2], "b": 1}, indent=1, sort_keys=True) + "\n"
+    with pytest.raises(TypeError):      # a failed write leaves the old content and no temp file
+        write_json_atomic(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["marker.json"]

@@ -1,17 +1,21 @@
-"""The DALI loader on real shards: rank sharding, seeded epochs, bit-exact resume, bad samples."""
+"""The loader on real shards: rank sharding, seeded epochs, bit-exact resume, bad samples, the
+augmenter seam, and how tar members are grouped into samples."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.augment import BadSampleError, make_augmenter
 from pipeline.loader import SLIPLoader
 from pipeline.manifest import load_manifest
 from pipeline.recipe import AugmentationRecipe
-from pipeline.shards import ShardError, build_sample_table
+from pipeline.shards import ShardError, build_sample_table, iter_tar_samples, split_member_name
 from shard_testing import both_backends, caption_sample, chars, encode, write_shards
 
 RECIPE = AugmentationRecipe(image_size=32)
@@ -219,3 +223,94 @@ def test_resume_with_another_run_shape_keeps_the_epoch_fraction_and_warns(manife
         b.load_state_dict(a.state_dict())
     assert (b.epoch, b.step) == (0, 3)
     assert len(list(b)) == 3
+
+
+# ---------------------------------------------------------------- the augmenter seam
+
+@both_backends
+def test_augmenters_name_the_sample_that_broke_a_batch(manifest, backend):
+    """A plan with one undecodable image fails in either augmenter with the one shared error,
+    naming that sample; the loader relies on this to replace it."""
+    plan = loader(manifest).make_batch(0, 0)
+    noise = encode(np.random.default_rng(0).integers(0, 255, (200, 200, 3)))
+    encoded = list(plan.encoded)
+    encoded[2] = np.frombuffer(noise[:len(noise) // 2], np.uint8)     # header fine, decoding fails
+    broken = dataclasses.replace(plan, encoded=encoded)
+    aug = make_augmenter(backend, RECIPE, lambda: broken, len(plan), num_threads=1, prefetch=1)
+    with pytest.raises(BadSampleError) as e:
+        aug.run()
+    aug.close()
+    assert e.value.samples == {int(plan.indices[2]): "corrupt_image"}
+    aug = make_augmenter(backend, RECIPE, lambda: plan, len(plan), num_threads=1, prefetch=1)
+    views, got = aug.run()
+    aug.close()
+    assert got is plan and list(views) == ["clip_image", "ssl_image_1", "ssl_image_2"]
+
+
+class LabelledLoader(SLIPLoader):
+    """A loader whose plans carry class labels, as a classification loader's would."""
+
+    def make_batch(self, epoch, step):
+        plan = super().make_batch(epoch, step)
+        return dataclasses.replace(plan, labels=plan.indices % 7)
+
+
+def test_labels_and_the_batch_transform_pass_the_seam(manifest):
+    seen = []
+
+    def transform(batch):      # a batch-level operation after the augmenter, e.g. mixup
+        seen.append(batch["index"].clone())
+        return {**batch, "clip_image": batch["clip_image"].flip(0), "mixed": True}
+
+    plain = next(iter(loader(manifest)))
+    assert "label" not in plain
+    ld = LabelledLoader(manifest, RECIPE, 4, chars, num_threads=1, batch_transform=transform)
+    got = next(iter(ld))
+    assert got["mixed"] and len(seen) == 1 and torch.equal(seen[0], got["index"])
+    assert torch.equal(got["label"], got["index"] % 7)
+    assert torch.equal(got["clip_image"], plain["clip_image"].flip(0))
+    assert torch.equal(got["text"], plain["text"]) and torch.equal(got["index"], plain["index"])
+
+
+# ---------------------------------------------------------------- tar members -> samples
+
+def test_member_names_split_as_webdataset_splits_them():
+    from webdataset.tariterators import base_plus_ext
+    names = ["000001.jpg", "000001.seg.png", "a/b/000002.JSON", "dir.v2/000003.txt", "dir.v2/noext",
+             ".hidden", "a/.hidden.jpg", "noext", "x.", "a.b.c/d.e.f", "a/b.c/d", "./k.jpg", "k..jpg", "/k.jpg",
+             "a\nb/c.jpg", "k.jpg\n", "", ".", "a/", "a/.b"]
+    for name in names:
+        want = base_plus_ext(name)
+        assert split_member_name(name) == (None if want == (None, None) else want), name
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        d = tarfile.TarInfo("somedir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+    return buf.getvalue()
+
+
+def test_tar_members_group_into_consecutive_samples():
+    data = tar_bytes([("a/01.jpg", b"1"), ("a/01.JSON", b"{}"), ("a/01.txt", b"t"), ("README", b"r"),
+                      ("a/02.jpg", b"22" * 400), ("a/02.txt", b"u"), ("a/01.cls", b"3")])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        samples = [(key, {ext: tar.extractfile(m).read() for ext, m in parts.items()})
+                   for key, parts in iter_tar_samples(tar)]
+    # consecutive runs, as webdataset and DALI's indexer group: a key that comes back is a new sample
+    assert samples == [("a/01", {"jpg": b"1", "json": b"{}", "txt": b"t"}),
+                       ("a/02", {"jpg": b"22" * 400, "txt": b"u"}), ("a/01", {"cls": b"3"})]
+    # a damaged tar gives what was read before the damage, then the read error
+    cut = data[:data.index(b"22" * 400) + 100]
+    got = []
+    with pytest.raises((tarfile.TarError, OSError, EOFError)):
+        with tarfile.open(fileobj=io.BytesIO(cut)) as tar:
+            for key, parts in iter_tar_samples(tar):
+                got.append((key, sorted(parts)))
+    assert got[0] == ("a/01", ["jpg", "json", "txt"]) and got[-1][0] == "a/02"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +49,21 @@ def test_pipeline_benchmark_reports_a_ratio(tmp_path):
         assert ratios["wall_ratio"] > 0 and ratios["per_core_ratio"] > 0
 
 
-def test_graph_benchmark_compares_with_the_naive_graph():
+def test_graph_benchmark_compares_with_the_naive_graph(tmp_path):
+    out = tmp_path / "graphs.json"
     proc = subprocess.run([sys.executable, "tools/bench/bench_pipeline.py", "--graphs", "--synthetic-images", "16",
                            "--synthetic-size", "96x72", "--images", "16", "--rounds", "1", "--batch-size", "8",
-                           "--image-size", "32", "--threads", "1", "--warmup", "1"],
+                           "--image-size", "32", "--threads", "1", "--warmup", "1", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "ours" in proc.stdout and "naive" in proc.stdout and "ratio" in proc.stdout
+    result = json.loads(out.read_text())
+    speeds = result["images_per_s"]
+    assert speeds["ours"] > 0 and speeds["naive"] > 0
+    assert math.isfinite(result["ratio"]) and result["ratio"] > 0
+    assert math.isclose(result["ratio"], speeds["ours"] / speeds["naive"])
+    # both graphs made every view of every image of a batch: 1 CLIP + 2 SimCLR, normalised float CHW
+    for name in ("ours", "naive"):
+        assert result["view_shapes"][name] == [[8, 3, 32, 32]] * 3, name
+        assert result["finite"][name], name
+    printed = re.search(r"ours ([\d.]+) images/s, naive ([\d.]+) images/s, ratio ([\d.]+)x", proc.stdout)
+    assert printed and abs(float(printed.group(3)) - result["ratio"]) <= 0.0051

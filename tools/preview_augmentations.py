@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Contact sheets of what the DALI pipeline really feeds the model.
+"""Contact sheets of what the loader really feeds the model.
 
     python tools/preview_augmentations.py --manifest demo_run/data/shards/manifest.json --out previews
     python tools/preview_augmentations.py --manifest M --out P --config trainer/configs/slip_vit_b16.yaml \\
         --num-samples 32 --html
 
 One row per sample: the stored image, the CLIP view and both SimCLR views (un-normalised, from the
-real loader and recipe of the config), each view labelled with the crop share and the colour,
-blur and flip it drew, and underneath the caption as the model reads it (decoded tokens).
+real loader, augmenter and recipe of the config), each view labelled with the crop share and the
+colour, blur and flip its batch plan drew, and underneath the caption as the model reads it
+(decoded tokens).
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     loader = SLIPLoader(manifest, recipe, n, tokenizer, seed=seed, num_threads=2, caption_mode=cfg.data.caption_mode,
                         backend=cfg.data.backend)     # the views of the path that will train
     batch = next(iter(loader))
-    params = loader.make_batch(0, 0).views       # the draws behind this very batch
+    params = loader.make_batch(0, 0).views       # the plan's draws behind this very batch
     views = ["clip_image"] + [f"ssl_image_{v}" for v in range(1, recipe.num_ssl_views + 1)]
     columns = ["stored image", "CLIP view"] + [f"SimCLR view {v}" for v in range(1, recipe.num_ssl_views + 1)]
     rows = []

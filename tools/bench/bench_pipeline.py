@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""3-view images/s of our DALI loader against the SLIP reference data path, on the same shards.
+"""3-view images/s of our loader (both augmenters) against the SLIP reference data path, on the same shards.
 
-    python tools/bench/bench_pipeline.py                       # synthetic 500x375 JPEG shards, 2 cores
+    python tools/bench/bench_pipeline.py                       # synthetic 500x375 JPEG shards
     python tools/bench/bench_pipeline.py --manifest demo_run/data/shards/manifest.json --image-size 64
     python tools/bench/bench_pipeline.py --graphs     # graph only: our DALI graph vs a naive DALI graph
 
@@ -9,7 +9,7 @@ Every pipeline delivers what training consumes: a CLIP view and two SimCLR views
 normalised float tensors, and tokenised captions. The reference is PIL + torchvision-style
 transforms in DataLoader workers (tools/bench/reference_pipeline.py); ours is pipeline/loader.py with
 each of its two CPU paths: the DALI graph on the CPU ("dali-cpu") and pillow-simd ("pillow").
-Each runs in its own process, in turn, for several rounds (this machine is noisy), and reports
+Each runs in its own process, in turn, for several rounds (a shared machine is noisy), and reports
 wall-clock images/s and images per CPU-second (all threads and worker processes counted). On a
 machine with CUDA the DALI GPU graph (nvJPEG "mixed" decoding) is measured too.
 """
@@ -73,7 +73,7 @@ def naive_graph(recipe, source, batch_size: int, num_threads: int):
     operators, `color_twist`, `hsv` for grey and `gaussian_blur` under conditionals."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from pipeline.view_params import input_names
+    from pipeline.dali_pipeline import input_names
     names, size = input_names(recipe), [recipe.image_size] * 2
     norm = dict(dtype=types.FLOAT, output_layout="CHW", mean=[255 * m for m in recipe.mean],
                 std=[255 * s for s in recipe.std])
@@ -103,31 +103,39 @@ def naive_graph(recipe, source, batch_size: int, num_threads: int):
     return pipe
 
 
-def graphs_only(args) -> None:
+def graphs_only(args) -> dict:
     """DALI graph cost alone (inputs prepared beforehand): ours against the naive graph, alternating."""
     import dataclasses
+    import math
 
-    from pipeline.dali_pipeline import build_pipeline
+    import numpy as np
+
+    from pipeline.dali_pipeline import build_pipeline, dali_inputs
     from pipeline.loader import SLIPLoader
     from pipeline.manifest import load_manifest
     from pipeline.recipe import AugmentationRecipe
     from pipeline.tokenizer import Tokenizer
     recipe = dataclasses.replace(AugmentationRecipe(), image_size=args.image_size, antialias=not args.no_antialias)
     loader = SLIPLoader(load_manifest(args.manifest), recipe, args.batch_size, Tokenizer())
-    batches = [loader.make_batch(0, s) for s in range(min(8, loader.steps_per_epoch))]
+    inputs = [dali_inputs(loader.make_batch(0, s), recipe) for s in range(min(8, loader.steps_per_epoch))]
     count = [0]
 
     def source():
         count[0] += 1
-        return batches[count[0] % len(batches)].inputs
+        return inputs[count[0] % len(inputs)]
 
     pipes = {"ours": build_pipeline(recipe, source, args.batch_size, num_threads=args.threads),
              "naive": naive_graph(recipe, source, args.batch_size, args.threads)}
     runs = max(1, args.images // args.batch_size)
     results: dict[str, list[float]] = {k: [] for k in pipes}
-    for p in pipes.values():
-        for _ in range(args.warmup):
-            p.run()
+    shapes: dict[str, list[list[int]]] = {}
+    finite: dict[str, bool] = {}
+    for name, p in pipes.items():
+        for _ in range(max(1, args.warmup)):
+            outs = p.run()
+        views = [np.asarray(o.as_tensor()) for o in outs]    # what each graph made of its last batch
+        shapes[name] = [list(v.shape) for v in views]
+        finite[name] = all(bool(np.isfinite(v).all()) for v in views)
     for _ in range(args.rounds):
         for name, p in pipes.items():
             t0 = time.perf_counter()
@@ -135,8 +143,11 @@ def graphs_only(args) -> None:
                 p.run()
             results[name].append(runs * args.batch_size / (time.perf_counter() - t0))
     ours, naive = statistics.median(results["ours"]), statistics.median(results["naive"])
+    ratio = ours / naive if naive > 0 else math.nan
     print(f"DALI graph only, {args.image_size}px, {args.threads} threads, median of {args.rounds} rounds: "
-          f"ours {ours:.1f} images/s, naive {naive:.1f} images/s, ratio {ours / naive:.2f}x")
+          f"ours {ours:.1f} images/s, naive {naive:.1f} images/s, ratio {ratio:.2f}x")
+    return {"images_per_s": {"ours": ours, "naive": naive}, "ratio": ratio, "rounds": results,
+            "view_shapes": shapes, "finite": finite}
 
 
 def run_worker(args) -> dict:
@@ -212,7 +223,7 @@ def main(argv=None) -> int:
                    help="recipe.antialias=False for both pipelines (DALI resize without antialiasing; "
                         "the reference's PIL resize always antialiases)")
     p.add_argument("--warmup", type=int, default=3, help="batches before timing")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--json", type=Path, help="also write the results here (with --graphs: speeds, ratio, view shapes)")
     p.add_argument("--graphs", action="store_true", help="compare DALI graphs only (ours vs naive), no loaders")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -226,7 +237,9 @@ def main(argv=None) -> int:
             print(f"writing {args.synthetic_images} synthetic {w}x{h} JPEGs ...", flush=True)
             args.manifest = synthetic_shards(Path(tmp) / "shards", args.synthetic_images, (w, h))
         if args.graphs:
-            graphs_only(args)
+            result = graphs_only(args)
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=1))
             return 0
         workers = ["pillow", "dali-cpu", "reference"] + (["dali-gpu"] if torch.cuda.is_available() else [])
         results: dict[str, list[dict]] = {k: [] for k in workers}
