@@ -16,8 +16,8 @@ A kill must take the whole process group (Ctrl-C, a scheduler, `kill -- -PGID`):
 worker processes outlive a SIGKILL of the main process alone and would race the rerun.
 
 Resize default: `keep_ratio` with the shorter side at 320 px and `resize_only_if_bigger`: training
-crops 224 px (RandomResizedCrop scale 0.08-1 / 0.5-1) keep enough resolution, while decoding a
-320 px JPEG costs about a third of a full 500x375 Flickr "medium" image, and smaller images are
+crops 224 px (RandomResizedCrop scale 0.08-1 / 0.5-1) keep enough resolution, while a 320 px JPEG
+has far fewer pixels to decode than a full 500x375 Flickr "medium" image, and smaller images are
 never upscaled (no wasted bytes, no interpolation blur).
 
 Multi-machine builds: `distributor="pyspark"` (or "ray") runs the same download on a cluster; the
