@@ -1,7 +1,7 @@
 """The training hook: evaluation inside a run (`Components.evaluate` of trainer/loop.py).
 
 `hook(model, step) -> flat metrics` for metrics.jsonl; the full results go to
-`<out_dir>/eval/step_XXXXXXXX.json`. The loop calls it every `eval.every_steps` steps and at the
+`<run out_dir>/eval/step_XXXXXXXX.json`. The loop calls it every `eval.every_steps` steps and at the
 end of the run.
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ from trainer.evaluation.runner import Evaluator, flat_metrics, save_results
 
 
 class EvalHook:
-    """The data listing is made at the first call, so a run fails on bad evaluation data only when
-    it first evaluates."""
+    """Evaluates with `cfg` and writes each step's full results into `out_dir` (None: not written).
+    The data listing is made at the first call, so a run fails on bad evaluation data only when it
+    first evaluates."""
 
     def __init__(self, cfg: EvalConfig, transform: EvalTransform, tokenizer: Callable | None = None,
                  out_dir: str | Path | None = None):
