@@ -88,6 +88,70 @@ def test_shape_mismatch_is_reported():
     assert "1.weight: checkpoint (3, 8) vs model (2, 8)" in msg and "1.bias" in msg and "extra" in msg
 
 
+def test_ignored_prefixes_are_not_compared():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("1.")}
+    ckpt.check_model_state(model, state, "x.pt", ignore=("1.",))
+    with pytest.raises(ckpt.CheckpointError, match="missing in checkpoint"):
+        ckpt.check_model_state(model, state, "x.pt")
+
+
+TINY_RUN = ["model.preset=vit_tiny", "objective.name=slip", "data.recipe.image_size=64"]
+
+
+def _tiny_run(tmp_path, stored_config: bool, wrap: str = ""):
+    """A checkpoint of a tiny SLIP model in <tmp>/run/checkpoints, config.yaml in <tmp>/run."""
+    from trainer.config import load_config, save_config, to_dict
+    from trainer.models import build_model
+    cfg = load_config(None, TINY_RUN + [f"out_dir={tmp_path / 'run'}"])
+    torch.manual_seed(1)
+    model = build_model(cfg.model, cfg.objective.name)
+    state = {"model": {wrap + k: v for k, v in model.state_dict().items()}, "step": 2}
+    if stored_config:
+        state["config"] = to_dict(cfg)
+    path = ckpt.save_checkpoint(state, tmp_path / "run" / "checkpoints", 2)
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    return path, model, cfg
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Equal weights outside the SimCLR head (which load_model does not load)."""
+    sa, sb = ({k: v for k, v in m.state_dict().items() if not k.startswith("ssl_head.")} for m in (a, b))
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_load_model_from_the_stored_config(tmp_path):
+    path, model, cfg = _tiny_run(tmp_path, stored_config=True, wrap="module._orig_mod.")
+    (tmp_path / "run" / "config.yaml").write_text("model: {preset: vit_tiny, vision_width: 64}\n")  # not read
+    loaded, run_cfg = ckpt.load_model(path)
+    assert run_cfg == cfg and not loaded.training
+    assert _same_weights(loaded, model)      # DDP / torch.compile prefixes stripped
+
+
+def test_load_model_from_config_yaml_or_an_explicit_config(tmp_path):
+    path, model, cfg = _tiny_run(tmp_path, stored_config=False)
+    loaded, run_cfg = ckpt.load_model(path)
+    assert run_cfg == cfg and _same_weights(loaded, model)
+    (tmp_path / "wide.yaml").write_text("model: {preset: vit_tiny, vision_width: 64}\nobjective: {name: slip}\n"
+                                        "data: {recipe: {image_size: 64}}\n")
+    with pytest.raises(ckpt.CheckpointError, match="does not match the model"):
+        ckpt.load_model(path, tmp_path / "wide.yaml")
+    (tmp_path / "run" / "config.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match="no run configuration"):
+        ckpt.load_model(path)
+
+
+def test_load_model_leaves_out_the_ssl_head(tmp_path):
+    """The SimCLR head is a training-only part: absent or of another norm kind, the model still loads."""
+    path, model, cfg = _tiny_run(tmp_path, stored_config=True)
+    state = ckpt.load_checkpoint(path)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("ssl_head.")}
+    state["model"]["ssl_head.1.running_var"] = torch.ones(7)     # as a head of another norm kind
+    torch.save(state, path)
+    loaded, _ = ckpt.load_model(path)
+    assert _same_weights(loaded, model)
+
+
 def test_rng_round_trip():
     state = ckpt.to_safe(ckpt.rng_state())
     expected = (random.random(), np.random.rand(), torch.rand(1).item())

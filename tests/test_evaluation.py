@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer.evaluation import (EvaluationConfig, Evaluator, LinearProbeConfig, flat_metrics,
-                                imagenet_classnames, imagenet_templates, linear_probe, retrieval_recall,
-                                zero_shot_classifier)
+from trainer.evaluation import (TASKS, EvalConfig, EvalHook, Evaluator, EvalTransform, LinearProbeConfig,
+                                flat_metrics, imagenet_classnames, imagenet_templates, linear_probe,
+                                retrieval_recall, zero_shot_classifier)
 
 CLASSES = ["red", "green", "blue", "cyan", "magenta", "yellow"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -91,13 +91,14 @@ def make_eval_dir(root: Path) -> Path:
     return root
 
 
-def config(data, **kw):
-    return EvaluationConfig(data=str(data), image_size=SIZE, batch_size=7, progress=False, **kw)
+def evaluator(data, tasks=TASKS) -> Evaluator:
+    cfg = EvalConfig(data=str(data), tasks=tasks, batch_size=7)
+    return Evaluator(cfg, EvalTransform(SIZE, mean=MEAN, std=STD), WordTokenizer(), progress=False)
 
 
 def test_zero_shot_probe_retrieval_exact(tmp_path):
     root = make_eval_dir(tmp_path / "eval")
-    results = Evaluator(config(root), WordTokenizer())(KnownModel(), step=3)
+    results = evaluator(root)(KnownModel(), step=3)
     zs = results["zeroshot"]
     assert zs["num_images"] == 20 and zs["num_classes"] == 6 and zs["num_templates"] == 2
     assert zs["top1"] == pytest.approx(100 * 18 / 20)
@@ -133,7 +134,7 @@ def test_bad_images_are_reported_and_evaluation_continues(tmp_path):
     with open(root / "val_captions.jsonl", "a") as f:
         f.write(json.dumps({"file": "val/red/deleted.jpg", "caption": "a red square"}) + "\n")
         f.write("{broken json\n")
-    results = Evaluator(config(root), WordTokenizer())(KnownModel())
+    results = evaluator(root)(KnownModel())
     bad = results["bad_images"]
     assert bad["count"] == 4
     text = "\n".join(bad["files"])
@@ -171,7 +172,7 @@ def test_webdataset_shards_with_labels(tmp_path):
         ("0102", {"jpg": jpeg(grey(2))}),                       # no label
     ])
     (shards / "classnames.json").write_text(json.dumps(CLASSES))
-    results = Evaluator(config(shards, tasks=("zeroshot", "linear_probe", "retrieval")), WordTokenizer())(KnownModel())
+    results = evaluator(shards, tasks=("zeroshot", "linear_probe", "retrieval"))(KnownModel())
     assert results["zeroshot"]["num_images"] == 7
     assert results["zeroshot"]["top1"] == pytest.approx(100 * 6 / 7)
     assert results["zeroshot"]["num_templates"] == 7        # ImageNet ensemble by default
@@ -224,12 +225,10 @@ def test_shipped_imagenet_metadata():
 
 
 def test_train_hook_logs_flat_metrics(tmp_path):
-    from types import SimpleNamespace
-    from trainer.evaluation import make_train_hook
     root = make_eval_dir(tmp_path / "eval")
     model = KnownModel()
-    model.cfg = SimpleNamespace(image_size=SIZE)     # the hook takes the image size from the model
-    hook = make_train_hook(str(root), batch_size=16, tokenizer=WordTokenizer())
+    hook = EvalHook(EvalConfig(data=str(root), batch_size=16), EvalTransform(SIZE), WordTokenizer(),
+                    out_dir=tmp_path / "run" / "eval")
     model.train()
     metrics = hook(model, 7)
     assert model.training                              # mode restored
@@ -237,6 +236,35 @@ def test_train_hook_logs_flat_metrics(tmp_path):
     assert metrics["retrieval_text_to_image_R@1"] == 100.0
     assert "linear_probe_top1" not in metrics          # the cheap tasks only during training
     assert all(isinstance(v, float) for v in metrics.values())
+    saved = json.loads((tmp_path / "run" / "eval" / "step_00000007.json").read_text())
+    assert saved["step"] == 7 and flat_metrics(saved) == metrics
+
+
+def test_train_hook_follows_the_run_config(tmp_path):
+    """The run's `eval:` section and recipe: no data, no hook; the recipe's image size and
+    normalisation prepare the images; results land in <out_dir>/eval/."""
+    from trainer.config import load_config
+    from trainer.evaluation import make_train_hook
+    root = make_eval_dir(tmp_path / "eval")
+    assert make_train_hook(load_config(None)) is None
+    cfg = load_config(None, [f"eval.data={root}", "eval.tasks=[zeroshot]", "eval.batch_size=5",
+                             f"data.recipe.image_size={SIZE}", f"model.image_size={SIZE}",
+                             f"out_dir={tmp_path / 'run'}"])
+    hook = make_train_hook(cfg, tokenizer=WordTokenizer())
+    assert hook.transform.size == SIZE and hook.cfg.batch_size == 5
+    metrics = hook(KnownModel(), 3)
+    assert metrics["zeroshot_top1"] == pytest.approx(90.0) and "retrieval_text_to_image_R@1" not in metrics
+    assert (tmp_path / "run" / "eval" / "step_00000003.json").is_file()
+
+
+def test_eval_config_tasks_are_checked():
+    from trainer.config import ConfigError, load_config
+    with pytest.raises(ValueError, match="unknown evaluation tasks"):
+        EvalConfig(tasks=("zeroshot", "sts"))
+    with pytest.raises(ConfigError, match="unknown evaluation tasks"):
+        load_config(None, ["eval.tasks=[zeroshot, sts]"])
+    with pytest.raises(ConfigError, match="expected one of"):
+        load_config(None, ["eval.probe.solver=adam"])
 
 
 def test_evaluate_tool_on_a_real_checkpoint(tmp_path):
@@ -244,12 +272,13 @@ def test_evaluate_tool_on_a_real_checkpoint(tmp_path):
     numbers as evaluating the in-memory model; a checkpoint of another architecture is a clear error."""
     from pipeline.tokenizer import Tokenizer
     from trainer.config import load_config, save_config
-    from trainer.evaluation import build_eval_model, config_for_run
+    from trainer.models import build_model
     root = make_eval_dir(tmp_path / "eval")
     (tmp_path / "run.yaml").write_text("model: {preset: vit_tiny}\nobjective: {name: slip}\n"
                                        "data: {recipe: {image_size: 64}}\n")
     cfg = load_config(tmp_path / "run.yaml", [f"out_dir={tmp_path / 'run'}"])
-    model = build_eval_model(cfg, None, seed=3)
+    torch.manual_seed(3)
+    model = build_model(cfg.model, cfg.objective.name).eval()
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000005.pt"
     ckpt.parent.mkdir(parents=True)
     torch.save({"model": model.state_dict(), "step": 5}, ckpt)
@@ -259,7 +288,8 @@ def test_evaluate_tool_on_a_real_checkpoint(tmp_path):
                            "--out", str(out)], cwd=Path(__file__).parent.parent, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     tool = json.loads(out.read_text())
-    here = Evaluator(config_for_run(cfg, data=str(root), progress=False), Tokenizer())(model)
+    here = Evaluator(EvalConfig(data=str(root), tasks=TASKS), EvalTransform.from_recipe(cfg.data.recipe),
+                     Tokenizer(), progress=False)(model)
     for task, key in (("zeroshot", "top1"), ("zeroshot", "top5"), ("linear_probe", "top1"),
                       ("retrieval", "text_to_image_R@1")):
         assert tool[task][key] == pytest.approx(here[task][key], abs=1e-4)

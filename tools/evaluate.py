@@ -4,11 +4,11 @@
         --out runs/x/eval.json
     python tools/evaluate.py --config trainer/configs/demo_slip.yaml --random-init --data DIR --out r.json
 
-The model configuration comes from the run's saved `config.yaml` (next to `checkpoints/`) unless
-`--config` is given. `--data` is an evaluation directory (train/ + val/ + classnames.json +
+The model configuration is `--config` if given, else the one stored in the checkpoint, else the
+run's saved `config.yaml` (next to `checkpoints/`). Images are prepared as the run's recipe says. `--data` is an evaluation directory (train/ + val/ + classnames.json +
 templates.json + val_captions.jsonl, as the demo builds), an ImageFolder directory, or labelled
 webdataset shards (a directory or a glob). Without `--templates` a dataset's own templates.json is
-used, else the 7 ImageNet templates; ImageNet class names ship in trainer/data/.
+used, else the SLIP paper's 7 ImageNet templates; ImageNet class names ship in trainer/data/.
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
-from trainer.evaluation import (TASKS, Evaluator, LinearProbeConfig, build_eval_model, config_for_run,
-                                load_run_config, write_json)
+from trainer.checkpoint import CheckpointError, load_model
+from trainer.config import ConfigError, RunConfig, load_config
+from trainer.evaluation import TASKS, EvalConfig, Evaluator, EvalTransform, LinearProbeConfig, save_results
+from trainer.models import build_model
 
 
 def parse_args(argv=None):
@@ -35,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--classnames", help="JSON list of class names (default: the data's classnames.json)")
     p.add_argument("--templates", help="JSON list of prompt templates with {} (default: data's templates.json or ImageNet 7)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
     p.add_argument("--probe", choices=("lbfgs", "sgd"), default="lbfgs", help="linear-probe solver")
     p.add_argument("--probe-epochs", type=int, default=90, help="sgd solver epochs")
     p.add_argument("--probe-lr", type=float, default=0.1, help="sgd solver lr per 256 samples")
@@ -46,8 +47,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError
     args = parse_args(argv)
     try:
         return evaluate(args)
@@ -56,31 +55,34 @@ def main(argv=None) -> int:
         return 2
 
 
+def random_model(run_cfg: RunConfig, seed: int, device: str) -> torch.nn.Module:
+    """The run's model, randomly initialised from `seed`: the untrained baseline."""
+    torch.manual_seed(seed)
+    return build_model(run_cfg.model, run_cfg.objective.name).to(device).eval()
+
+
 def evaluate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.random_init and not args.config:
         sys.exit("--random-init needs --config (the model to initialise)")
-    if args.config:
-        from trainer.config import load_config
-        run_cfg = load_config(args.config)
-    else:
-        run_cfg = load_run_config(args.checkpoint)
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    probe = LinearProbeConfig(solver=args.probe, epochs=args.probe_epochs, lr=args.probe_lr)
-    cfg = config_for_run(run_cfg, data=args.data, tasks=tasks, probe=probe,
-                         classnames=args.classnames, templates=args.templates)
-    if args.batch_size:
-        cfg = replace(cfg, batch_size=args.batch_size)
     t0 = time.time()
-    model = build_eval_model(run_cfg, None if args.random_init else args.checkpoint, seed=args.seed).to(args.device)
-    results = Evaluator(cfg, None)(model)
+    if args.random_init:
+        run_cfg = load_config(args.config)
+        model = random_model(run_cfg, args.seed, args.device)
+    else:
+        model, run_cfg = load_model(args.checkpoint, args.config, args.device)
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    cfg = EvalConfig(data=args.data, tasks=tasks, batch_size=args.batch_size or run_cfg.eval.batch_size,
+                     classnames=args.classnames, templates=args.templates,
+                     probe=LinearProbeConfig(solver=args.probe, epochs=args.probe_epochs, lr=args.probe_lr))
+    results = Evaluator(cfg, EvalTransform.from_recipe(run_cfg.data.recipe))(model)
     results["checkpoint"] = "random-init" if args.random_init else str(args.checkpoint)
     results["objective"] = run_cfg.objective.name
     results["model"] = run_cfg.model.name
     results["seconds"] = round(time.time() - t0, 2)
     if args.out:
-        write_json(results, args.out)
+        save_results(results, args.out)
     summary = {k: results[k] for k in ("zeroshot", "linear_probe", "retrieval") if k in results}
     short = {task: {k: round(v, 2) for k, v in m.items() if k in ("top1", "top5", "mean_per_class", "chance_top1")
                     or k.endswith("R@1") or k.endswith("R@5")} for task, m in summary.items()}

@@ -4,6 +4,8 @@ A kill at any moment leaves either the old set of checkpoints or the old set plu
 never a truncated file under a checkpoint name. Files are `<dir>/step_00001234.pt`; the latest is
 the highest step. Everything stored is plain tensors / containers so loading works with
 `weights_only=True` (no arbitrary unpickling).
+
+`load_model` rebuilds a trained model from a checkpoint for inference (evaluation, finetuning).
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from trainer.config import ConfigError, RunConfig, check_consistency, from_dict, load_config
+from trainer.models import build_model
 
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
@@ -105,9 +110,12 @@ def to_safe(obj: Any) -> Any:
     return obj
 
 
-def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise a CheckpointError listing missing/unexpected keys and shape mismatches."""
-    own = model.state_dict()
+def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                      ignore: tuple[str, ...] = ()) -> None:
+    """Raise a CheckpointError listing missing/unexpected keys and shape mismatches; keys starting
+    with a prefix in `ignore` are left out of the comparison."""
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(ignore)}
+    state = {k: v for k, v in state.items() if not k.startswith(ignore)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -121,6 +129,59 @@ def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: 
         if unexpected:
             lines.append(f"  not in model ({len(unexpected)}): {', '.join(unexpected[:10])}")
         raise CheckpointError("\n".join(lines))
+
+
+# ---------------------------------------------------------------- model for inference
+
+# The SimCLR projection head serves only the training loss, and its norm layer follows the training
+# batch size and world size (ssl_norm="auto"), which a reader of the checkpoint may not reproduce:
+# it is neither checked nor loaded.
+_TRAINING_ONLY = ("ssl_head.",)
+
+
+def _strip_prefixes(state: dict) -> dict:
+    """Parameter names without the wrappers' prefixes (DistributedDataParallel, torch.compile)."""
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _run_config(path: Path, state: dict, config: str | Path | None) -> RunConfig:
+    """`config` if given, else the configuration stored in the checkpoint, else the `config.yaml`
+    the trainer writes in the run directory (checkpoints live in `<run dir>/checkpoints/`)."""
+    if config is not None:
+        return load_config(config)
+    if isinstance(state.get("config"), dict):
+        try:
+            cfg = from_dict(RunConfig, state["config"])
+            check_consistency(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: stored run configuration: {e}") from None
+        return cfg
+    for cand in (path.parent.parent / "config.yaml", path.parent / "config.yaml"):
+        if cand.is_file():
+            return load_config(cand)
+    raise FileNotFoundError(f"{path}: no run configuration in the checkpoint and no config.yaml in the run "
+                            "directory; pass one")
+
+
+def load_model(path: str | Path, config: str | Path | None = None,
+               device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig]:
+    """(model, run_config) of a checkpoint: the run's model with the checkpoint's weights, on `device`,
+    in eval mode. The run configuration is `config` (a YAML path) if given, else the one stored in the
+    checkpoint, else `<run dir>/config.yaml`. A checkpoint of another architecture is a CheckpointError."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    run_cfg = _run_config(path, state, config)
+    model = build_model(run_cfg.model, run_cfg.objective.name)
+    weights = _strip_prefixes(state.get("model", state))
+    check_model_state(model, weights, str(path), ignore=_TRAINING_ONLY)
+    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith(_TRAINING_ONLY)}, strict=False)
+    return model.to(device).eval(), run_cfg
 
 
 # ---------------------------------------------------------------- RNG state

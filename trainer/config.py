@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.recipe import AugmentationRecipe
+from trainer.evaluation.config import EvalConfig
 from trainer.models import ModelConfig
 from trainer.objectives import ObjectiveConfig
 
@@ -67,13 +68,6 @@ class CheckpointConfig:
     every_steps: int = 500             # also written at the end of every epoch and of the run
     keep_every: int = 5000             # keep the latest plus every checkpoint whose step is a multiple
     resume: str = "auto"               # auto (latest in out_dir if any) | latest | none | a path
-
-
-@dataclass
-class EvalConfig:
-    data: str | None = None            # labelled eval dir (DIR/eval of the demo); None = no evaluation
-    every_steps: int = 0               # 0 = only at the end of the run
-    batch_size: int = 64
 
 
 @dataclass

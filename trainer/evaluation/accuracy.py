@@ -1,0 +1,19 @@
+"""Classification accuracy from logits, shared by the zero-shot and linear-probe evaluators."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """top-1, top-5 (top-k for fewer classes) and mean per-class accuracy, in percent."""
+    n = len(labels)
+    if n == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "mean_per_class": float("nan"), "num_images": 0}
+    k = min(5, num_classes)
+    topk = logits.topk(k, dim=1).indices
+    correct1 = topk[:, 0] == labels
+    correct5 = (topk == labels[:, None]).any(dim=1)
+    per_class = [correct1[labels == c].float().mean().item() for c in range(num_classes) if (labels == c).any()]
+    return {"top1": 100.0 * correct1.float().mean().item(), "top5": 100.0 * correct5.float().mean().item(),
+            "mean_per_class": 100.0 * float(np.mean(per_class)), "num_images": n}

@@ -1,0 +1,308 @@
+"""Evaluation data: labelled image sets, the evaluation directory layout, the evaluation transform.
+
+Readers (each returns `Sample`s; decoding happens later, batch by batch):
+- an ImageFolder directory, `<root>/<class name>/*.jpg`; class order from a `classnames.json` in
+  the root or its parent, else sorted directory names;
+- webdataset tar shards whose samples carry an image (`jpg`/`jpeg`/`png`/`webp`) and an integer
+  label (`cls`);
+- `EvalData.open`: the demo's held-out layout (docs/ARCHITECTURE.md "Demo data"),
+  `<dir>/{train,val}/...` plus `classnames.json`, `templates.json` and `val_captions.jsonl`, or a
+  single labelled set of either kind.
+
+Images that cannot be read (missing, truncated, not an image) are counted and named in `BadImages`
+and skipped; evaluation continues on the rest.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+METADATA_DIR = Path(__file__).resolve().parents[1] / "data"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_classnames() -> list[str]:
+    """The 1000 ImageNet class names of OpenAI's CLIP (also used by OpenCLIP)."""
+    return json.loads((METADATA_DIR / "imagenet_classnames.json").read_text())
+
+
+def imagenet_templates() -> list[str]:
+    """The SLIP paper's 7 ImageNet prompt templates."""
+    return json.loads((METADATA_DIR / "imagenet_templates.json").read_text())
+
+
+# ============================================================================ images
+
+class EvalTransform:
+    """Resize (short side) + CenterCrop + normalise, with PIL: the usual evaluation transform."""
+
+    def __init__(self, image_size: int, resize: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
+        self.size, self.resize = image_size, resize or image_size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    @classmethod
+    def from_recipe(cls, recipe) -> EvalTransform:
+        """The transform matching a training recipe (pipeline/recipe.py): its image size, eval resize
+        (None = image size) and normalisation."""
+        return cls(recipe.image_size, recipe.eval_resize, tuple(recipe.mean), tuple(recipe.std))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = self.resize / min(w, h)
+        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return (x - self.mean) / self.std
+
+
+@dataclass
+class BadImages:
+    """Images that could not be read: counted and named, never fatal."""
+    items: list[str] = field(default_factory=list)
+
+    def add(self, name: str, err: BaseException) -> None:
+        self.items.append(f"{name}: {type(err).__name__}: {err}")
+
+    def as_dict(self) -> dict:
+        return {"count": len(self.items), "files": self.items}
+
+
+def _decode(data: bytes | None, path: str | Path | None) -> Image.Image:
+    img = Image.open(io.BytesIO(data) if data is not None else path)
+    img.load()  # force the full decode here so truncated files fail now
+    return img
+
+
+# ============================================================================ labelled sets
+
+@dataclass
+class Sample:
+    name: str                          # file path or shard:key, for reports
+    label: int
+    path: Path | None = None
+    data: bytes | None = None
+
+
+def _read_json_list(path: Path, what: str) -> list[str]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read {what} ({e})") from e
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{path}: {what} must be a JSON list of strings")
+    return value
+
+
+def find_classnames(root: Path, explicit: str | None = None) -> list[str] | None:
+    """classnames.json given explicitly, or in `root` or its parent (demo layout), else None."""
+    if explicit:
+        return _read_json_list(Path(explicit), "class names")
+    for cand in (root / "classnames.json", root.parent / "classnames.json"):
+        if cand.is_file():
+            return _read_json_list(cand, "class names")
+    return None
+
+
+def image_folder(root: str | Path, classnames: list[str] | None = None) -> tuple[list[Sample], list[str]]:
+    """Samples of `<root>/<class dir>/<image>`; labels index `classnames` (default: sorted dir names)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such evaluation directory")
+    dirs = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if classnames is None:
+        classnames = dirs
+    index = {c: i for i, c in enumerate(classnames)}
+    unknown = [d for d in dirs if d not in index]
+    if unknown:
+        raise ValueError(f"{root}: class directories not in classnames.json: {unknown[:5]}")
+    samples = [Sample(str(p), index[d], path=p) for d in dirs for p in sorted((root / d).iterdir())
+               if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not samples:
+        raise ValueError(f"{root}: no images found (expected <root>/<class name>/*.jpg)")
+    return samples, classnames
+
+
+def shard_paths(spec: str | Path) -> list[Path]:
+    """A directory of .tar shards, a glob, or a single tar."""
+    p = Path(spec)
+    if p.is_dir():
+        paths = sorted(p.glob("*.tar"))
+    else:
+        paths = sorted(Path(x) for x in glob.glob(str(spec)))
+    if not paths:
+        raise FileNotFoundError(f"{spec}: no .tar shards found")
+    return paths
+
+
+def _tar_groups(path: Path, bad: BadImages) -> dict[str, dict[str, bytes]]:
+    """Members of one tar grouped by sample key (`dir/key.ext` -> {ext: bytes}), in tar order. A
+    damaged tar is reported in `bad` and keeps the samples read before the damage."""
+    groups: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                prefix = m.name[: len(m.name) - len(base)]
+                groups.setdefault(prefix + key, {})[ext.lower()] = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        bad.add(str(path), e)
+    return groups
+
+
+def webdataset_samples(paths: Sequence[Path], bad: BadImages) -> list[Sample]:
+    """Labelled samples (image bytes + `cls`) from webdataset tars. Samples without a readable label
+    or image are reported in `bad` and skipped."""
+    samples: list[Sample] = []
+    for path in paths:
+        for key, parts in _tar_groups(path, bad).items():
+            name = f"{path}:{key}"
+            img = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+            try:
+                if img is None:
+                    raise ValueError("sample has no image")
+                if "cls" not in parts:
+                    raise ValueError("sample has no cls label")
+                label = int(parts["cls"].decode().strip())
+            except (ValueError, UnicodeDecodeError) as e:
+                bad.add(name, e)
+                continue
+            samples.append(Sample(name, label, data=img))
+    return samples
+
+
+@dataclass
+class LabelledSplit:
+    """One labelled set: an ImageFolder directory or webdataset shards (a dir of tars or a glob)."""
+    location: Path
+    samples: list[Sample]
+    classnames: list[str] | None       # None: shards, and no class names were given
+
+    @classmethod
+    def open(cls, location: Path, classnames: list[str] | None, bad: BadImages) -> LabelledSplit:
+        tars = sorted(location.glob("*.tar")) if location.is_dir() else shard_paths(location)
+        if tars:
+            return cls(location, webdataset_samples(tars, bad), classnames)
+        samples, classnames = image_folder(location, classnames)
+        return cls(location, samples, classnames)
+
+
+def read_captions(path: Path, root: Path, bad: BadImages) -> list[tuple[Path, str]]:
+    """(image path, caption) pairs from a jsonl of {"file": path relative to root (or root/val), "caption": str}.
+    Malformed lines are reported with file:line and skipped."""
+    pairs = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            file, caption = rec["file"], rec["caption"]
+            if not isinstance(file, str) or not isinstance(caption, str):
+                raise ValueError("file and caption must be strings")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            bad.items.append(f"{path}:{lineno}: malformed caption record ({type(e).__name__}: {e})")
+            continue
+        image = root / file
+        if not image.exists() and (root / "val" / file).exists():  # paths relative to the val split
+            image = root / "val" / file
+        pairs.append((image, caption))
+    return pairs
+
+
+@dataclass
+class EvalData:
+    """The listing of one evaluation location (made once; images are decoded at each evaluation).
+
+    - the demo layout: `train/` and `val/` (ImageFolder dirs or shard dirs), `classnames.json`,
+      `templates.json`, `val_captions.jsonl`: `test` is val, `train` the probe's training split;
+    - a single ImageFolder directory or shard dir/glob: `test` only.
+    """
+    location: str
+    root: Path                         # where classnames.json, templates.json, val_captions.jsonl are looked up
+    test: LabelledSplit
+    train: LabelledSplit | None
+    classnames: list[str]
+    templates: list[str]               # zero-shot prompts, each with "{}"
+    captions: list[tuple[Path, str]] | None
+    bad: BadImages                     # problems found while listing
+
+    @classmethod
+    def open(cls, location: str | None, classnames: str | None = None, templates: str | None = None) -> EvalData:
+        """List `location`; `classnames` / `templates` are JSON list files overriding the data's own
+        (absent both: directory names, and the SLIP paper's ImageNet templates)."""
+        if not location:
+            raise ValueError("evaluation needs a data directory (EvalConfig.data)")
+        given = Path(location)
+        root = given if given.is_dir() else given.parent
+        bad = BadImages()
+        names = find_classnames(root, classnames)
+        has_splits = (root / "val").is_dir() and given.is_dir()
+        test = LabelledSplit.open(given / "val" if has_splits else given, names, bad)
+        train = LabelledSplit.open(given / "train", test.classnames, bad) \
+            if has_splits and (given / "train").is_dir() else None
+        if test.classnames is None:
+            labels = {s.label for s in test.samples}
+            raise ValueError(f"{location}: shards carry labels 0..{max(labels, default=-1)} but no "
+                             "classnames.json was found (pass EvalConfig.classnames)")
+        tpl = Path(templates) if templates else root / "templates.json"
+        prompts = _read_json_list(tpl, "templates") if (templates or tpl.is_file()) else imagenet_templates()
+        cap = root / "val_captions.jsonl"
+        captions = read_captions(cap, root, bad) if cap.is_file() else None
+        return cls(str(location), root, test, train, test.classnames, prompts, captions, bad)
+
+
+# ============================================================================ decoding in batches
+
+class _ImageDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: Sequence[Sample], transform: EvalTransform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        try:
+            return self.transform(_decode(s.data, s.path)), s.label, i, None
+        except Exception as e:  # any decoding failure: report, skip, continue
+            return None, s.label, i, f"{s.name}: {type(e).__name__}: {e}"
+
+
+def _collate(items):
+    return items
+
+
+def iterate_images(samples: Sequence[Sample], transform: EvalTransform, batch_size: int, bad: BadImages,
+                   desc: str = "images", progress: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """Batches (images, labels, sample indices) of the readable samples; unreadable ones go to `bad`."""
+    loader = torch.utils.data.DataLoader(_ImageDataset(samples, transform), batch_size=batch_size,
+                                         shuffle=False, collate_fn=_collate)
+    with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for items in loader:
+            good = [it for it in items if it[0] is not None]
+            for it in items:
+                if it[0] is None:
+                    bad.items.append(it[3])
+            bar.update(len(items))
+            if good:
+                yield (torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]),
+                       [g[2] for g in good])
