@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.shards import iter_tar_samples
+
 METADATA_DIR = Path(__file__).resolve().parents[1] / "data"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -157,13 +159,8 @@ def _tar_groups(path: Path, bad: BadImages) -> dict[str, dict[str, bytes]]:
     groups: dict[str, dict[str, bytes]] = {}
     try:
         with tarfile.open(path) as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                prefix = m.name[: len(m.name) - len(base)]
-                groups.setdefault(prefix + key, {})[ext.lower()] = tar.extractfile(m).read()
+            for key, parts in iter_tar_samples(tar):   # webdataset's key/extension rule
+                groups.setdefault(key, {}).update({ext: tar.extractfile(m).read() for ext, m in parts.items()})
     except (tarfile.TarError, OSError, EOFError) as e:
         bad.add(str(path), e)
     return groups

@@ -6,10 +6,10 @@ evaluators need, and shared by them; an evaluator whose data is absent is skippe
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
+from pipeline.files import write_json_atomic
 from trainer.evaluation import probe, retrieval, zeroshot
 from trainer.evaluation.config import TASKS, EvalConfig
 from trainer.evaluation.data import BadImages, EvalData, EvalTransform
@@ -76,12 +76,6 @@ def flat_metrics(results: dict) -> dict[str, float]:
 
 def save_results(results: dict, path: str | Path) -> None:
     """Write `results` as indented JSON; readers never see a partial file."""
-    _write_json(results, path)
+    write_json_atomic(path, results, indent=2, default=float)
 
 
-def _write_json(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    tmp.replace(path)
