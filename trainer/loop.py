@@ -106,8 +106,8 @@ class Trainer:
 
     @property
     def metrics(self) -> MetricsLogger:
-        """Opened on first use at the current step; the first opening drops the log lines past it
-        (a resumed run), a reopening appends."""
+        """Opened on first use (so `save()` works before `fit()`) at the current step; the first
+        opening drops the log lines past it (a resumed run), a reopening appends."""
         if self._metrics is None:
             self._metrics = MetricsLogger(self.cfg.out_dir, self.c.rank, self.c.total_steps,
                                           start_step=self.state.step, truncate=not self._metrics_opened)
@@ -230,7 +230,7 @@ class Trainer:
         if st.step >= c.total_steps:
             self._close_metrics(f"nothing to do: the run already finished {st.step} of {c.total_steps} steps")
             return st
-        self.metrics   # opened now: the bar shows from the first step
+        self.metrics.advance(0)   # open the log now: the bar shows while the first step runs
         global_batch = cfg.data.batch_size * cfg.optim.accum_steps * c.world_size
         speed, mfu = ThroughputMeter(global_batch), RunningMean()
         start_step, last_loss = st.step, None
