@@ -44,6 +44,12 @@ def test_overrides_are_typed(tmp_path):
     ("train.compile=1", "expected true/false"),
     ("noequals", "expected key.sub=value"),
     ("model.preset=vit_huge", "unknown model preset"),
+    ("data.caption_mode=sometimes", "data.caption_mode: expected one of"),
+    ("objective.name=moco", "objective.name: expected one of"),
+    ("model.ssl_norm=gn", "model.ssl_norm: expected one of"),
+    ("optim.accum_steps=0", "accum_steps must be >= 1"),
+    ("train.log_every=0", "log_every must be >= 1"),
+    ("data.batch_size=0", "batch_size must be >= 1"),
 ])
 def test_bad_override_is_a_clear_error(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -67,6 +73,15 @@ def test_cross_section_check():
         load_config(None, ["data.backend=pillow", "data.device=gpu"])
     with pytest.raises(ConfigError, match="backend"):
         load_config(None, ["data.backend=opencv"])
+    with pytest.raises(ConfigError, match="objective simclr needs data.recipe.num_ssl_views=2"):
+        load_config(None, ["objective.name=simclr", "data.recipe.num_ssl_views=0"])
+    assert load_config(None, ["objective.name=clip", "data.recipe.num_ssl_views=0"]).objective.name == "clip"
+
+
+def test_sections_are_owned_by_their_components():
+    from trainer import loop, optim, policies
+    from trainer.config import DebugConfig, OptimConfig, TrainConfig
+    assert (OptimConfig, TrainConfig, DebugConfig) == (optim.OptimConfig, loop.TrainConfig, policies.DebugConfig)
 
 
 def test_round_trip(tmp_path):

@@ -185,3 +185,67 @@ def test_pillow_backend_trains(shards, tmp_path):
     recs = step_records(out)
     assert sorted(recs) == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in recs.values())
     assert "backend: pillow" in (out / "config.yaml").read_text()
+
+
+# ---------------------------------------------------------------- the loop in-process (no DDP, no data pipeline)
+
+class _ListLoader:
+    """Stands in for SLIPLoader: fixed batches, one epoch per pass, a position to checkpoint."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches, self.steps_per_epoch, self.bad_samples, self.position = batches, len(batches), 0, 0
+
+    def __iter__(self):
+        while self.position < len(self.batches):
+            self.position += 1
+            yield self.batches[self.position - 1]
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def _in_process_trainer(out: Path, *overrides: str):
+    from model_testing import random_batch
+    from trainer.config import load_config
+    from trainer.loop import Components, Trainer
+    from trainer.models import build_model
+    from trainer.objectives import build_objective
+    from trainer.optim import WarmupCosine, build_optimizer
+    cfg = load_config(None, ["model.preset=vit_tiny", "data.recipe.image_size=64", "objective.name=clip",
+                             "data.recipe.num_ssl_views=0", "data.batch_size=4", "train.log_every=1",
+                             "checkpoint.every_steps=0", f"out_dir={out}", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.objective.name)
+    opt = build_optimizer(model, cfg.optim)
+    loader = _ListLoader([random_batch(4, seed=s) for s in range(2)])
+    return Trainer(Components(cfg=cfg, model=model, train_model=model, objective=build_objective(cfg.objective),
+                              optimizer=opt, scheduler=WarmupCosine(opt, cfg.optim.lr, 1, 4), loader=loader,
+                              device=torch.device("cpu"), total_steps=4))
+
+
+def test_save_works_before_fit(tmp_path):
+    from trainer import checkpoint as ckpt
+    trainer = _in_process_trainer(tmp_path, "debug.inject_nan_at_steps=[2]")
+    trainer.save()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [0]
+    state = trainer.fit()
+    assert state.step == 4 and state.nonfinite_total == 1 and state.checkpoints_written == 2
+    assert sorted(step_records(tmp_path)) == [1, 3, 4]
+    assert [e["step"] for e in events(tmp_path, "checkpoint")] == [0, 4]
+    assert [e["step"] for e in events(tmp_path, "nonfinite")] == [2]
+    assert "1 non-finite steps skipped" in events(tmp_path, "summary")[0]["message"]
+
+
+def test_stop_signal_checkpoints_and_stops(tmp_path):
+    import signal
+    from trainer import checkpoint as ckpt
+    trainer = _in_process_trainer(tmp_path)
+    trainer.signals.received = signal.SIGTERM
+    state = trainer.fit()
+    assert state.step == 1
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [1]
+    assert "rerun the same command" in events(tmp_path, "stopped")[0]["message"]

@@ -38,3 +38,32 @@ def test_plot_metrics_writes_pngs(tmp_path):
     for name in ("losses", "lr", "throughput", "data_wait", "logit_scale"):
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_meters_and_cadences():
+    import time
+
+    import pytest
+
+    from trainer.metrics import RunningMean, ThroughputMeter, model_flops_utilisation
+    from trainer.policies import Every, NonFiniteLossError, NonFinitePolicy
+    meter = ThroughputMeter(samples_per_step=8)
+    with meter.waiting_for_data():
+        time.sleep(0.01)
+    meter.step()
+    meter.step()
+    w = meter.window()
+    assert w["images_per_s"] == pytest.approx(16 / (2 * w["step_time"]))
+    assert 0 < w["data_wait"] <= 1 and meter.total_wait >= 0.01
+    meter.restart()
+    assert meter.window_steps == 0 and meter.window_wait == 0.0 and meter.total_wait >= 0.01
+    assert model_flops_utilisation(100.0, 1e12, 1e15, 2) == pytest.approx(0.05)
+    mean = RunningMean()
+    assert mean.mean is None
+    mean.add(1.0)
+    mean.add(2.0)
+    assert mean.mean == 1.5
+    assert [s for s in range(1, 13) if Every(4)(s)] == [4, 8, 12] and not any(Every(0)(s) for s in range(9))
+    NonFinitePolicy(2).check(1, 5, Path("ck"))
+    with pytest.raises(NonFiniteLossError, match="2 non-finite steps in a row \\(last at step 6\\)"):
+        NonFinitePolicy(2).check(2, 6, Path("ck"))

@@ -1,10 +1,11 @@
-"""FLOPs per training sample, counted by torch.utils.flop_counter.FlopCounterMode (for MFU).
+"""FLOPs per training sample, counted by torch.utils.flop_counter.FlopCounterMode, and the peak
+FLOP/s of the device: the two halves of MFU.
 
 The model is built on the meta device and run forward once on one sample of each input, so even
 ViT-L costs no memory or compute. FLOPs = 2 x multiply-accumulates of matrix products and
 convolutions (attention included, the causal text mask counted as dense, as in the published
-figures); element-wise work is not counted. SPEC's reference: ViT-B/16 forward 35.1 GFLOPs per image
-view and 6.0 per caption, SLIP = 3 x 35.1 + 6.0 = 111 GFLOPs forward. Training = 3 x forward
+figures); element-wise work is not counted. For ViT-B/16 this gives 35.1 GFLOPs forward per image
+view and 6.0 per caption, so SLIP = 3 x 35.1 + 6.0 = 111 GFLOPs forward. Training = 3 x forward
 (backward costs two forwards; recomputation for gradient checkpointing is not counted, as usual for MFU).
 """
 from __future__ import annotations
@@ -15,8 +16,27 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
 from trainer.models import ModelConfig, build_model
+from trainer.objectives import objective_parts
 
 aten = torch.ops.aten
+
+# Dense bf16 tensor-core peak per device (FLOP/s), by a substring of the CUDA device name.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "A10G": 70e12, "A10": 125e12, "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """Per-device peak FLOP/s: `override_tflops` (train.peak_tflops) if set, else looked up for a
+    known CUDA device; None when unknown (no MFU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
 
 
 @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
@@ -55,8 +75,8 @@ def flops_per_sample(model_cfg: ModelConfig, objective: str) -> FlopCount:
         forward = count_flops(model, batch)
         image_flops = count_flops(model.visual, image)
         text_flops = count_flops(model.text, text) if model.uses_text else 0
-    views = int(model.uses_clip or model.uses_nclip) + 2 * int(model.uses_ssl)
-    return FlopCount(image_per_view=image_flops, text=text_flops, forward=forward, image_views=views)
+    return FlopCount(image_per_view=image_flops, text=text_flops, forward=forward,
+                     image_views=objective_parts(objective).image_views)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The train step and the loop: accumulation, mixed precision, non-finite skipping, checkpoints.
 
+The loop asks small policies (trainer/policies.py) when to log, checkpoint, evaluate or stop, and
+meters (trainer/metrics.py) for throughput and MFU; the step itself only computes.
+
 Gradient accumulation: each micro-batch's contrastive loss only sees the negatives of that
 micro-batch (gathered across ranks), so accumulating k micro-batches of size b is NOT the same
 objective as one batch of k*b; it only saves memory at the cost of fewer negatives.
@@ -7,35 +10,54 @@ objective as one batch of k*b; it only saves memory at the cost of fewer negativ
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from trainer import checkpoint as ckpt
-from trainer.config import RunConfig, to_dict
-from trainer.metrics import MetricsLogger, fmt_summary
+from trainer.batches import endless, to_device
+from trainer.dataclass_io import to_dict
+from trainer.metrics import (MetricsLogger, RunningMean, ThroughputMeter, fmt_summary,
+                             model_flops_utilisation)
+from trainer.optim import WarmupCosine
+from trainer.policies import DebugFaults, Every, NonFiniteLossError, NonFinitePolicy, StopSignals
+
+if TYPE_CHECKING:
+    from trainer.config import RunConfig
+
+__all__ = ["Components", "NonFiniteLossError", "StepResult", "TrainConfig", "TrainState", "Trainer"]
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False              # torch.compile the model
+    find_unused_parameters: bool = False   # DDP; only for objectives that leave parameters unused
+    static_graph: bool = False
+    log_every: int = 10                # steps between metrics lines (each costs a device sync)
+    max_nonfinite: int = 5             # consecutive non-finite steps before the run stops
+    peak_tflops: float | None = None   # per-device peak for MFU; None = look the device up
+    torch_threads: int | None = None   # CPU intra-op threads per rank
+
+    def __post_init__(self):
+        if self.log_every < 1:
+            raise ValueError("log_every must be >= 1")
 
 
 @dataclass
 class Components:
-    """Everything the loop needs, built by trainer/run.py."""
+    """Everything the loop needs, built by trainer/components.py."""
     cfg: RunConfig
     model: nn.Module              # the bare model (checkpoints, clamp, evaluation)
     train_model: nn.Module        # what is called in the step: DDP and/or compiled wrapper of `model`
-    objective: nn.Module
+    objective: Callable[[dict], dict]
     optimizer: torch.optim.Optimizer
-    scheduler: object             # trainer.optim.WarmupCosine
+    scheduler: WarmupCosine
     loader: object                # pipeline.loader.SLIPLoader
     device: torch.device
     rank: int = 0
@@ -55,36 +77,46 @@ class TrainState:
     nonfinite_total: int = 0
     nonfinite_in_a_row: int = 0
     checkpoints_written: int = 0
-    extra: dict = field(default_factory=dict)
 
 
-def _batches(loader) -> Iterator[dict]:
-    """Endless stream over epochs; the loader itself tracks the epoch and the position."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty and getattr(loader, "steps_per_epoch", 1) == 0:
-            raise RuntimeError("the loader yields no batches (is the manifest empty?)")
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+@dataclass
+class StepResult:
+    values: dict[str, torch.Tensor]   # this rank's loss terms, accuracies and the grad norm
+    lr: float                         # the rate the step ran at
+    skipped: bool                     # non-finite on some rank: no update anywhere
+    stop: bool                        # some rank received a stop signal
 
 
 class Trainer:
     def __init__(self, c: Components):
         self.c = c
-        self.cfg = c.cfg
+        self.cfg = cfg = c.cfg
         self.state = TrainState()
-        self.ckpt_dir = Path(self.cfg.out_dir) / "checkpoints"
+        self.ckpt_dir = Path(cfg.out_dir) / "checkpoints"
         self.params = [p for p in c.model.parameters() if p.requires_grad]
-        self.stop_signal: int | None = None   # set by SIGTERM/SIGUSR1 (SLURM preemption, scancel)
-        self.stop_now = False
+        self.signals = StopSignals()
+        self.faults = DebugFaults(cfg.debug, cfg.out_dir, c.rank)
+        self.objective = self.faults.wrap_objective(c.objective, lambda: self.state.step + 1)
+        self.nonfinite = NonFinitePolicy(cfg.train.max_nonfinite)
+        self.log_due = Every(cfg.train.log_every)
+        self.checkpoint_due = Every(cfg.checkpoint.every_steps)
+        self.eval_due = Every(cfg.eval.every_steps if c.evaluate is not None else 0)
+        self._metrics: MetricsLogger | None = None
+        self._metrics_opened = False
 
-    def _request_stop(self, signum, frame) -> None:
-        self.stop_signal = signum
+    @property
+    def metrics(self) -> MetricsLogger:
+        """Opened on first use (so `save()` works before `fit()`) at the current step; the first
+        opening drops the log lines past it (a resumed run), a reopening appends."""
+        if self._metrics is None:
+            self._metrics = MetricsLogger(self.cfg.out_dir, self.c.rank, self.c.total_steps,
+                                          start_step=self.state.step, truncate=not self._metrics_opened)
+            self._metrics_opened = True
+        return self._metrics
+
+    def _close_metrics(self, summary: str | None = None) -> None:
+        self.metrics.close(summary)
+        self._metrics = None
 
     # ------------------------------------------------------------ checkpoint state
 
@@ -144,10 +176,9 @@ class Trainer:
 
     # ------------------------------------------------------------ one optimizer step
 
-    def train_step(self, micro_batches: list[dict]) -> tuple[dict, bool, float]:
+    def train_step(self, micro_batches: list[dict]) -> StepResult:
         """Forward/backward over the micro-batches, then step (or skip when non-finite)."""
         c, k = self.c, len(micro_batches)
-        inject = (self.state.step + 1) in self.cfg.debug.inject_nan_at_steps
         totals: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
             sync = contextlib.nullcontext()
@@ -156,16 +187,12 @@ class Trainer:
             with sync:
                 with torch.autocast(c.device.type, dtype=c.amp_dtype, enabled=c.amp_dtype is not None):
                     out = c.train_model(batch)
-                    losses = c.objective(out)
+                    losses = self.objective(out)
                 loss = losses["loss"].float() / k
-                if inject:
-                    loss = loss * float("nan")
                 (c.scaler.scale(loss) if c.scaler is not None else loss).backward()
             for name, v in losses.items():
                 if torch.is_tensor(v) and v.numel() == 1:
                     totals[name] = totals.get(name, 0) + v.detach().float() / k
-            if inject:
-                totals["loss"] = totals["loss"] * float("nan")
         if c.scaler is not None:
             c.scaler.unscale_(c.optimizer)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip else float("inf")
@@ -174,10 +201,10 @@ class Trainer:
         # agree on "skip" so no rank steps while another does not.
         bad = (~torch.isfinite(totals["loss"]) | ~torch.isfinite(grad_norm)).float().reshape(1)
         # One small all-reduce carries both flags: "skip this step" and "a rank was asked to stop".
-        flags = torch.cat([bad, torch.tensor([float(self.stop_signal is not None)], device=bad.device)])
+        flags = torch.cat([bad, torch.tensor([float(self.signals.requested)], device=bad.device)])
         if c.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        skipped, self.stop_now = (bool(f) for f in flags.tolist())
+        skipped, stop = (bool(f) for f in flags.tolist())
         if skipped:
             c.optimizer.zero_grad(set_to_none=True)
             if c.scaler is not None:
@@ -191,12 +218,97 @@ class Trainer:
             c.optimizer.zero_grad(set_to_none=True)
             if hasattr(c.model, "clamp_logit_scale"):
                 c.model.clamp_logit_scale()
-        lr = c.optimizer.param_groups[0]["lr"]
+        lr = c.scheduler.lr
         c.scheduler.step()   # the schedule follows the step count, skipped steps included
         totals["grad_norm"] = grad_norm.detach().float()
-        return totals, skipped, lr
+        return StepResult(totals, lr, skipped, stop)
 
     # ------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainState:
+        c, cfg, st = self.c, self.cfg, self.state
+        if st.step >= c.total_steps:
+            self._close_metrics(f"nothing to do: the run already finished {st.step} of {c.total_steps} steps")
+            return st
+        self.metrics.advance(0)   # open the log now: the bar shows while the first step runs
+        global_batch = cfg.data.batch_size * cfg.optim.accum_steps * c.world_size
+        speed, mfu = ThroughputMeter(global_batch), RunningMean()
+        start_step, last_loss = st.step, None
+        if c.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(c.device)
+        self.signals.install()
+        stream = endless(c.loader)
+        try:
+            while st.step < c.total_steps:
+                with speed.waiting_for_data():
+                    micro = [to_device(next(stream), c.device) for _ in range(cfg.optim.accum_steps)]
+                result = self.train_step(micro)
+                st.step += 1
+                st.samples_seen += global_batch
+                speed.step()
+                if result.skipped:
+                    self._record_nonfinite(result)
+                else:
+                    st.nonfinite_in_a_row = 0
+                    if self.log_due(st.step) or st.step == c.total_steps:
+                        last_loss = self._log_step(result, speed, mfu)
+                self.metrics.advance()
+                if result.stop:
+                    # Preemption: checkpoint now (every rank agreed via the flag), exit; rerun resumes.
+                    self.save()
+                    self.metrics.event(st.step, "stopped", f"signal received, checkpoint at step {st.step} "
+                                       "written; rerun the same command to resume")
+                    break
+                if st.step < c.total_steps:
+                    if self.checkpoint_due(st.step):
+                        self.save()
+                    if self.eval_due(st.step):
+                        self._evaluate()
+                self.faults.after_step(st.step)
+            else:
+                self.save()
+                if c.evaluate is not None:
+                    self._evaluate()
+        except BaseException:
+            self._close_metrics()
+            raise
+        seconds = speed.elapsed()
+        steps = st.step - start_step
+        self._close_metrics(fmt_summary(steps, steps * global_batch, seconds,
+                                        speed.total_wait / max(seconds, 1e-9), mfu.mean,
+                                        st.checkpoints_written, st.nonfinite_total, last_loss))
+        self.faults.after_fit(c.model)
+        return st
+
+    def _record_nonfinite(self, result: StepResult) -> None:
+        st = self.state
+        st.nonfinite_total += 1
+        st.nonfinite_in_a_row += 1
+        self.metrics.event(st.step, "nonfinite",
+                           f"non-finite loss/gradient, step skipped ({st.nonfinite_in_a_row} in a row)",
+                           loss=float(result.values["loss"]))
+        self.nonfinite.check(st.nonfinite_in_a_row, st.step, self.ckpt_dir)
+
+    def _log_step(self, result: StepResult, speed: ThroughputMeter, mfu: RunningMean) -> float:
+        """One metrics line: global means of the step's values, rates of the window since the last."""
+        c, cfg, st = self.c, self.cfg, self.state
+        window = speed.window()
+        rec = self._global_mean(result.values)
+        samples_per_epoch = max(1, c.loader.steps_per_epoch * cfg.data.batch_size * c.world_size)
+        rec.update(lr=result.lr, epoch=st.samples_seen / samples_per_epoch, samples_seen=st.samples_seen,
+                   **window)
+        if c.device.type == "cuda":
+            rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(c.device) / 2**30
+        if c.flops_per_sample and c.peak_flops:
+            rec["mfu"] = model_flops_utilisation(rec["images_per_s"], c.flops_per_sample, c.peak_flops,
+                                                 c.world_size)
+            mfu.add(rec["mfu"])
+        bad = getattr(c.loader, "bad_samples", None)
+        if isinstance(bad, int):
+            rec["bad_samples"] = bad
+        self.metrics.log(st.step, rec)
+        speed.restart()
+        return rec["loss"]
 
     def _global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         names = sorted(values)
@@ -205,101 +317,6 @@ class Trainer:
             dist.all_reduce(vec)
             vec /= self.c.world_size
         return dict(zip(names, vec.tolist()))
-
-    def fit(self) -> TrainState:
-        c, cfg, st = self.c, self.cfg, self.state
-        self.metrics = MetricsLogger(cfg.out_dir, c.rank, c.total_steps, start_step=st.step)
-        accum = cfg.optim.accum_steps
-        global_batch = cfg.data.batch_size * accum * c.world_size
-        stream = _batches(c.loader)
-        t_start = time.perf_counter()
-        start_step = st.step
-        window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
-        total_wait = 0.0
-        last_loss = None
-        mfu_sum, mfu_n = 0.0, 0
-        if c.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(c.device)
-        if st.step >= c.total_steps:
-            self.metrics.close(f"nothing to do: the run already finished {st.step} of {c.total_steps} steps")
-            return st
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._request_stop)
-        try:
-            while st.step < c.total_steps:
-                t0 = time.perf_counter()
-                micro = [_to_device(next(stream), c.device) for _ in range(accum)]
-                wait = time.perf_counter() - t0
-                window["wait"] += wait
-                total_wait += wait
-                values, skipped, lr = self.train_step(micro)
-                st.step += 1
-                st.samples_seen += global_batch
-                window["steps"] += 1
-                if skipped:
-                    st.nonfinite_total += 1
-                    st.nonfinite_in_a_row += 1
-                    self.metrics.event(st.step, "nonfinite",
-                                       f"non-finite loss/gradient, step skipped ({st.nonfinite_in_a_row} in a row)",
-                                       loss=float(values["loss"]))
-                    if st.nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{st.nonfinite_in_a_row} non-finite steps in a row (last at step {st.step}); "
-                            f"stopping. The last good checkpoint is in {self.ckpt_dir} "
-                            "(lower the lr, enable optim.grad_clip, or check the data).")
-                else:
-                    st.nonfinite_in_a_row = 0
-                    if st.step % cfg.train.log_every == 0 or st.step == c.total_steps:
-                        now = time.perf_counter()
-                        dt = now - window["t"]
-                        rec = self._global_mean(values)
-                        last_loss = rec["loss"]
-                        rec.update(lr=lr, epoch=st.samples_seen / max(1, c.loader.steps_per_epoch * cfg.data.batch_size * c.world_size),
-                                   samples_seen=st.samples_seen,
-                                   step_time=dt / window["steps"],
-                                   images_per_s=window["steps"] * global_batch / dt,
-                                   data_wait=window["wait"] / dt)
-                        if c.device.type == "cuda":
-                            rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(c.device) / 2**30
-                        if c.flops_per_sample and c.peak_flops:
-                            rec["mfu"] = rec["images_per_s"] * c.flops_per_sample / (c.peak_flops * c.world_size)
-                            mfu_sum, mfu_n = mfu_sum + rec["mfu"], mfu_n + 1
-                        bad = getattr(c.loader, "bad_samples", None)
-                        if isinstance(bad, int):
-                            rec["bad_samples"] = bad
-                        self.metrics.log(st.step, rec)
-                        window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
-                self.metrics.advance()
-                if self.stop_now:
-                    # Preemption: checkpoint now (every rank agreed via the flag), exit; rerun resumes.
-                    self.save()
-                    self.metrics.event(st.step, "stopped", f"signal received, checkpoint at step {st.step} "
-                                       "written; rerun the same command to resume")
-                    break
-                if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0 \
-                        and st.step < c.total_steps:
-                    self.save()
-                if c.evaluate is not None and cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0 \
-                        and st.step < c.total_steps:
-                    self._evaluate()
-                if cfg.debug.sigkill_at_step is not None and st.step == cfg.debug.sigkill_at_step:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            else:
-                self.save()
-                if c.evaluate is not None:
-                    self._evaluate()
-        except BaseException:
-            self.metrics.close()
-            raise
-        seconds = time.perf_counter() - t_start
-        steps = st.step - start_step
-        summary = fmt_summary(steps, steps * global_batch, seconds, total_wait / max(seconds, 1e-9),
-                              mfu_sum / mfu_n if mfu_n else None, st.checkpoints_written,
-                              st.nonfinite_total, last_loss)
-        self.metrics.close(summary)
-        if cfg.debug.save_rank_params:
-            torch.save(c.model.state_dict(), Path(cfg.out_dir) / f"rank{c.rank}_params.pt")
-        return st
 
     def _evaluate(self) -> None:
         """Rank 0 evaluates the bare model (no collectives inside); the other ranks wait."""

@@ -1,10 +1,12 @@
-"""What a user sees: metrics.jsonl, TensorBoard events (if installed), a progress bar, a summary.
+"""What a user sees: metrics.jsonl, TensorBoard events (if installed), a progress bar, a summary;
+and the meters behind the numbers (throughput, data wait, MFU).
 
 Only rank 0 writes. On resume, lines past the resumed step are dropped so that metrics.jsonl reads
 as one unbroken run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -17,15 +19,18 @@ _BAR_KEYS = ("loss", "clip_loss", "ssl_loss", "nclip_loss")
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | Path, rank: int, total_steps: int, start_step: int = 0):
+    """`truncate=False` appends without dropping later lines (reopening the log of a running run)."""
+
+    def __init__(self, out_dir: str | Path, rank: int, total_steps: int, start_step: int = 0,
+                 truncate: bool = True):
         self.enabled = rank == 0
         self.path = Path(out_dir) / "metrics.jsonl"
         self.start_step, self.total_steps = start_step, total_steps
-        self.t0 = time.perf_counter()
         self.tb = self.bar = None
         if not self.enabled:
             return
-        self._truncate_after(start_step)
+        if truncate:
+            self._truncate_after(start_step)
         self.file = open(self.path, "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -87,6 +92,58 @@ class MetricsLogger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class ThroughputMeter:
+    """Step time, images/s and the share of wall time blocked on data, per logging window and for
+    the whole run. The loop reads a window at each metrics line and restarts it once logged."""
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step
+        self.start = time.perf_counter()
+        self.total_wait = 0.0
+        self.restart()
+
+    def restart(self) -> None:
+        self.window_start, self.window_wait, self.window_steps = time.perf_counter(), 0.0, 0
+
+    @contextlib.contextmanager
+    def waiting_for_data(self):
+        t0 = time.perf_counter()
+        yield
+        wait = time.perf_counter() - t0
+        self.window_wait += wait
+        self.total_wait += wait
+
+    def step(self) -> None:
+        self.window_steps += 1
+
+    def window(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self.window_start
+        return {"step_time": seconds / self.window_steps,
+                "images_per_s": self.window_steps * self.samples_per_step / seconds,
+                "data_wait": self.window_wait / seconds}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def model_flops_utilisation(images_per_s: float, flops_per_sample: float, peak_flops: float,
+                            world_size: int) -> float:
+    """MFU: achieved training FLOP/s over the peak of all devices."""
+    return images_per_s * flops_per_sample / (peak_flops * world_size)
+
+
+class RunningMean:
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, value: float) -> None:
+        self.total, self.count = self.total + value, self.count + 1
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
 
 
 def _plain(x):

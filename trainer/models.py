@@ -1,16 +1,11 @@
 """Models for SLIP / CLIP / SimCLR / nCLIP / xCLIP pretraining.
 
 One `SLIPModel` holds what an objective needs and nothing else, so every parameter it owns learns:
+the image trunk always; per `OBJECTIVE_PARTS` (trainer/objectives.py) the CLIP part adds the text
+trunk, both projections and the logit scale, the SimCLR part the SimCLR head, the nCLIP part the
+text trunk, both cluster heads and the shared prototypes.
 
-| objective | image trunk | text trunk | projections + logit scale | SimCLR head | nCLIP heads |
-| --- | --- | --- | --- | --- | --- |
-| clip    | yes | yes | yes | -   | -   |
-| simclr  | yes | -   | -   | yes | -   |
-| slip    | yes | yes | yes | yes | -   |
-| nclip   | yes | yes | -   | -   | yes |
-| xclip   | yes | yes | yes | -   | yes |
-
-Architecture (SPEC section 1):
+Architecture (as the SLIP reference):
 - Image trunk: ViT (timm layout: conv patch embedding, CLS token, learned position embedding, pre-LN
   blocks with GELU MLP and qkv bias, final LayerNorm); the pooled feature is the normalised CLS token.
   ViT-S/16 uses 12 heads like the reference (MoCo-v3 variant).
@@ -43,14 +38,13 @@ divides them by its temperatures. For a pure nCLIP model `encode_image/encode_te
 cluster logits (comparable across modalities through the shared prototypes), so zero-shot and
 retrieval still work.
 
-Weight decay rule (the reference's): parameters with ndim < 2 get none (biases, LayerNorm/BatchNorm
-weights, the logit scale); everything else, including position embeddings and the CLS token, gets
-`weight_decay`. `param_groups(model, weight_decay)` applies it.
+Weight decay groups (position embeddings and the CLS token decay in pretraining): trainer/optim.py.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -58,9 +52,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from trainer.distributed import all_reduce_with_grad, get_world_size
+from trainer.objectives import objective_parts
 
-OBJECTIVES = ("clip", "simclr", "slip", "nclip", "xclip")
 SSL_NORMS = ("auto", "bn", "syncbn", "ln")
+SSLNorm = Literal[SSL_NORMS]
 
 
 @dataclass
@@ -86,7 +81,7 @@ class ModelConfig:
     # SimCLR head
     ssl_mlp_dim: int = 4096
     ssl_emb_dim: int = 256
-    ssl_norm: str = "auto"
+    ssl_norm: SSLNorm = "auto"
     ssl_bn_min_batch: int = 256
     # nCLIP heads
     nclip_clusters: int = 32768
@@ -106,38 +101,24 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
-        """A named preset (see PRESETS) with optional field overrides."""
+        """A named preset (see PRESETS) with optional field overrides. The config loader calls this
+        for a `preset:` key (`model: {preset: vit_b16, ssl_norm: ln}`)."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(name=name, **{**PRESETS[name], **overrides})
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        """From a YAML mapping: optional `preset` key, then field overrides."""
-        d = dict(d)
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"preset"}
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-        name = d.pop("preset", None)
-        return cls.preset(name, **d) if name else cls(**d)
 
-
-# text towers (combine with any vision preset: ModelConfig.preset("vit_b16", **TEXT_PRESETS["text_tiny"]))
-TEXT_PRESETS: dict[str, dict] = {
-    "clip_text": dict(text_width=512, text_layers=12, text_heads=8),
-    "text_tiny": dict(text_width=128, text_layers=2, text_heads=2),
-}
-CLIP_TEXT, TEXT_TINY = TEXT_PRESETS["clip_text"], TEXT_PRESETS["text_tiny"]
-TINY_HEADS = dict(embed_dim=128, ssl_mlp_dim=256, ssl_emb_dim=64,
-                  nclip_clusters=1024, nclip_hidden_dim=256, nclip_bottleneck_dim=64)
+_CLIP_TEXT = dict(text_width=512, text_layers=12, text_heads=8)
+_TINY_TEXT = dict(text_width=128, text_layers=2, text_heads=2)
+_TINY_HEADS = dict(embed_dim=128, ssl_mlp_dim=256, ssl_emb_dim=64,
+                   nclip_clusters=1024, nclip_hidden_dim=256, nclip_bottleneck_dim=64)
 PRESETS: dict[str, dict] = {
     # CPU tests and the demo: 64 px images, 8 px patches (64 tokens), 4 blocks; tiny text tower.
     "vit_tiny": dict(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
-                     **TEXT_TINY, **TINY_HEADS),
-    "vit_s16": dict(vision_width=384, vision_layers=12, vision_heads=12, **CLIP_TEXT),
-    "vit_b16": dict(vision_width=768, vision_layers=12, vision_heads=12, **CLIP_TEXT),
-    "vit_l16": dict(vision_width=1024, vision_layers=24, vision_heads=16, **CLIP_TEXT),
+                     **_TINY_TEXT, **_TINY_HEADS),
+    "vit_s16": dict(vision_width=384, vision_layers=12, vision_heads=12, **_CLIP_TEXT),
+    "vit_b16": dict(vision_width=768, vision_layers=12, vision_heads=12, **_CLIP_TEXT),
+    "vit_l16": dict(vision_width=1024, vision_layers=24, vision_heads=16, **_CLIP_TEXT),
 }
 
 
@@ -336,13 +317,10 @@ class Prototypes(nn.Module):
 class SLIPModel(nn.Module):
     def __init__(self, cfg: ModelConfig, objective: str, ssl_norm: str = "ln"):
         super().__init__()
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; choose from {OBJECTIVES}")
+        parts = objective_parts(objective)
         self.cfg, self.objective = cfg, objective
-        self.uses_clip = objective in ("clip", "slip", "xclip")
-        self.uses_ssl = objective in ("simclr", "slip")
-        self.uses_nclip = objective in ("nclip", "xclip")
-        self.uses_text = objective != "simclr"
+        self.uses_clip, self.uses_ssl, self.uses_nclip = parts.clip, parts.simclr, parts.nclip
+        self.uses_text = parts.text
 
         self.visual = VisionTransformer(cfg)
         if self.uses_text:
@@ -431,12 +409,3 @@ def build_model(cfg: ModelConfig, objective: str, global_batch_size: int | None 
     """
     return SLIPModel(cfg, objective, ssl_norm=resolve_ssl_norm(cfg, global_batch_size))
 
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay for ndim < 2 (biases, norm weights, logit scale)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]

@@ -2,6 +2,8 @@
 
 `build_objective(ObjectiveConfig(name=...))(model_out)` returns a dict with "loss" (call backward on
 it) plus every term and accuracy (detached). Losses are computed in float32 even under autocast (float64 inputs stay float64).
+Which parts (CLIP, SimCLR, nCLIP) each objective combines is the table `OBJECTIVE_PARTS`; the
+model's heads, the FLOP count and the recipe's SSL-view check read it too.
 
 How ranks combine (checked by tests/test_distributed_losses.py with real 2-process gloo DDP):
 each rank's loss is a mean over its LOCAL rows (or a term that has the same value on every rank);
@@ -51,6 +53,7 @@ xCLIP = CLIP + nclip_weight * nCLIP (nclip_weight 1.0, an equal-weight multi-tas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,12 +61,52 @@ import torch.nn.functional as F
 from trainer.distributed import (all_reduce_with_grad, gather_no_grad, gather_with_grad, get_rank,
                                  get_world_size)
 
-OBJECTIVES = ("clip", "simclr", "slip", "nclip", "xclip")
+
+@dataclass(frozen=True)
+class ObjectiveParts:
+    """What an objective trains. The model builds these heads, the objective sums these losses, the
+    FLOP count and the data recipe follow from the same entry."""
+    clip: bool = False      # image/text projections + logit scale; the CLIP loss
+    simclr: bool = False    # SimCLR head over two SSL views; the SimCLR loss
+    nclip: bool = False     # nCLIP cluster heads + shared prototypes; the nCLIP loss
+
+    @property
+    def text(self) -> bool:
+        """Whether the text trunk is needed."""
+        return self.clip or self.nclip
+
+    @property
+    def ssl_views(self) -> int:
+        """SSL image views per sample the batch must carry (AugmentationRecipe.num_ssl_views)."""
+        return 2 if self.simclr else 0
+
+    @property
+    def image_views(self) -> int:
+        """Image views per sample through the trunk: the CLIP view (CLIP, nCLIP) plus the SSL views."""
+        return int(self.clip or self.nclip) + self.ssl_views
+
+
+# The one table of objectives.
+OBJECTIVE_PARTS: dict[str, ObjectiveParts] = {
+    "clip": ObjectiveParts(clip=True),
+    "simclr": ObjectiveParts(simclr=True),
+    "slip": ObjectiveParts(clip=True, simclr=True),
+    "nclip": ObjectiveParts(nclip=True),
+    "xclip": ObjectiveParts(clip=True, nclip=True),
+}
+OBJECTIVES = tuple(OBJECTIVE_PARTS)
+ObjectiveName = Literal[OBJECTIVES]  # the table's keys, as a type the config loader checks
+
+
+def objective_parts(name: str) -> ObjectiveParts:
+    if name not in OBJECTIVE_PARTS:
+        raise ValueError(f"unknown objective {name!r}; choose from {OBJECTIVES}")
+    return OBJECTIVE_PARTS[name]
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "slip"
+    name: ObjectiveName = "slip"
     clip_gather_with_grad: bool = False
     ssl_scale: float = 1.0
     ssl_temperature: float = 0.1
@@ -74,8 +117,7 @@ class ObjectiveConfig:
     nclip_smoothness_weight: float = 1.0
 
     def __post_init__(self):
-        if self.name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.name!r}; choose from {OBJECTIVES}")
+        objective_parts(self.name)   # raises on an unknown name
         for f in ("ssl_temperature", "nclip_student_temperature", "nclip_teacher_temperature"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
@@ -172,31 +214,33 @@ class Objective:
         with torch.autocast(device_type=device_type, enabled=False):
             return self._compute(out)
 
+    # model outputs each part reads
     REQUIRED = {"clip": ("image_embed", "text_embed", "logit_scale"), "simclr": ("ssl_embed_1", "ssl_embed_2"),
                 "nclip": ("image_cluster_logits", "text_cluster_logits")}
 
     def _compute(self, out: dict) -> dict:
         cfg, name = self.cfg, self.cfg.name
-        parts = {"slip": ("clip", "simclr"), "xclip": ("clip", "nclip")}.get(name, (name,))
-        missing = [k for part in parts for k in self.REQUIRED[part] if k not in out]
+        parts = OBJECTIVE_PARTS[name]
+        missing = [k for part, keys in self.REQUIRED.items() if getattr(parts, part) for k in keys if k not in out]
         if missing:
             raise KeyError(f"objective {name!r} needs model outputs {missing}: build the model with "
                            f"build_model(cfg, {name!r})")
         terms: dict[str, torch.Tensor] = {}
         loss = 0.0
-        if name in ("clip", "slip", "xclip"):
+        # next to CLIP the SimCLR and nCLIP terms carry their weights (SLIP's ssl_scale, xCLIP's nclip_weight)
+        if parts.clip:
             terms.update(clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"],
                                    cfg.clip_gather_with_grad))
             terms["logit_scale"] = out["logit_scale"].detach()
             loss = loss + terms["clip_loss"]
-        if name in ("simclr", "slip"):
+        if parts.simclr:
             terms.update(simclr_loss(out["ssl_embed_1"], out["ssl_embed_2"], cfg.ssl_temperature))
-            loss = loss + (cfg.ssl_scale if name == "slip" else 1.0) * terms["ssl_loss"]
-        if name in ("nclip", "xclip"):
+            loss = loss + (cfg.ssl_scale if parts.clip else 1.0) * terms["ssl_loss"]
+        if parts.nclip:
             terms.update(nclip_loss(out["image_cluster_logits"], out["text_cluster_logits"],
                                     cfg.nclip_student_temperature, cfg.nclip_teacher_temperature,
                                     cfg.nclip_sharpness_weight, cfg.nclip_smoothness_weight))
-            loss = loss + (cfg.nclip_weight if name == "xclip" else 1.0) * terms["nclip_loss"]
+            loss = loss + (cfg.nclip_weight if parts.clip else 1.0) * terms["nclip_loss"]
         result = {k: v.detach() for k, v in terms.items()}
         result["loss"] = loss
         return result

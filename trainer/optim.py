@@ -1,37 +1,91 @@
 """AdamW with the reference parameter groups, and the warmup + per-iteration cosine schedule.
 
 No weight decay (SLIP reference): parameters with fewer than 2 dimensions (biases, norm scales,
-logit scale, ...) and parameters whose name marks a bias or a LayerNorm/BatchNorm.
+logit scale, ...) and parameters whose name marks a bias or a LayerNorm/BatchNorm. Fine-tuning adds
+name patterns to that list (`pos_embed`, `cls_token`) and layer-wise learning-rate decay (BEiT, MAE):
+groups per layer carry an `lr_scale` that the schedule multiplies into their rate.
 """
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from trainer.config import OptimConfig
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    epochs: float = 25
+    warmup_epochs: float = 1
+    warmup_start_lr: float = 1e-6
+    min_lr: float = 1e-5
+    grad_clip: float | None = None     # max global grad norm; None = no clipping (norm still logged)
+    accum_steps: int = 1               # micro-batches per optimizer step; negatives stay per micro-batch
+    max_steps: int | None = None       # stop early (tests, benchmarks); the schedule keeps `epochs`
+
+    def __post_init__(self):
+        if self.accum_steps < 1:
+            raise ValueError("accum_steps must be >= 1")
 
 
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """ndim < 2, or a name token that marks a bias or a norm layer (ln_1, bn2, norm, ...)."""
+def no_weight_decay(name: str, param: torch.Tensor, extra: tuple[str, ...] = ()) -> bool:
+    """ndim < 2, a name token that marks a bias or a norm layer (ln_1, bn2, norm, ...), or a name
+    containing one of the `extra` patterns."""
     if param.ndim < 2:
         return True
     tokens = name.lower().replace("_", ".").split(".")
-    return any(t == "bias" or t.startswith(("ln", "bn", "norm")) for t in tokens)
+    if any(t == "bias" or t.startswith(("ln", "bn", "norm")) for t in tokens):
+        return True
+    return any(pattern in name for pattern in extra)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, extra_no_decay: tuple[str, ...] = (),
+                 layer_id: Callable[[str], int] | None = None, layer_decay: float = 1.0,
+                 num_layers: int | None = None) -> list[dict]:
+    """AdamW parameter groups; parameters keep their `named_parameters` order inside each group.
+
+    Without `layer_id`: [decay, no_decay] (pretraining). With it: a decay and a no-decay group per
+    layer id (ids 0 = embeddings .. num_layers + 1 = head; lowest id first, empty groups left out),
+    each with lr_scale = layer_decay ** (num_layers + 1 - id), so the head trains at the full rate.
+    """
+    if layer_id is None:
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if no_weight_decay(name, p, extra_no_decay) else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+    if num_layers is None:
+        raise ValueError("layer-wise groups need num_layers")
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+            key = (layer_id(name), no_weight_decay(name, p, extra_no_decay))
+            groups.setdefault(key, []).append(p)
+    return [{"params": groups[key], "weight_decay": 0.0 if key[1] else weight_decay,
+             "lr_scale": layer_decay ** (num_layers + 1 - key[0])}
+            for key in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.weight_decay)
+def vit_layer_id(name: str, num_layers: int) -> int:
+    """Layer id of a SLIPModel image-trunk parameter for layer-wise decay: 0 for the patch and
+    position embeddings and the CLS token, i + 1 for block i, num_layers + 1 for the rest."""
+    if name.startswith(("visual.patch_embed", "visual.pos_embed", "visual.cls_token")):
+        return 0
+    block = re.match(r"visual\.transformer\.blocks\.(\d+)\.", name)
+    return int(block.group(1)) + 1 if block else num_layers + 1
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, **group_options) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, cfg.weight_decay, **group_options)`."""
+    groups = param_groups(model, cfg.weight_decay, **group_options)
     on_gpu = any(p.is_cuda for g in groups for p in g["params"])
     # fused is the fastest AdamW on CUDA; foreach (multi-tensor) elsewhere.
     impl = {"fused": True} if on_gpu else {"foreach": True}
@@ -41,8 +95,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 class WarmupCosine:
     """Linear warmup from `start_lr` to `base_lr`, then cosine to `end_lr`, set every optimizer step.
 
-    The learning rate is a pure function of the step, so the state is just the step: skipped
-    (non-finite) steps still advance it and a resumed run gets the same rates as an unbroken one.
+    Each group runs at the scheduled rate times its `lr_scale` (1 when absent). The rate is a pure
+    function of the step, so the state is just the step: skipped (non-finite) steps still advance it
+    and a resumed run gets the same rates as an unbroken one.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, warmup_steps: int,
@@ -60,17 +115,19 @@ class WarmupCosine:
         progress = min(1.0, (step - self.warmup_steps) / span)
         return self.end_lr + 0.5 * (self.base_lr - self.end_lr) * (1 + math.cos(math.pi * progress))
 
+    @property
+    def lr(self) -> float:
+        """The scheduled rate of the current step (before the groups' `lr_scale`)."""
+        return self.lr_at(self.step_count)
+
     def _apply(self) -> None:
-        lr = self.lr_at(self.step_count)
+        lr = self.lr
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
     def step(self) -> None:
         self.step_count += 1
         self._apply()
-
-    def get_last_lr(self) -> float:
-        return self.lr_at(self.step_count)
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "base_lr": self.base_lr, "warmup_steps": self.warmup_steps,

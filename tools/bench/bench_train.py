@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 
+from trainer.batches import build_loader, endless, to_device
+from trainer.components import autocast_dtype, grad_scaler
 from trainer.config import RunConfig, load_config
+from trainer.flops import flops_per_sample, peak_flops
 from trainer.loop import Components, Trainer
 from trainer.models import Attention, build_model
-from trainer.objectives import build_objective
+from trainer.objectives import build_objective, objective_parts
 from trainer.optim import WarmupCosine, build_optimizer
-from trainer.run import peak_flops
 
 
 def eager_attention(self: Attention, x: torch.Tensor) -> torch.Tensor:
@@ -68,14 +70,12 @@ def make_trainer(cfg: RunConfig, device: torch.device, baseline: bool, state: di
         for m in model.modules():
             if isinstance(m, Attention):
                 m.forward = types.MethodType(eager_attention, m)
-    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    amp = None if baseline or precision == "fp32" else {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    amp = None if baseline else autocast_dtype(cfg.train.precision, device)
     train_model = torch.compile(model) if cfg.train.compile and not baseline else model
     opt = build_optimizer(model, cfg.optim)
     c = Components(cfg=cfg, model=model, train_model=train_model, objective=build_objective(cfg.objective),
                    optimizer=opt, scheduler=WarmupCosine(opt, cfg.optim.lr, 0, 10**6), loader=None,
-                   device=device, amp_dtype=amp,
-                   scaler=torch.amp.GradScaler(device.type) if amp == torch.float16 else None)
+                   device=device, amp_dtype=amp, scaler=grad_scaler(amp, device))
     return Trainer(c)
 
 
@@ -92,18 +92,17 @@ def timed_steps(trainer: Trainer, batch: dict, n: int) -> list[float]:
 
 def end_to_end(cfg: RunConfig, trainer: Trainer, device: torch.device, steps: int, warmup: int) -> dict:
     from pipeline.manifest import load_manifest
-    from trainer.run import build_loader
     loader = build_loader(cfg, load_manifest(cfg.data.manifest), device)
-    stream = _endless(loader)
+    stream = endless(loader)
     for _ in range(warmup):
-        trainer.train_step([_to(next(stream), device)])
+        trainer.train_step([to_device(next(stream), device)])
     wait = 0.0
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_start = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
-        batch = _to(next(stream), device)
+        batch = to_device(next(stream), device)
         wait += time.perf_counter() - t0
         trainer.train_step([batch])
     if device.type == "cuda":
@@ -111,15 +110,6 @@ def end_to_end(cfg: RunConfig, trainer: Trainer, device: torch.device, steps: in
     total = time.perf_counter() - t_start
     return {"steps_per_s": steps / total, "images_per_s": steps * cfg.data.batch_size / total,
             "data_wait": wait / total, "bad_samples": getattr(loader, "bad_samples", 0)}
-
-
-def _endless(loader):
-    while True:
-        yield from loader
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def main(argv=None) -> int:
@@ -140,7 +130,7 @@ def main(argv=None) -> int:
     ours = make_trainer(cfg, device, baseline=False, state=None)
     base = None if a.no_baseline else make_trainer(cfg, device, baseline=True, state=ours.c.model.state_dict())
     batch = synthetic_batch(cfg, device)
-    views = 1 + cfg.data.recipe.num_ssl_views if cfg.objective.name != "simclr" else 2
+    views = objective_parts(cfg.objective.name).image_views
     print(f"{cfg.model.name} {cfg.objective.name}: batch {cfg.data.batch_size} on {device}, "
           f"{views} image view(s) at {cfg.model.image_size}px, precision {cfg.train.precision}, "
           f"compile {cfg.train.compile}, torch threads {torch.get_num_threads()}", flush=True)
@@ -156,9 +146,8 @@ def main(argv=None) -> int:
     med = statistics.median(t_ours)
     b = cfg.data.batch_size
     print(f"compute   ours:     {1 / med:7.3f} steps/s  {b / med:8.1f} images/s  (median of {len(t_ours)} steps)")
-    peak = peak_flops(cfg, device)
+    peak = peak_flops(device, cfg.train.peak_tflops)
     if peak:
-        from trainer.flops import flops_per_sample
         fps = flops_per_sample(cfg.model, cfg.objective.name).train
         print(f"          MFU {100 * fps * b / med / peak:.1f}% (peak {peak / 1e12:.0f} TFLOP/s)")
     if base:

@@ -1,0 +1,111 @@
+"""From a run configuration to what the loop needs: process group and device, precision, model,
+objective, loader, optimizer and schedule, DDP / compile wrappers, MFU inputs, the evaluation hook;
+and which checkpoint a run resumes from."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.batches import build_loader
+from trainer.config import ConfigError, RunConfig
+from trainer.distributed import init_distributed
+from trainer.evaluation import make_train_hook
+from trainer.flops import flops_per_sample, peak_flops
+from trainer.loop import Components
+from trainer.models import build_model
+from trainer.objectives import build_objective
+from trainer.optim import WarmupCosine, build_optimizer
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `train.precision` ("auto": bf16 on GPU, fp32 elsewhere); None = fp32."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return _AMP_DTYPES[precision]
+
+
+def grad_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_components(cfg: RunConfig) -> Components:
+    """Everything for `Trainer(...)`; joins the process group first (torchrun / SLURM environment)."""
+    from pipeline.manifest import load_manifest
+
+    info = init_distributed()   # also selects this rank's CUDA device
+    rank, world, device = info.rank, info.world_size, info.device
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
+    scaler = grad_scaler(amp_dtype, device)
+
+    seed_everything(cfg.train.seed)      # identical model init on every rank
+    # The global batch per view picks the SimCLR-head norm (SyncBN at reference scale, see models.py).
+    model = build_model(cfg.model, cfg.objective.name, global_batch_size=cfg.data.batch_size * world)
+    model.to(device)
+    objective = build_objective(cfg.objective)
+    seed_everything(cfg.train.seed * 1000 + rank)   # per-rank streams from here on
+
+    manifest = load_manifest(cfg.data.manifest)
+    loader = build_loader(cfg, manifest, device, rank, world)
+    accum = cfg.optim.accum_steps
+    steps_per_epoch = loader.steps_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise ConfigError(f"{cfg.data.manifest}: {manifest.total_samples} samples make no optimizer step at "
+                          f"batch {cfg.data.batch_size} x {world} ranks x {accum} accumulation")
+    total_steps = max(1, int(cfg.optim.epochs * steps_per_epoch))
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = WarmupCosine(optimizer, cfg.optim.lr, int(cfg.optim.warmup_epochs * steps_per_epoch),
+                             total_steps, cfg.optim.warmup_start_lr, cfg.optim.min_lr)
+
+    train_model = model
+    if world > 1:
+        ddp_kwargs = {"device_ids": [info.local_rank]} if device.type == "cuda" else {}
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=cfg.train.find_unused_parameters,
+            static_graph=cfg.train.static_graph, **ddp_kwargs)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+
+    peak = peak_flops(device, cfg.train.peak_tflops)
+    # forward+backward FLOPs of one training sample (all views + text), only needed for MFU
+    train_flops = float(flops_per_sample(cfg.model, cfg.objective.name).train) if peak else None
+    return Components(cfg=cfg, model=model, train_model=train_model, objective=objective, optimizer=optimizer,
+                      scheduler=scheduler, loader=loader, device=device, rank=rank, world_size=world,
+                      amp_dtype=amp_dtype, scaler=scaler,
+                      total_steps=min(total_steps, cfg.optim.max_steps or total_steps),
+                      flops_per_sample=train_flops, peak_flops=peak, evaluate=make_train_hook(cfg))
+
+
+
+def resolve_resume(cfg: RunConfig) -> str | None:
+    """The checkpoint to resume from per `checkpoint.resume`: auto (the latest in out_dir, if any),
+    latest (must exist), none, or a path."""
+    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return None
+    latest = ckpt.latest_checkpoint(ckpt_dir)
+    if mode == "auto":
+        return str(latest) if latest else None
+    if mode == "latest":
+        if latest is None:
+            raise SystemExit(f"--resume latest: no checkpoint in {ckpt_dir}")
+        return str(latest)
+    return mode

@@ -1,0 +1,96 @@
+"""Small decisions the training loop asks about each step: cadences, the non-finite policy, stop
+signals, and the debug faults the tests inject."""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Every:
+    """Due at every multiple of `n` steps; never when `n` is 0."""
+    n: int
+
+    def __call__(self, step: int) -> bool:
+        return bool(self.n) and step % self.n == 0
+
+
+@dataclass(frozen=True)
+class NonFinitePolicy:
+    """Skip a step whose loss or gradient is not finite; stop after `max_in_a_row` such steps in a row."""
+    max_in_a_row: int
+
+    def check(self, in_a_row: int, step: int, ckpt_dir: Path) -> None:
+        if in_a_row >= self.max_in_a_row:
+            raise NonFiniteLossError(
+                f"{in_a_row} non-finite steps in a row (last at step {step}); "
+                f"stopping. The last good checkpoint is in {ckpt_dir} "
+                "(lower the lr, enable optim.grad_clip, or check the data).")
+
+
+class StopSignals:
+    """Records SIGTERM / SIGUSR1 (SLURM preemption, scancel): the run checkpoints and exits."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+@dataclass
+class DebugConfig:
+    inject_nan_at_steps: list[int] = field(default_factory=list)  # loss forced to NaN at these steps
+    sigkill_at_step: int | None = None     # SIGKILL self after this step (resume tests)
+    save_rank_params: bool = False          # each rank writes its final parameters (sync tests)
+
+
+class NaNLossAtSteps:
+    """Wraps an objective: its loss becomes NaN on the given (1-based) optimizer steps, so the
+    non-finite policy can be tested end to end. `current_step()` names the step being taken."""
+
+    def __init__(self, objective: Callable[[dict], dict], steps: list[int], current_step: Callable[[], int]):
+        self.objective, self.steps, self.current_step = objective, set(steps), current_step
+
+    def __call__(self, out: dict) -> dict:
+        losses = self.objective(out)
+        if self.current_step() in self.steps:
+            losses = {**losses, "loss": losses["loss"] * float("nan")}
+        return losses
+
+
+class DebugFaults:
+    """The faults and dumps of `DebugConfig`, at the points of the loop where they apply."""
+
+    def __init__(self, cfg: DebugConfig, out_dir: str | Path, rank: int):
+        self.cfg, self.out_dir, self.rank = cfg, Path(out_dir), rank
+
+    def wrap_objective(self, objective: Callable[[dict], dict], current_step: Callable[[], int]):
+        if not self.cfg.inject_nan_at_steps:
+            return objective
+        return NaNLossAtSteps(objective, self.cfg.inject_nan_at_steps, current_step)
+
+    def after_step(self, step: int) -> None:
+        if self.cfg.sigkill_at_step is not None and step == self.cfg.sigkill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_fit(self, model: torch.nn.Module) -> None:
+        if self.cfg.save_rank_params:
+            torch.save(model.state_dict(), self.out_dir / f"rank{self.rank}_params.pt")
