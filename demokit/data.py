@@ -15,7 +15,6 @@ non-http URL, missing image -> HTTP 404, duplicate and missing subset ids).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -26,6 +25,8 @@ from pathlib import Path
 from urllib.parse import quote_plus
 
 from PIL import Image, ImageDraw
+
+from pipeline.metadata import url_hash
 
 COLORS = {"red": (215, 35, 35), "green": (35, 160, 50), "blue": (35, 70, 215), "yellow": (235, 205, 25)}
 SHAPES = ("circle", "square", "triangle", "star")
@@ -44,16 +45,13 @@ MIRROR_PATH = "data/images/{h3a}/{h3b}/{h}.jpg"
 
 
 @dataclass
-class DemoConfig:
+class DemoDataConfig:
+    """What the demo data generator makes: how many rows and held-out images, from which seed."""
     out: Path
     samples: int = 4000           # training rows in the metadata (a few % are bad rows on purpose)
     eval_per_class: int = 40      # held-out images per class, in each of eval/train and eval/val
     seed: int = 0
     workers: int = 2
-
-
-def url_hash(url: str) -> str:
-    return "".join(f"{b:x}" for b in hashlib.md5(url.encode()).digest())
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
@@ -131,7 +129,7 @@ def _meta_row(n: int, pid: int, h: str, title: str, desc: str, url: str, marker:
     return "\t".join(f) + "\n"
 
 
-def generate(cfg: DemoConfig) -> tuple[Path, Path]:
+def generate(cfg: DemoDataConfig) -> tuple[Path, Path]:
     """Write DIR/source (metadata, subset, images) and DIR/eval. Returns (metadata, subset) paths.
     Skipped when DIR/source/done.json records the same settings."""
     out = Path(cfg.out)

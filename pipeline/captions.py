@@ -1,10 +1,10 @@
 """Caption cleaning for YFCC100M titles and descriptions.
 
-The SLIP reference cleaning (SPEC section 3) is: `unquote`, `+` -> space, strip `<a ...>`, `</a>`,
-`<b>`, `</b>`, `<i>`, `</i>`, strip URLs (`http\\S+`, `www\\S+`). On top of that, what a careful
-user needs: `<br>` / `<p>` line-break tags removed too (Flickr descriptions are full of them),
-ftfy repair of mojibake and HTML entities, control characters dropped, every run of whitespace
-(including decoded newlines) collapsed to one space.
+The SLIP reference (facebookresearch/SLIP) cleans YFCC captions with: `unquote`, `+` -> space,
+strip `<a ...>`, `</a>`, `<b>`, `</b>`, `<i>`, `</i>`, strip URLs (`http\\S+`, `www\\S+`). On top
+of that, what a careful user needs: `<br>` / `<p>` line-break tags removed too (Flickr descriptions
+are full of them), ftfy repair of mojibake and HTML entities, control characters dropped, every run
+of whitespace (including decoded newlines) collapsed to one space.
 """
 from __future__ import annotations
 

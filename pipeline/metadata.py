@@ -51,7 +51,7 @@ class ScanStats:
 @dataclass(frozen=True)
 class MetadataRow:
     photoid: int
-    hash: str               # mirror hash (SPEC: md5 of the download URL, bytes printed without leading zero)
+    hash: str               # mirror hash: md5 of the download URL, each byte in hex without a leading zero
     title: str              # raw, URL-encoded
     description: str        # raw, URL-encoded
     download_url: str

@@ -1,8 +1,8 @@
 """The augmentation recipe: every number the DALI graph, the pillow path (and the reference
 pipeline) use.
 
-Defaults are the SLIP reference (SPEC section 1). One object drives the DALI graph on GPU and CPU,
-the pillow path, the previews and the benchmark, so they can never drift apart.
+Defaults are the SLIP reference recipe (facebookresearch/SLIP). One object drives the DALI graph on
+GPU and CPU, the pillow path, the previews and the benchmark, so they can never drift apart.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CLIP byte-pair tokenizer, token-for-token equal to OpenCLIP's default tokenizer (SPEC "Other facts").
+"""CLIP byte-pair tokenizer, token-for-token equal to OpenCLIP's default tokenizer (mlfoundations/open_clip).
 
 Written here from the published facts so that the runtime needs no model library: text is cleaned
 (ftfy.fix_text, html.unescape twice, strip, whitespace collapse, lowercase), split with the CLIP
@@ -7,15 +7,17 @@ BPE merges of ``bpe_simple_vocab_16e6.txt.gz``. Rows are ``[SOT, ids..., EOT, 0.
 
 Two robustness points:
 
-* Long captions keep EOT in the last slot, as OpenCLIP does (the SLIP reference truncates after
-  adding EOT and so drops it, which breaks argmax-of-ids pooling, SPEC section 1).
-* Deliberate difference from OpenCLIP: the literal strings ``<start_of_text>`` / ``<end_of_text>`` inside a caption are ordinary text
-  here. OpenCLIP's split regex also matches them and emits SOT/EOT ids mid-caption, so a user-typed
-  "<end_of_text>" would move the pooled EOT feature. The SPEC regex has no such alternatives.
+* Long captions keep EOT in the last slot, as OpenCLIP does (the SLIP reference,
+  facebookresearch/SLIP, truncates after adding EOT and so drops it, which breaks the text encoder's
+  argmax-of-ids pooling).
+* Deliberate difference from OpenCLIP: the literal strings ``<start_of_text>`` / ``<end_of_text>``
+  inside a caption are ordinary text here. OpenCLIP's split regex also matches them and emits SOT/EOT
+  ids mid-caption, so a user-typed "<end_of_text>" would move the pooled EOT feature. The split regex
+  here has no such alternatives.
 
 Speed: most YFCC captions are plain ASCII, where ftfy and html.unescape are provably no-ops; those
-skip ftfy (about 25 us each). Ids are cached per space-separated chunk and BPE results per word, and
-long captions are only split as far as the context needs.
+skip both. Ids are cached per space-separated chunk and BPE results per word, and long captions
+are only split as far as the context needs.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ CONTEXT_LENGTH = 77
 NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2     # 48,894: CLIP uses exactly this many merge lines
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
-# The split regex from the SPEC (case-insensitive, `regex` for \p classes).
+# CLIP's pre-tokenisation regex without the special-token alternatives (case-insensitive, `regex` for \p classes).
 _SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 _WS = regex.compile(r"\s+")   # same \s as the split regex, as OpenCLIP uses `regex` for both
 # ASCII fast path. If a caption only has printable ASCII, tab and newline, and no '&' that could start
@@ -230,14 +232,3 @@ class Tokenizer:
                 pieces.append(self.decoder[i])
         raw = bytes(self.byte_decoder[c] for c in "".join(pieces))
         return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip(" ")
-
-
-_default: Tokenizer | None = None
-
-
-def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
-    """Module-level shortcut with one shared Tokenizer."""
-    global _default
-    if _default is None:
-        _default = Tokenizer()
-    return _default(texts, context_length)

@@ -17,7 +17,7 @@ LICENSE = "Attribution-NonCommercial License"
 
 def meta_line(lineno: int, photoid, phash: str, title: str, desc: str, url: str, marker: str = "0",
               ncols: int = 25) -> bytes:
-    """One Webscope metadata row (25 columns, SPEC section 3)."""
+    """One Webscope metadata row: the 25 tab-separated columns of yfcc100m_dataset."""
     f = [str(lineno), str(photoid), phash, "12345@N00", "nick", "2010-01-01 00:00:00.0", "1262304000",
          "Canon+EOS", title, desc, "tag1,tag2", "", "", "", "", f"http://www.flickr.com/photos/x/{photoid}/",
          url, LICENSE, "http://creativecommons.org/licenses/by-nc/2.0/", "1", "2", "abc", "def", "jpg", marker]

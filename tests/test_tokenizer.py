@@ -21,7 +21,7 @@ from pipeline.tokenizer import EOT, SOT, VOCAB_SIZE, Tokenizer
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "tokenizer_openclip.json").read_text(encoding="ascii"))
 CASES = FIXTURE["cases"]
 TEXTS = [c["text"] for c in CASES]
-SPEC_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+CLIP_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 LONG = " ".join(["photograph"] + ["of the old stone bridge over the river at sunset"] * 20)   # 201 words
 
 
@@ -95,7 +95,7 @@ def test_decode_round_trips_normalised_text(tok):
     assert tok.decode(tok.encode("  A Photo\tof my  DOG &amp; CAT  ")) == "a photo of my dog & cat"
     assert tok.decode(tok.encode("It's café 日本語 🙂")) == "it 's café 日本語 🙂"
     for text in TEXTS:
-        expected = " ".join(SPEC_SPLIT.findall(full_clean(text)))
+        expected = " ".join(CLIP_SPLIT.findall(full_clean(text)))
         assert tok.decode(tok.encode(text)) == expected, text
     row = tok("a photo of a dog")[0]
     assert tok.decode(row) == tok.decode(row.tolist()) == "a photo of a dog"    # stops at EOT, no padding
@@ -120,7 +120,7 @@ def test_ascii_shortcut_equals_full_cleaning():
         fast += 1
         cleaned = tk.clean(text)
         assert cleaned == full_clean(text), repr(text)
-        assert tk._pretokens(cleaned) == SPEC_SPLIT.findall(cleaned), repr(text)
+        assert tk._pretokens(cleaned) == CLIP_SPLIT.findall(cleaned), repr(text)
     assert fast > 2000
     assert tk.clean("rock & roll &&; a&-b &") == "rock & roll &&; a&-b &"    # no entity: shortcut is fine
     for text in ["a &amp; b", "&lt", "&#39;", "&copy 2008", "caf\u00e9", "a\x00b", "a\x1cb", "x\ry"]:  # full path

@@ -63,10 +63,10 @@ def config_from_args(a: argparse.Namespace, **fixed) -> BuildConfig:
 
 
 def run_demo(a: argparse.Namespace):
-    from demokit.data import DemoConfig, demo_url_template, generate
+    from demokit.data import DemoDataConfig, demo_url_template, generate
     from demokit.http_server import ImageServer
-    meta, subset = generate(DemoConfig(out=a.out, samples=a.demo_samples, eval_per_class=a.demo_eval_per_class,
-                                       seed=a.demo_seed))
+    meta, subset = generate(DemoDataConfig(out=a.out, samples=a.demo_samples, eval_per_class=a.demo_eval_per_class,
+                                           seed=a.demo_seed))
     port_file = a.out / "source" / "server_port"
     try:   # same port as last time, so a resumed build keeps the same URLs (and shards)
         server = ImageServer(a.out / "source" / "images", port=int(port_file.read_text()))
