@@ -13,14 +13,14 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from trainer.config import ConfigError, RunConfig, check_consistency, from_dict, load_config
-from trainer.models import build_model
+if TYPE_CHECKING:
+    from trainer.config import RunConfig
 
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
@@ -151,6 +151,8 @@ def _strip_prefixes(state: dict) -> dict:
 
 
 def _run_config(path: Path, state: dict, config: str | Path | None) -> RunConfig:
+    # imported here: the config imports the loop, which imports this module
+    from trainer.config import ConfigError, RunConfig, check_consistency, from_dict, load_config
     """`config` if given, else the configuration stored in the checkpoint, else the `config.yaml`
     the trainer writes in the run directory (checkpoints live in `<run dir>/checkpoints/`)."""
     if config is not None:
@@ -174,6 +176,7 @@ def load_model(path: str | Path, config: str | Path | None = None,
     """(model, run_config) of a checkpoint: the run's model with the checkpoint's weights, on `device`,
     in eval mode. The run configuration is `config` (a YAML path) if given, else the one stored in the
     checkpoint, else `<run dir>/config.yaml`. A checkpoint of another architecture is a CheckpointError."""
+    from trainer.models import build_model
     path = Path(path)
     state = load_checkpoint(path)
     run_cfg = _run_config(path, state, config)

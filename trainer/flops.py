@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
 from trainer.models import ModelConfig, build_model
 from trainer.objectives import objective_parts
@@ -39,10 +39,13 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
     return None
 
 
-@register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
 def _sdpa_cpu_flop(query, key, value, *args, out_val=None, **kwargs) -> int:
     # the CPU kernel of F.scaled_dot_product_attention is missing from torch's flop registry
     return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+if aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:   # registering twice raises
+    register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(_sdpa_cpu_flop)
 
 
 @dataclass
