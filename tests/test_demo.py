@@ -42,7 +42,7 @@ def test_each_preset_applies_its_own_targets():
 def test_ci_demo_learns(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "tools/demo.py", "--out", str(out), "--size", "ci", "--quiet"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=540)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     rows, t = report["rows"], report["targets"]
