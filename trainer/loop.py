@@ -47,6 +47,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
+        if self.max_nonfinite < 1:
+            raise ValueError(f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1 or null, got {self.torch_threads}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops must be > 0 or null, got {self.peak_tflops}")
 
 
 @dataclass
