@@ -1,5 +1,6 @@
 """Atomic checkpoints: an interrupted write keeps the previous checkpoint; pruning; validated loads."""
 import random
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -157,3 +158,63 @@ def test_rng_round_trip():
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     ckpt.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+# ---------------------------------------------------------------- verification (CRC-32 per record)
+
+def _damage(path) -> None:
+    """4 KB of 0xFF written into the middle of the file, in place (same size)."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\xff" * 4096)
+
+
+def test_damaged_checkpoint_is_refused_on_every_load(tmp_path):
+    path, model, cfg = _tiny_run(tmp_path, stored_config=True)
+    size = path.stat().st_size
+    _damage(path)
+    assert path.stat().st_size == size
+    torch.load(path, weights_only=True)     # torch itself loads it: the damage would go unnoticed
+    with pytest.raises(ckpt.CheckpointError, match=r"damaged checkpoint \(record .* fails its CRC-32 check\)"):
+        ckpt.load_checkpoint(path)
+    with pytest.raises(ckpt.CheckpointError, match="damaged checkpoint") as e:
+        ckpt.load_model(path)                # evaluation and imported checkpoints go through the same check
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_nonfinite_weights_are_never_written(tmp_path):
+    ckpt.save_checkpoint(_state(1.0), tmp_path, 1)
+    with pytest.raises(ckpt.CheckpointError, match="weights at step 2 are not finite; checkpoint not written"):
+        ckpt.save_checkpoint({**_state(2.0), "model": {"w": torch.full((64, 64), float("nan"))}}, tmp_path, 2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+
+
+def test_write_damaged_on_its_way_to_disk_keeps_the_older_checkpoints(tmp_path, monkeypatch):
+    """The storage corrupts the new file (damaged between writing and renaming): the write is
+    verified before anything is pruned, so the newest good checkpoint survives."""
+    import os
+    ckpt.save_checkpoint(_state(1.0), tmp_path, 1)
+    real_replace = os.replace
+
+    def damaging_replace(src, dst):
+        _damage(Path(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", damaging_replace)
+    with pytest.raises(ckpt.CheckpointError, match="step_00000002.pt: damaged checkpoint .* right after writing it"):
+        ckpt.save_checkpoint(_state(2.0), tmp_path, 2)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert ckpt.load_checkpoint(tmp_path / "step_00000001.pt")["step"] == 1
+
+
+def test_full_disk_is_one_line_naming_the_directory(tmp_path):
+    """The temporary file is a link to /dev/full: every write to it fails with ENOSPC."""
+    import os
+    ckpt.save_checkpoint(_state(1.0), tmp_path, 1)
+    os.symlink("/dev/full", tmp_path / f".step_00000002.pt.tmp{os.getpid()}")
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.save_checkpoint(_state(2.0), tmp_path, 2)
+    msg = str(e.value)
+    assert "\n" not in msg and "No space left on device" in msg and str(tmp_path) in msg
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001.pt"]   # link removed, old one kept

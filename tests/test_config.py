@@ -50,10 +50,34 @@ def test_overrides_are_typed(tmp_path):
     ("optim.accum_steps=0", "accum_steps must be >= 1"),
     ("train.log_every=0", "log_every must be >= 1"),
     ("data.batch_size=0", "batch_size must be >= 1"),
+    ("data.caption_mode=foo", "data.caption_mode: expected one of"),
+    ("optim.lr=-1", "optim.lr must be a number > 0, got -1"),
+    ("optim.lr=.nan", "optim.lr must be a number > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be a number >= 0"),
+    ("optim.epochs=0", "optim.epochs must be a number > 0"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas must lie in"),
+    ("optim.grad_clip=0", "optim.grad_clip must be > 0 or null"),
+    ("optim.max_steps=0", "optim.max_steps must be >= 1 or null"),
+    ("optim.max_steps=-3", "optim.max_steps must be >= 1 or null"),
+    ("data.num_threads=0", "data.num_threads must be >= 1, got 0"),
+    ("train.max_nonfinite=0", "train.max_nonfinite must be >= 1"),
+    ("train.torch_threads=0", "train.torch_threads must be >= 1 or null"),
+    ("checkpoint.every_steps=-1", "checkpoint.every_steps must be >= 0"),
 ])
 def test_bad_override_is_a_clear_error(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, key", [("data.caption_mode=foo", "data.caption_mode"),
+                                           ("optim.lr=-1", "optim.lr"), ("data.num_threads=0", "data.num_threads"),
+                                           ("optim.max_steps=0", "optim.max_steps"),
+                                           ("optim.max_steps=-3", "optim.max_steps")])
+def test_trainer_reports_a_bad_value_in_one_line(override, key, capsys):
+    from trainer.run import main
+    assert main([override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("config error: ") and key in err
 
 
 def test_yaml_error_names_file_and_line(tmp_path):

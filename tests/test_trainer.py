@@ -3,7 +3,8 @@ gloo DDP (torchrun subprocesses):
 
 - a DDP run finishes, ranks hold identical parameters, the loss falls on a tiny overfit set, an
   injected NaN step is skipped and reported, metrics.jsonl has every field;
-- the same run SIGKILLed mid-training and resumed gives the same per-step losses;
+- the same run SIGKILLed mid-training and resumed gives the same per-step losses, also when its
+  latest checkpoint was damaged afterwards (rank 0 picks the newest one that verifies for all ranks);
 - repeated non-finite steps stop the run with a clear message and a loadable last checkpoint.
 """
 from __future__ import annotations
@@ -157,6 +158,33 @@ def test_sigkill_and_resume_matches_uninterrupted(ddp_run, shards, tmp_path):
     for step in sorted(ref):
         for key in ("loss", "clip_loss", "ssl_loss", "lr", "logit_scale"):
             assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_damaged_latest_checkpoint_is_skipped_on_every_rank(ddp_run, shards, tmp_path):
+    """4 KB of 0xFF in the middle of the latest checkpoint: rank 0 warns once and both ranks resume
+    from the older one; the run then gives the uninterrupted run's losses."""
+    out = tmp_path / "damaged"
+    args = [*COMMON, f"data.manifest={shards}", f"out_dir={out}", "checkpoint.keep_every=4"]
+    killed = torchrun([*args, "debug.sigkill_at_step=10"])
+    assert killed.returncode != 0
+    from trainer import checkpoint as ckpt
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [4, 8]
+    latest = ckpt.checkpoint_path(out / "checkpoints", 8)
+    with open(latest, "r+b") as f:
+        f.seek(latest.stat().st_size // 2)
+        f.write(b"\xff" * 4096)
+    resumed = torchrun(args)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    warnings = [l for l in resumed.stderr.splitlines() if "warning:" in l]
+    assert len(warnings) == 1 and f"{latest}: damaged checkpoint (record" in warnings[0]
+    assert f"resumed from {ckpt.checkpoint_path(out / 'checkpoints', 4)} at step 4" in resumed.stdout
+    ref, got = step_records(ddp_run), step_records(out)
+    assert sorted(got) == sorted(ref)
+    for step in sorted(ref):
+        for key in ("loss", "clip_loss", "ssl_loss", "lr", "logit_scale"):
+            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5, abs=1e-6), (step, key)
+    for _, path in ckpt.list_checkpoints(out / "checkpoints"):
+        ckpt.verify_checkpoint(path)       # step 8 was written again, whole
 
 
 def test_repeated_nonfinite_stops_cleanly(shards, tmp_path):

@@ -27,6 +27,26 @@ def test_resume_truncates_later_steps(tmp_path):
     assert MetricsLogger(tmp_path, rank=1, total_steps=6).enabled is False
 
 
+def test_kill_during_the_resume_trim_keeps_the_history(tmp_path):
+    """A process SIGKILLed while trimming metrics.jsonl for a resume (the trimmed copy written, not
+    yet renamed): the file is the whole old history, never empty or half-written."""
+    import textwrap
+    _write_run(tmp_path, 6)
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    code = textwrap.dedent(f"""
+        import os, signal
+        from trainer.metrics import MetricsLogger
+        os.replace = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)
+        MetricsLogger({str(tmp_path)!r}, rank=0, total_steps=6, start_step=4)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == -9
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    MetricsLogger(tmp_path, rank=0, total_steps=6, start_step=4).close()     # the rerun trims it
+    steps = [json.loads(l).get("step") for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 3]
+
+
 def test_plot_metrics_writes_pngs(tmp_path):
     _write_run(tmp_path, 5)
     with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -67,3 +87,7 @@ def test_meters_and_cadences():
     NonFinitePolicy(2).check(1, 5, Path("ck"))
     with pytest.raises(NonFiniteLossError, match="2 non-finite steps in a row \\(last at step 6\\)"):
         NonFinitePolicy(2).check(2, 6, Path("ck"))
+    with pytest.raises(NonFiniteLossError, match="The last good checkpoint is ck/step_00000004.pt"):
+        NonFinitePolicy(2).check(2, 6, Path("ck/step_00000004.pt"))
+    with pytest.raises(NonFiniteLossError, match="No checkpoint was written or resumed from"):
+        NonFinitePolicy(2).check(2, 6, None)

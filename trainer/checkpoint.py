@@ -1,17 +1,27 @@
-"""Atomic checkpoints: written to a temporary file, fsynced, renamed, directory fsynced.
+"""Atomic, verified checkpoints: written to a temporary file, fsynced, renamed, directory fsynced.
 
 A kill at any moment leaves either the old set of checkpoints or the old set plus the new one,
 never a truncated file under a checkpoint name. Files are `<dir>/step_00001234.pt`; the latest is
 the highest step. Everything stored is plain tensors / containers so loading works with
 `weights_only=True` (no arbitrary unpickling).
 
+Verification: torch's zip format stores a CRC-32 per record; `verify_checkpoint` checks every
+record before any weight is used, on every load (`load_checkpoint`, `load_model`), so a damaged
+file is an error naming the damaged record instead of silently wrong weights. A checkpoint is
+never written from non-finite weights, and a new checkpoint is verified after writing, before the
+older ones are pruned: pruning never removes the newest checkpoint that verifies. Temporary files
+of killed writes are removed at the next save (and by the trainer at start).
+
 `load_model` rebuilds a trained model from a checkpoint for inference (evaluation, finetuning).
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
+import zipfile
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer.dataclass_io import ConfigError, from_dict
+from trainer.models import build_model
+
 if TYPE_CHECKING:
     from trainer.config import RunConfig
 
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
+_TEMP_GLOB = ".step_*.pt.tmp*"     # temporary files of atomic_save
 
 
 class CheckpointError(RuntimeError):
@@ -57,7 +71,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _no_space(e: BaseException) -> bool:
+    """Whether `e` (or an exception it was raised from or during) is a full disk: torch's writer
+    reports it as "unexpected pos" with the OSError only in the exception chain."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save `obj` to `path` atomically; a full disk is a one-line CheckpointError saying where."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -67,27 +94,79 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        if _no_space(e):
+            raise CheckpointError(f"{path}: No space left on device in {path.parent} while writing this "
+                                  "checkpoint; the earlier checkpoints are kept: free space there and rerun "
+                                  "the same command to resume") from e
+        raise
     finally:
-        if tmp.exists():
+        if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
     _fsync_dir(path.parent)
 
 
+def remove_stale_temps(ckpt_dir: str | Path, keep_pid: int | None = None) -> list[Path]:
+    """Remove the temporary files of interrupted writes (all, or all but `keep_pid`'s); the removed."""
+    removed = []
+    for stale in Path(ckpt_dir).glob(_TEMP_GLOB):
+        if keep_pid is None or not stale.name.endswith(f"tmp{keep_pid}"):
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
+def weights_finite(weights: dict) -> bool:
+    """Whether every floating-point tensor of a state dict is finite (one device sync)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for v in weights.values():
+        if torch.is_tensor(v) and v.is_floating_point() and v.numel():
+            by_device.setdefault(v.device, []).append(torch.isfinite(v).all())
+    return all(bool(torch.stack(checks).all()) for checks in by_device.values())
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise a one-line CheckpointError unless `path` is a complete zip-format torch checkpoint whose
+    every record matches its stored CRC-32 (`zipfile.testzip`: reads the file once)."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint (not a complete zip-format torch.save file: "
+                              f"{e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: damaged checkpoint (record {bad} fails its CRC-32 check)")
+
+
 def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_every: int = 0) -> Path:
-    """Write `state` for `step`; prune older checkpoints except multiples of `keep_every`."""
+    """Write `state` for `step`, verify it, then prune older checkpoints except multiples of
+    `keep_every`. Non-finite weights in `state["model"]` are refused (nothing is written)."""
     path = checkpoint_path(ckpt_dir, step)
+    if not weights_finite(state.get("model", {})):
+        raise CheckpointError(f"{path}: the weights at step {step} are not finite; checkpoint not written")
     atomic_save(to_safe(state), path)
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        path.unlink(missing_ok=True)
+        raise CheckpointError(f"{e} right after writing it (removed; the earlier checkpoints are kept): "
+                              "check the storage") from None
     for old_step, old in list_checkpoints(ckpt_dir):
         if old_step < step and not (keep_every > 0 and old_step % keep_every == 0):
             old.unlink(missing_ok=True)
-    for stale in Path(ckpt_dir).glob(".step_*.pt.tmp*"):  # leftovers of killed writes
-        if not stale.name.endswith(f"tmp{os.getpid()}"):
-            stale.unlink(missing_ok=True)
+    remove_stale_temps(ckpt_dir, keep_pid=os.getpid())
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
+    """The checkpoint's state, verified first (`verify=False` only where the same file was verified
+    just before, e.g. by rank 0)."""
     path = Path(path)
+    if verify:
+        verify_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -151,10 +230,10 @@ def _strip_prefixes(state: dict) -> dict:
 
 
 def _run_config(path: Path, state: dict, config: str | Path | None) -> RunConfig:
-    # imported here: the config imports the loop, which imports this module
-    from trainer.config import ConfigError, RunConfig, check_consistency, from_dict, load_config
     """`config` if given, else the configuration stored in the checkpoint, else the `config.yaml`
     the trainer writes in the run directory (checkpoints live in `<run dir>/checkpoints/`)."""
+    # imported here: trainer.config imports the loop, which imports this module
+    from trainer.config import RunConfig, check_consistency, load_config
     if config is not None:
         return load_config(config)
     if isinstance(state.get("config"), dict):
@@ -175,14 +254,16 @@ def load_model(path: str | Path, config: str | Path | None = None,
                device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig]:
     """(model, run_config) of a checkpoint: the run's model with the checkpoint's weights, on `device`,
     in eval mode. The run configuration is `config` (a YAML path) if given, else the one stored in the
-    checkpoint, else `<run dir>/config.yaml`. A checkpoint of another architecture is a CheckpointError."""
-    from trainer.models import build_model
+    checkpoint, else `<run dir>/config.yaml`. A checkpoint of another architecture, a damaged file (CRC-32)
+    or non-finite weights are a CheckpointError."""
     path = Path(path)
     state = load_checkpoint(path)
     run_cfg = _run_config(path, state, config)
     model = build_model(run_cfg.model, run_cfg.objective.name)
     weights = _strip_prefixes(state.get("model", state))
     check_model_state(model, weights, str(path), ignore=_TRAINING_ONLY)
+    if not weights_finite({k: v for k, v in weights.items() if not k.startswith(_TRAINING_ONLY)}):
+        raise CheckpointError(f"{path}: the checkpoint's weights are not finite (NaN or inf); use an earlier one")
     model.load_state_dict({k: v for k, v in weights.items() if not k.startswith(_TRAINING_ONLY)}, strict=False)
     return model.to(device).eval(), run_cfg
 

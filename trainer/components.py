@@ -1,15 +1,13 @@
 """From a run configuration to what the loop needs: process group and device, precision, model,
-objective, loader, optimizer and schedule, DDP / compile wrappers, MFU inputs, the evaluation hook;
-and which checkpoint a run resumes from."""
+objective, loader, optimizer and schedule, DDP / compile wrappers, MFU inputs, the evaluation hook.
+(Which checkpoint a run resumes from: trainer/resume.py.)"""
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
 import torch
 
-from trainer import checkpoint as ckpt
 from trainer.batches import build_loader
 from trainer.config import ConfigError, RunConfig
 from trainer.distributed import init_distributed
@@ -19,6 +17,7 @@ from trainer.loop import Components
 from trainer.models import build_model
 from trainer.objectives import build_objective
 from trainer.optim import WarmupCosine, build_optimizer
+from trainer.resume import manifest_sha256
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -62,7 +61,10 @@ def build_components(cfg: RunConfig) -> Components:
     objective = build_objective(cfg.objective)
     seed_everything(cfg.train.seed * 1000 + rank)   # per-rank streams from here on
 
-    manifest = load_manifest(cfg.data.manifest)
+    try:
+        manifest = load_manifest(cfg.data.manifest)
+    except ValueError as e:
+        raise ConfigError(f"data.manifest: {e}") from None
     loader = build_loader(cfg, manifest, device, rank, world)
     accum = cfg.optim.accum_steps
     steps_per_epoch = loader.steps_per_epoch // accum
@@ -90,22 +92,6 @@ def build_components(cfg: RunConfig) -> Components:
                       scheduler=scheduler, loader=loader, device=device, rank=rank, world_size=world,
                       amp_dtype=amp_dtype, scaler=scaler,
                       total_steps=min(total_steps, cfg.optim.max_steps or total_steps),
-                      flops_per_sample=train_flops, peak_flops=peak, evaluate=make_train_hook(cfg))
+                      flops_per_sample=train_flops, peak_flops=peak, evaluate=make_train_hook(cfg),
+                      manifest_sha256=manifest_sha256(cfg.data.manifest))
 
-
-
-def resolve_resume(cfg: RunConfig) -> str | None:
-    """The checkpoint to resume from per `checkpoint.resume`: auto (the latest in out_dir, if any),
-    latest (must exist), none, or a path."""
-    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
-    mode = cfg.checkpoint.resume
-    if mode == "none":
-        return None
-    latest = ckpt.latest_checkpoint(ckpt_dir)
-    if mode == "auto":
-        return str(latest) if latest else None
-    if mode == "latest":
-        if latest is None:
-            raise SystemExit(f"--resume latest: no checkpoint in {ckpt_dir}")
-        return str(latest)
-    return mode

@@ -4,8 +4,8 @@ Each component owns its section's dataclass (models, objectives, the augmentatio
 optimizer, the loop, the debug faults); this module assembles them into `RunConfig`. Every value is
 type-checked against the dataclass annotations (trainer/dataclass_io.py); an unknown key or a wrong
 type is an error naming the YAML file and line (or the override) instead of a silently ignored
-setting. The resolved configuration is written to `<out_dir>/config.yaml`, so every run records
-exactly what ran.
+setting. The resolved configuration is written to `<out_dir>/config.yaml` once the run's resume is
+settled (trainer/resume.py), so every run records exactly what ran.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.augment import BACKENDS, check_backend
+from pipeline.files import atomic_output
 from pipeline.loader import CAPTION_MODES
 from pipeline.recipe import AugmentationRecipe
 from trainer.dataclass_io import ConfigError, from_dict, to_dict
@@ -46,6 +47,8 @@ class DataConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
 @dataclass
@@ -53,6 +56,13 @@ class CheckpointConfig:
     every_steps: int = 500             # also written at the end of the run and on a stop signal
     keep_every: int = 5000             # keep the latest plus every checkpoint whose step is a multiple
     resume: str = "auto"               # auto (latest in out_dir if any) | latest | none | a path
+
+    def __post_init__(self):
+        for name in ("every_steps", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = never), got {getattr(self, name)}")
+        if not self.resume:
+            raise ValueError("resume must be auto, latest, none or a checkpoint path")
 
 
 @dataclass
@@ -155,7 +165,9 @@ def _float_strings(obj: Any) -> Any:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Written atomically: a reader sees the previous file or the complete new one."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def check_consistency(cfg: RunConfig) -> None:

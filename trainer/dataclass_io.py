@@ -2,7 +2,8 @@
 
 `from_dict(cls, data)` checks every value against the field annotations (numbers, bools, strings,
 Literal choices, optionals, tuples/lists, nested dataclasses), suggests the closest name for an
-unknown key, and runs the dataclass's own `__post_init__` validation. A dataclass with a
+unknown key, and runs the dataclass's own `__post_init__` validation (a message that starts with a
+field name, "lr must be > 0", comes out with the full key: "optim.lr must be > 0"). A dataclass with a
 `preset(name, **overrides)` classmethod accepts a `preset` key: the named preset, then the other keys.
 """
 from __future__ import annotations
@@ -104,7 +105,10 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # the dataclass's own validation (__post_init__)
-        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+        msg = str(e)
+        if where and msg.split(" ", 1)[0] in names:   # "lr must be > 0" -> "optim.lr must be > 0"
+            raise ConfigError(f"{where}.{msg}") from None
+        raise ConfigError(f"{where or cls.__name__}: {msg}") from None
 
 
 def to_dict(cfg: Any) -> Any:

@@ -6,6 +6,15 @@ meters (trainer/metrics.py) for throughput and MFU; the step itself only compute
 Gradient accumulation: each micro-batch's contrastive loss only sees the negatives of that
 micro-batch (gathered across ranks), so accumulating k micro-batches of size b is NOT the same
 objective as one batch of k*b; it only saves memory at the cost of fewer negatives.
+
+Resume (which checkpoint, and which configuration changes are allowed: trainer/resume.py). The
+step counter counts optimizer steps taken and never goes back (checkpoint names, metrics lines).
+Progress is the schedule's position in epochs: a checkpoint stores its schedule step and steps per
+epoch. Resumed with the same batch size, world size and accumulation, everything continues bit for
+bit. With a different one, the schedule position is converted to the same fraction of an epoch at
+the new steps per epoch, so the learning-rate curve continues where it was and the run ends after
+the configured number of epochs (the loader restarts at the same epoch fraction, see
+pipeline/loader.py). The non-finite streak is saved too: a kill does not reset the count.
 """
 from __future__ import annotations
 
@@ -21,10 +30,11 @@ from torch import nn
 from trainer import checkpoint as ckpt
 from trainer.batches import endless, to_device
 from trainer.dataclass_io import to_dict
+from trainer.distributed import broadcast_object
 from trainer.metrics import (MetricsLogger, RunningMean, ThroughputMeter, fmt_summary,
                              model_flops_utilisation)
 from trainer.optim import WarmupCosine
-from trainer.policies import DebugFaults, Every, NonFiniteLossError, NonFinitePolicy, StopSignals
+from trainer.policies import DebugFaults, Every, NonFiniteLossError, NonFinitePolicy, StopSignals, last_good_text
 
 if TYPE_CHECKING:
     from trainer.config import RunConfig
@@ -47,6 +57,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
+        if self.max_nonfinite < 1:
+            raise ValueError(f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1 or null, got {self.torch_threads}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops must be > 0 or null, got {self.peak_tflops}")
 
 
 @dataclass
@@ -68,6 +84,7 @@ class Components:
     flops_per_sample: float | None = None   # forward+backward FLOPs per sample, for MFU
     peak_flops: float | None = None          # per device
     evaluate: Callable[[nn.Module, int], dict] | None = None
+    manifest_sha256: str | None = None       # of the data set's manifest file, stored in checkpoints
 
 
 @dataclass
@@ -103,13 +120,27 @@ class Trainer:
         self.eval_due = Every(cfg.eval.every_steps if c.evaluate is not None else 0)
         self._metrics: MetricsLogger | None = None
         self._metrics_opened = False
+        self.step_offset = 0      # steps taken minus the schedule position; non-zero after a converted resume
+        self.last_checkpoint: Path | None = None   # the newest checkpoint known to be good
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch at this batch size, world size and accumulation."""
+        return max(1, self.c.loader.steps_per_epoch // self.cfg.optim.accum_steps)
+
+    @property
+    def end_step(self) -> int:
+        """The step the run ends at: the end of the schedule (shifted by a converted resume) or
+        `optim.max_steps`, whichever comes first."""
+        end = self.c.total_steps + self.step_offset
+        return min(end, self.cfg.optim.max_steps) if self.cfg.optim.max_steps else end
 
     @property
     def metrics(self) -> MetricsLogger:
         """Opened on first use (so `save()` works before `fit()`) at the current step; the first
         opening drops the log lines past it (a resumed run), a reopening appends."""
         if self._metrics is None:
-            self._metrics = MetricsLogger(self.cfg.out_dir, self.c.rank, self.c.total_steps,
+            self._metrics = MetricsLogger(self.cfg.out_dir, self.c.rank, self.end_step,
                                           start_step=self.state.step, truncate=not self._metrics_opened)
             self._metrics_opened = True
         return self._metrics
@@ -137,6 +168,9 @@ class Trainer:
             "step": self.state.step,
             "samples_seen": self.state.samples_seen,
             "nonfinite_total": self.state.nonfinite_total,
+            "nonfinite_in_a_row": self.state.nonfinite_in_a_row,
+            "steps_per_epoch": self.steps_per_epoch,   # with the scheduler's step: the epochs done
+            "manifest_sha256": c.manifest_sha256,
             "world_size": c.world_size,
             "per_rank": gathered,
             "config": to_dict(self.cfg),   # the run is self-describing even without config.yaml
@@ -145,6 +179,8 @@ class Trainer:
     def load_state_dict(self, s: dict, source: str) -> None:
         c = self.c
         ckpt.check_model_state(c.model, s["model"], source)
+        if not ckpt.weights_finite(s["model"]):
+            raise ckpt.CheckpointError(f"{source}: the checkpoint's weights are not finite; resume from an earlier one")
         c.model.load_state_dict(s["model"])
         c.optimizer.load_state_dict(s["optimizer"])
         c.scheduler.load_state_dict(s["scheduler"])
@@ -153,6 +189,18 @@ class Trainer:
         self.state.step = int(s["step"])
         self.state.samples_seen = int(s["samples_seen"])
         self.state.nonfinite_total = int(s.get("nonfinite_total", 0))
+        self.state.nonfinite_in_a_row = int(s.get("nonfinite_in_a_row", 0))
+        saved_spe = _saved_steps_per_epoch(s)
+        if saved_spe and saved_spe != self.steps_per_epoch:
+            # Another batch size, world size or accumulation: the same fraction of an epoch, in new steps.
+            position = c.scheduler.step_count * self.steps_per_epoch // saved_spe
+            if c.rank == 0:
+                print(f"{source}: {saved_spe} steps per epoch then, {self.steps_per_epoch} now; the schedule "
+                      f"continues at epoch {position / self.steps_per_epoch:.3f} (schedule step {position} of "
+                      f"{c.scheduler.total_steps})", flush=True)
+            c.scheduler.load_state_dict({"step_count": position})
+        self.step_offset = self.state.step - c.scheduler.step_count
+        self.last_checkpoint = Path(source)
         per_rank = s["per_rank"]
         if len(per_rank) == c.world_size:
             mine = per_rank[c.rank]
@@ -166,13 +214,25 @@ class Trainer:
             c.loader.load_state_dict(per_rank[0]["loader"])
 
     def save(self) -> None:
+        """Checkpoint the current step. Every rank stops together, with the same error, when the
+        weights are not finite or rank 0 cannot write (a full disk)."""
+        c, st = self.c, self.state
+        if not ckpt.weights_finite(c.model.state_dict()):   # identical on every rank: all raise
+            raise NonFiniteLossError(f"the weights at step {st.step} are not finite; no checkpoint written. "
+                                     f"{last_good_text(self.last_checkpoint)}")
         state = self.state_dict()   # collective: every rank takes part
-        if self.c.rank == 0:
-            path = ckpt.save_checkpoint(state, self.ckpt_dir, self.state.step, self.cfg.checkpoint.keep_every)
-            self.state.checkpoints_written += 1
-            self.metrics.event(self.state.step, "checkpoint", str(path))
-        if self.c.world_size > 1:
-            dist.barrier()
+        path, error = ckpt.checkpoint_path(self.ckpt_dir, st.step), None
+        if c.rank == 0:
+            try:
+                ckpt.save_checkpoint(state, self.ckpt_dir, st.step, self.cfg.checkpoint.keep_every)
+            except ckpt.CheckpointError as e:
+                error = str(e)
+        error = broadcast_object(error)   # also the barrier: no rank runs ahead of the write
+        if error is not None:
+            raise ckpt.CheckpointError(error)
+        self.last_checkpoint = path
+        st.checkpoints_written += 1
+        self.metrics.event(st.step, "checkpoint", str(path))
 
     # ------------------------------------------------------------ one optimizer step
 
@@ -227,8 +287,9 @@ class Trainer:
 
     def fit(self) -> TrainState:
         c, cfg, st = self.c, self.cfg, self.state
-        if st.step >= c.total_steps:
-            self._close_metrics(f"nothing to do: the run already finished {st.step} of {c.total_steps} steps")
+        end = self.end_step
+        if st.step >= end:
+            self._close_metrics(f"nothing to do: the run already finished {st.step} of {end} steps")
             return st
         self.metrics.advance(0)   # open the log now: the bar shows while the first step runs
         global_batch = cfg.data.batch_size * cfg.optim.accum_steps * c.world_size
@@ -239,7 +300,7 @@ class Trainer:
         self.signals.install()
         stream = endless(c.loader)
         try:
-            while st.step < c.total_steps:
+            while st.step < end:
                 with speed.waiting_for_data():
                     micro = [to_device(next(stream), c.device) for _ in range(cfg.optim.accum_steps)]
                 result = self.train_step(micro)
@@ -250,7 +311,7 @@ class Trainer:
                     self._record_nonfinite(result)
                 else:
                     st.nonfinite_in_a_row = 0
-                    if self.log_due(st.step) or st.step == c.total_steps:
+                    if self.log_due(st.step) or st.step == end:
                         last_loss = self._log_step(result, speed, mfu)
                 self.metrics.advance()
                 if result.stop:
@@ -259,7 +320,7 @@ class Trainer:
                     self.metrics.event(st.step, "stopped", f"signal received, checkpoint at step {st.step} "
                                        "written; rerun the same command to resume")
                     break
-                if st.step < c.total_steps:
+                if st.step < end:
                     if self.checkpoint_due(st.step):
                         self.save()
                     if self.eval_due(st.step):
@@ -287,7 +348,7 @@ class Trainer:
         self.metrics.event(st.step, "nonfinite",
                            f"non-finite loss/gradient, step skipped ({st.nonfinite_in_a_row} in a row)",
                            loss=float(result.values["loss"]))
-        self.nonfinite.check(st.nonfinite_in_a_row, st.step, self.ckpt_dir)
+        self.nonfinite.check(st.nonfinite_in_a_row, st.step, self.last_checkpoint)
 
     def _log_step(self, result: StepResult, speed: ThroughputMeter, mfu: RunningMean) -> float:
         """One metrics line: global means of the step's values, rates of the window since the last."""
@@ -332,3 +393,16 @@ class Trainer:
                                                    if isinstance(v, (int, float))})
         if c.world_size > 1:
             dist.barrier()
+
+
+def _saved_steps_per_epoch(s: dict) -> int | None:
+    """Optimizer steps per epoch when the checkpoint was written: stored, or for checkpoints of
+    earlier versions derived from the loader state and the stored accumulation."""
+    if s.get("steps_per_epoch"):
+        return int(s["steps_per_epoch"])
+    try:
+        loader = s["per_rank"][0]["loader"]
+        accum = int(s["config"]["optim"]["accum_steps"])
+        return max(1, int(loader["num_samples"]) // int(loader["world_size"]) // int(loader["batch_size"]) // accum)
+    except (KeyError, IndexError, TypeError, ZeroDivisionError):
+        return None

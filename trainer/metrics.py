@@ -2,7 +2,8 @@
 and the meters behind the numbers (throughput, data wait, MFU).
 
 Only rank 0 writes. On resume, lines past the resumed step are dropped so that metrics.jsonl reads
-as one unbroken run.
+as one unbroken run. History is never rewritten in place: the trimmed file is written beside it and
+renamed over it in one step, so a kill at any moment leaves the old or the new file, both whole.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from pipeline.files import atomic_output
 
 # Loss-like keys shown in the bar (the rest goes to the file only).
 _BAR_KEYS = ("loss", "clip_loss", "ssl_loss", "nclip_loss")
@@ -43,15 +46,20 @@ class MetricsLogger:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
+        text = self.path.read_text()
+        lines = text.splitlines()
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in lines:
             try:
                 rec = json.loads(line)
             except ValueError:  # a line cut by a kill
                 continue
             if rec.get("step", step + 1) <= step:   # summaries (no step) belong to the old run
                 kept.append(line)
-        self.path.write_text("".join(l + "\n" for l in kept))
+        if len(kept) == len(lines) and text.endswith("\n"):
+            return                                  # nothing to drop: appending continues the file
+        with atomic_output(self.path) as tmp:
+            tmp.write_text("".join(l + "\n" for l in kept))
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:

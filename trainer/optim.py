@@ -28,11 +28,27 @@ class OptimConfig:
     min_lr: float = 1e-5
     grad_clip: float | None = None     # max global grad norm; None = no clipping (norm still logged)
     accum_steps: int = 1               # micro-batches per optimizer step; negatives stay per micro-batch
-    max_steps: int | None = None       # stop early (tests, benchmarks); the schedule keeps `epochs`
+    max_steps: int | None = None       # stop after this many steps (tests, benchmarks); the schedule
+                                       # keeps `epochs`; null = the whole schedule
 
     def __post_init__(self):
         if self.accum_steps < 1:
             raise ValueError("accum_steps must be >= 1")
+        positive = {"lr": self.lr, "eps": self.eps, "epochs": self.epochs}
+        at_least_0 = {"weight_decay": self.weight_decay, "warmup_epochs": self.warmup_epochs,
+                      "warmup_start_lr": self.warmup_start_lr, "min_lr": self.min_lr}
+        for name, v in positive.items():
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a number > 0, got {v}")
+        for name, v in at_least_0.items():
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {v}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null (the whole schedule), got {self.max_steps}")
 
 
 def no_weight_decay(name: str, param: torch.Tensor, extra: tuple[str, ...] = ()) -> bool:

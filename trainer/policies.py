@@ -24,16 +24,24 @@ class Every:
         return bool(self.n) and step % self.n == 0
 
 
+def last_good_text(last_good: str | Path | None) -> str:
+    if last_good is None:
+        return "No checkpoint was written or resumed from"
+    return f"The last good checkpoint is {last_good}"
+
+
 @dataclass(frozen=True)
 class NonFinitePolicy:
-    """Skip a step whose loss or gradient is not finite; stop after `max_in_a_row` such steps in a row."""
+    """Skip a step whose loss or gradient is not finite; stop after `max_in_a_row` such steps in a
+    row (the count survives a resume: it is part of the checkpoint)."""
     max_in_a_row: int
 
-    def check(self, in_a_row: int, step: int, ckpt_dir: Path) -> None:
+    def check(self, in_a_row: int, step: int, last_good: str | Path | None) -> None:
+        """`last_good`: the newest checkpoint known to be good (written or resumed from), or None."""
         if in_a_row >= self.max_in_a_row:
             raise NonFiniteLossError(
                 f"{in_a_row} non-finite steps in a row (last at step {step}); "
-                f"stopping. The last good checkpoint is in {ckpt_dir} "
+                f"stopping. {last_good_text(last_good)} "
                 "(lower the lr, enable optim.grad_clip, or check the data).")
 
 

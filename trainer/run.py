@@ -1,32 +1,57 @@
 #!/usr/bin/env python
-"""Train SLIP / CLIP / SimCLR / xCLIP: config -> components -> loop.
+"""Train SLIP / CLIP / SimCLR / xCLIP: config -> run directory and resume -> components -> loop.
 
     python trainer/run.py --config trainer/configs/demo_slip.yaml out_dir=runs/x optim.lr=1e-3
     torchrun --nproc_per_node 8 trainer/run.py --config trainer/configs/slip_vit_b16.yaml
     srun python trainer/run.py --config ...            # rank/world size from the SLURM environment
 
-An output directory that already holds a checkpoint is resumed automatically (`--resume none`
-starts over); `--resume latest` insists on one, `--resume PATH` names one.
+Resume rules (details: trainer/resume.py, trainer/loop.py):
+- An out_dir holding checkpoints is resumed from its newest checkpoint that verifies (a damaged
+  newer one is skipped with a warning); `--resume latest` insists on one, `--resume PATH` names one.
+- `--resume none` in an out_dir holding an earlier run's checkpoints is refused; `--resume none
+  --overwrite` moves that run into a dated folder beside out_dir first (nothing is deleted).
+- The batch size, world size, accumulation, precision, compile, threads, cadences, evaluation and
+  debug settings may change on resume (the schedule continues at the same epoch). Any other
+  change, the data set's manifest included, is refused naming the keys unless
+  `--allow-config-change KEY,...` names them.
+- One trainer per out_dir: rank 0 holds a lock on `<out_dir>/train.lock` for the whole run.
+- `config.yaml` is written once the resume is settled.
+
+Exit status: 0 done, 2 configuration or run-directory refusal, 3 non-finite training, 4 checkpoint
+unreadable or not writable (a full disk).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
 from trainer import checkpoint as ckpt
-from trainer.components import build_components, resolve_resume
+from trainer.components import build_components
 from trainer.config import ConfigError, load_config, save_config
-from trainer.distributed import cleanup
+from trainer.distributed import cleanup, init_distributed
 from trainer.loop import NonFiniteLossError, Trainer
+from trainer.resume import ResumeError, ResumeRequest, settle
+from trainer.run_dir import RunDirBusy
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run configuration (trainer/configs/*.yaml)")
     p.add_argument("--resume", help="auto | latest | none | PATH (overrides checkpoint.resume)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --resume none: move an earlier run in out_dir into a dated folder beside it")
+    p.add_argument("--allow-config-change", default="", metavar="KEY,...",
+                   help="config keys or sections that may differ from the resumed checkpoint's, e.g. optim.lr")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-3")
     return p.parse_args(argv)
+
+
+def _error(rank: int, message: str, code: int, kind: str = "error") -> int:
+    if rank == 0:    # every rank stops with the same error; one line says it
+        print(f"{kind}: {message}", file=sys.stderr, flush=True)
+    return code
 
 
 def main(argv=None) -> int:
@@ -35,30 +60,46 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.resume:
             cfg.checkpoint.resume = args.resume
-        trainer = Trainer(build_components(cfg))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    c = trainer.c
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if c.rank == 0:
-        save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
-    resume = resolve_resume(cfg)
-    if resume:
-        trainer.load_state_dict(ckpt.load_checkpoint(resume), resume)
-        if c.rank == 0:
-            print(f"resumed from {resume} at step {trainer.state.step}", flush=True)
-    if c.rank == 0:
-        n_params = sum(p.numel() for p in c.model.parameters())
-        print(f"{cfg.objective.name}: {n_params / 1e6:.1f}M parameters, {c.world_size} rank(s) on {c.device}, "
-              f"global batch {cfg.data.batch_size * cfg.optim.accum_steps * c.world_size}, "
-              f"{c.total_steps} steps, out {cfg.out_dir}", flush=True)
+    request = ResumeRequest(cfg.checkpoint.resume, args.overwrite,
+                            tuple(k.strip() for k in args.allow_config_change.split(",") if k.strip()))
+    rank = init_distributed().rank
+    lock = None
     try:
+        lock, choice = settle(cfg, request, rank)
+        trainer = Trainer(build_components(cfg))
+        c = trainer.c
+        if choice.path is not None:
+            state = choice.state if choice.state is not None else ckpt.load_checkpoint(choice.path, verify=False)
+            trainer.load_state_dict(state, str(choice.path))
+            state = choice.state = None    # the optimizer and model hold their copies now
+            if rank == 0:
+                print(f"resumed from {choice.path} at step {trainer.state.step}", flush=True)
+        if rank == 0:
+            save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+            n_params = sum(p.numel() for p in c.model.parameters())
+            print(f"{cfg.objective.name}: {n_params / 1e6:.1f}M parameters, {c.world_size} rank(s) on {c.device}, "
+                  f"global batch {cfg.data.batch_size * cfg.optim.accum_steps * c.world_size}, "
+                  f"{trainer.end_step} steps, out {cfg.out_dir}", flush=True)
         trainer.fit()
+    except ConfigError as e:
+        return _error(rank, str(e), 2, kind="config error")
+    except (ResumeError, RunDirBusy) as e:
+        return _error(rank, str(e), 2)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 3
+        return _error(rank, str(e), 3)
+    except ckpt.CheckpointError as e:
+        return _error(rank, str(e), 4)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        return _error(rank, f"No space left on device writing {e.filename or 'into ' + cfg.out_dir}; free space "
+                            "and rerun the same command to resume from the last checkpoint", 4)
     finally:
+        if lock is not None:
+            lock.release()
         cleanup()
     return 0
 
