@@ -335,7 +335,7 @@ def download_stage(cfg: BuildConfig, selected: int) -> dict:
     left = check_shards(cfg.shard_dir)
     if left or len(_stats_files(cfg.shard_dir)) != expected:
         raise BuildError(f"{cfg.shard_dir}: img2dataset finished {len(_stats_files(cfg.shard_dir))} of "
-                           f"{expected} shards ({left} incomplete); rerun the same command to resume")
+                         f"{expected} shards ({left} incomplete); rerun the same command to resume")
     write_json_atomic(marker, {"shards": expected}, indent=1)
     return {"shards_redone": redone, "skipped": False}
 

@@ -30,8 +30,9 @@ function. An augmenter chosen by `backend` (pipeline/augment.py: the DALI graph 
 pillow-simd on the CPU, the faster of the two there) turns plans into views; when it reports
 samples it cannot decode (`BadSampleError`), the loader replaces them and restarts it at the same
 batch; when it fails without naming the samples, the loader finds them by augmenting parts of
-the batch, and raises the original error if no sample is to blame. Views arrive normalised, float [B, 3, S, S] (float16 with `fp16=True`), on the GPU for
-`device="gpu"`; either path gives the same batches and draws, so everything above holds for both.
+the batch, and raises the original error if no sample is to blame. Views arrive normalised, float
+[B, 3, S, S] (float16 with `fp16=True`), on the GPU for `device="gpu"`; either path gives the same
+batches and draws, so everything above holds for both.
 
 Each yielded batch is a dict: the views by name ("clip_image", "ssl_image_1", ...), "text" (int64
 [B, context_length]), "index" (int64 [B] global sample indices), "bad_samples" (samples replaced
@@ -230,8 +231,8 @@ class SLIPLoader:
             try:
                 return self._augmenter.run()
             except BadSampleError as e:
-                self._stop()      # a failed augmenter is not reusable; restart at this batch
                 self._known_bad.update(e.samples)
+                self._stop()      # a failed augmenter is not reusable; restart at this batch
             except Exception as error:     # a decoder failed without naming the sample (or not on data)
                 self._stop()
                 found = self._probe(self.make_batch(self.epoch, self.step))

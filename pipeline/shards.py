@@ -3,8 +3,12 @@
 The loader reads samples by offset instead of streaming tars, so it can shuffle the whole data
 set per epoch, split it exactly between ranks, and restart at any batch (see pipeline/loader.py).
 Offsets come from the DALI index files (`wds2idx`) the builder writes beside each tar; a tar
-without one is scanned once with `tarfile`. The table is a few numpy arrays (about 40 bytes a
-sample: 0.6 GB for YFCC15M), never a Python object per sample.
+without one is scanned once with `tarfile`. An index is used only once it is shown to belong to
+its tar (the checksum and tar size the manifest recorded, and the tar headers at its first and
+last offsets); a mismatch is a `ShardError` naming the index, since reading at a wrong index's
+offsets would turn tar headers into captions. The samples the build found bad come along in
+`SampleTable.recorded_bad`. The table is a few numpy arrays (about 40 bytes a sample: 0.6 GB for
+YFCC15M), never a Python object per sample.
 """
 from __future__ import annotations
 
@@ -123,7 +127,9 @@ def member_header(fd: int, data_offset: int) -> tuple[str, int] | None:
         size = int(block[124:136].replace(b"\0", b" ").strip() or b"0", 8)
     except ValueError:
         return None
-    if stored != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)   # some old writers
+    if stored not in (unsigned, signed):
         return None
     name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
     prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
