@@ -8,9 +8,13 @@ allows, and gives them back in order with the plan they came from. Two augmenter
 - `PillowAugmenter` (pipeline/pillow_pipeline.py): pillow-simd in a thread pool, CPU only.
 
 Both draw nothing themselves: every random choice is in the plan, so both give the same views
-from the same plans (up to each library's rounding). When a batch fails because one of its images
-cannot be decoded, both raise `BadSampleError` naming the culprits, found by `find_bad`; the loader
-then replaces those samples and starts a fresh augmenter at the same batch.
+from the same plans (up to each library's rounding). They also get the same samples: the loader
+rejects damaged images while planning, by one rule (pipeline/jpeg_check.py, and what the build
+recorded as bad), so a decoder failing later is rare. When it happens, both raise
+`BadSampleError` naming the culprits, found by `find_bad`, with the reason `LATE_DECODE_FAILURE`;
+the loader then replaces those samples and starts a fresh augmenter at the same batch. A failure
+`find_bad` cannot attribute is raised as it is, and the loader finds its culprits itself by
+augmenting parts of the batch.
 
 Batch-level operations that mix samples (mixup, cutmix, random erasing) do not belong here: they
 run on the finished batch, on the training device (`SLIPLoader(batch_transform=...)`).
@@ -26,6 +30,7 @@ from pipeline.plan import BatchPlan
 from pipeline.recipe import AugmentationRecipe
 
 BACKENDS = ("dali", "pillow")
+LATE_DECODE_FAILURE = "late_decode_failure"   # a decoder rejected an image that passed the plan's checks
 PlanSource = Callable[[], BatchPlan]      # the next plan to augment, in the order they are wanted
 
 
@@ -59,7 +64,7 @@ def undecodable_samples(plan: BatchPlan) -> dict[int, str]:
         try:
             Image.open(io.BytesIO(data)).convert("RGB")
         except Exception:   # PIL raises many types for a corrupt image; all mean the same here
-            found[index] = "corrupt_image"
+            found[index] = LATE_DECODE_FAILURE
     return found
 
 

@@ -9,8 +9,16 @@ Stages (each resumable; kill the build at any point and rerun the same command):
 2. **download**: img2dataset (parquet in, webdataset out, `incremental_mode="incremental"`: shards
    whose `NNNNN_stats.json` exists are skipped). Before it runs, every finished shard's tar is
    checked (complete tar, sample count = stats) and a bad one is deleted so it is redone.
-3. **finalize**: DALI index per tar (wds2idx), sha256, result manifest `manifests/<name>.json` and
-   a copy `OUT/shards/manifest.json`, summary table.
+3. **finalize**: per tar, in a thread pool: its DALI index (wds2idx; an index kept from an earlier
+   run is used only if it lists exactly this tar's members), sha256s of tar and index, and a
+   decode-verification of every image (pipeline/verify.py; cached in `OUT/state/verified/` by
+   the tar's sha256, so a rerun does not decode again). Then the result manifest
+   `manifests/<name>.json` and a copy `OUT/shards/manifest.json`, with the images that failed
+   verification listed per shard (`bad_samples`: the loader skips them unread), and a summary.
+
+A build that would produce nothing (empty or wrong input files, nothing selected, every download
+failed) stops with one line saying so (`InputError` / `BuildError`), never a manifest of 0
+samples and a success.
 
 A kill must take the whole process group (Ctrl-C, a scheduler, `kill -- -PGID`): img2dataset's
 worker processes outlive a SIGKILL of the main process alone and would race the rerun.
@@ -45,6 +53,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,10 +66,18 @@ from pipeline.manifest import Manifest, ShardEntry, save_manifest
 from pipeline.metadata import InputError, ScanStats, SubsetIds, read_metadata
 from pipeline.files import write_json_atomic
 from pipeline.shards import file_sha256, iter_tar_samples, write_index
+from pipeline.verify import index_matches, verify_images
 
 MIRROR_TEMPLATE = "https://multimedia-commons.s3-us-west-2.amazonaws.com/data/images/{hash[0:3]}/{hash[3:6]}/{hash}.jpg"
 ALLOWED_PREFIXES = ("http://", "https://")   # never file://, ftp://, data:...
 EXTRA_COLUMNS = ["photoid", "title", "description", "license"]
+VERIFY_VERSION = 1       # bump when the verification rule changes: cached results are then redone
+
+
+class BuildError(RuntimeError):
+    """The build cannot finish as asked (nothing to build, downloads incomplete); the message says why."""
+
+
 PARQUET_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("photoid", pa.int64()),
                             ("title", pa.string()), ("description", pa.string()), ("license", pa.string())])
 
@@ -148,6 +165,9 @@ def sampled(photoid: int, fraction: float) -> bool:
 
 def select_stage(cfg: BuildConfig) -> dict:
     """Stream metadata -> cleaned rows -> parquet parts. Returns the selection stats."""
+    for path in (cfg.metadata, cfg.subset):
+        if path is not None and not path.is_file():
+            raise InputError(f"{path}: no such file")
     marker = cfg.state_dir / "select.json"
     fingerprint = cfg.selection_fingerprint()
     if marker.exists():
@@ -314,8 +334,8 @@ def download_stage(cfg: BuildConfig, selected: int) -> dict:
         shutil.rmtree(cfg.shard_dir / "_tmp", ignore_errors=True)
     left = check_shards(cfg.shard_dir)
     if left or len(_stats_files(cfg.shard_dir)) != expected:
-        raise RuntimeError(f"{cfg.shard_dir}: img2dataset finished {len(_stats_files(cfg.shard_dir))} of "
-                           f"{expected} shards ({left} incomplete); rerun the same command to resume")
+        raise BuildError(f"{cfg.shard_dir}: img2dataset finished {len(_stats_files(cfg.shard_dir))} of "
+                         f"{expected} shards ({left} incomplete); rerun the same command to resume")
     write_json_atomic(marker, {"shards": expected}, indent=1)
     return {"shards_redone": redone, "skipped": False}
 
@@ -340,10 +360,34 @@ def failure_reason(message: str) -> str:
     return "other"
 
 
+def verified_shard(cfg: BuildConfig, tar: Path, samples: int) -> ShardEntry:
+    """The manifest entry of a finished tar: its index (made again if the one there does not list
+    this tar), checksums, and the samples whose image fails verification."""
+    idx = write_index(tar)
+    if not index_matches(idx, tar):
+        idx = write_index(tar, force=True)
+        if not index_matches(idx, tar):
+            raise BuildError(f"{idx}: wds2idx's index does not list the members of {tar} as tarfile reads them")
+    sha256 = file_sha256(tar)
+    cache = cfg.state_dir / "verified" / f"{tar.stem}.json"
+    key = {"sha256": sha256, "max_image_pixels": cfg.max_image_pixels, "version": VERIFY_VERSION}
+    try:
+        done = json.loads(cache.read_text())
+        bad = done["bad_samples"] if done["key"] == key else None
+    except (OSError, ValueError, KeyError, TypeError):
+        bad = None
+    if bad is None:
+        bad = verify_images(tar, cfg.max_image_pixels)
+        write_json_atomic(cache, {"key": key, "bad_samples": bad})
+    size = tar.stat().st_size
+    return ShardEntry(path=tar.name, samples=samples, bytes=size, sha256=sha256, index=idx.name,
+                      index_sha256=file_sha256(idx), index_tar_bytes=size, bad_samples=bad)
+
+
 def finalize_stage(cfg: BuildConfig, select_stats: dict, download_info: dict) -> Manifest:
-    shards, dl, status, errors = [], Counter(), Counter(), Counter()
-    files = _stats_files(cfg.shard_dir)
-    for stats_path in tqdm(files, desc="index+sha256", unit="shard", disable=not cfg.progress or len(files) < 2):
+    dl, status, errors = Counter(), Counter(), Counter()
+    finished = []
+    for stats_path in _stats_files(cfg.shard_dir):
         s = json.loads(stats_path.read_text())
         for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
             dl[k] += s.get(k, 0)
@@ -357,19 +401,23 @@ def finalize_stage(cfg: BuildConfig, select_stats: dict, download_info: dict) ->
         if s.get("successes", 0) == 0:
             dl["empty_shards"] += 1
             continue
-        tar = cfg.shard_dir / f"{sid}.tar"
-        idx = write_index(tar)
-        shards.append(ShardEntry(path=tar.name, samples=s["successes"], bytes=tar.stat().st_size,
-                                 sha256=file_sha256(tar), index=idx.name))
+        finished.append((cfg.shard_dir / f"{sid}.tar", s["successes"]))
+    # reading, hashing and decoding release the GIL: threads share the work without a process pool
+    with ThreadPoolExecutor(max(1, cfg.processes), thread_name_prefix="verify") as pool:
+        jobs = [pool.submit(verified_shard, cfg, tar, n) for tar, n in finished]
+        shards = [job.result() for job in tqdm(jobs, desc="index+verify", unit="shard",
+                                               disable=not cfg.progress or len(jobs) < 2)]
     failures = Counter()
     for msg, n in errors.items():
         failures[failure_reason(msg)] += n
+    bad = Counter(b["reason"] for s in shards for b in s.bad_samples)
     stats = {
         "select": select_stats,
         "download": {"attempted": dl["count"], "downloaded": dl["successes"],
                      "failed_to_download": dl["failed_to_download"], "failed_to_resize": dl["failed_to_resize"],
                      "failures": dict(failures.most_common()), "errors": dict(errors.most_common(50)),
                      "empty_shards": dl["empty_shards"], "shards_redone_on_resume": download_info["shards_redone"]},
+        "verify": {"bad_samples": sum(bad.values()), "reasons": dict(bad.most_common())},
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
     }
     manifest = Manifest(name=cfg.name, root=str(cfg.shard_dir.resolve()), shards=shards, stats=stats)
@@ -386,6 +434,7 @@ def summary_table(m: Manifest) -> str:
              ("download attempted", dl["attempted"]), ("downloaded", dl["downloaded"])]
     rows += [(f"  failed: {k}", v) for k, v in dl["failures"].items()]
     rows += [("shards", len(m.shards)), ("samples in manifest", m.total_samples),
+             ("  failed verification (skipped)", m.stats.get("verify", {}).get("bad_samples", 0)),
              ("bytes", sum(s.bytes for s in m.shards))]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v:>12,}" for k, v in rows)
@@ -395,8 +444,18 @@ def build(cfg: BuildConfig) -> Manifest:
     """Run (or resume) all stages; returns the result manifest."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     select_stats = select_stage(cfg)
+    if select_stats["selected"] == 0:
+        counts = select_stats["counts"]
+        dropped = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("rows_read", "subset_rows")) or "none"
+        raise BuildError(f"no photo selected from {cfg.metadata} ({counts.get('rows_read', 0)} rows read"
+                         + (f", {counts.get('subset_rows', 0)} subset ids in {cfg.subset}" if cfg.subset else "")
+                         + f"; dropped: {dropped}): nothing to build")
     download_info = download_stage(cfg, select_stats["selected"])
     manifest = finalize_stage(cfg, select_stats, download_info)
     if cfg.progress:
         print(summary_table(manifest), file=sys.stderr)
+    if manifest.total_samples == 0:
+        dl = manifest.stats["download"]
+        raise BuildError(f"none of the {dl['attempted']} downloads succeeded (failures: {dl['failures'] or 'none'}); "
+                         f"the errors are listed in {cfg.manifest_dir / (cfg.name + '.json')}")
     return manifest

@@ -13,6 +13,13 @@ What is guaranteed (same manifest, batch size, world size and seed):
 - A sample whose image is missing, not an image, corrupt, or too large, or that has no usable
   caption, is replaced by another sample of the same rank's epoch (drawn from its own seeded
   stream) and counted in `bad_samples` / `bad_reasons`. Training never stops for bad data.
+- Which images are bad is decided while planning, by one rule, so both augmentation paths get
+  the same batches: the samples the build's decode-verification recorded in the manifest (never
+  read), and a structural JPEG check of each image as it is read (pipeline/jpeg_check.py:
+  markers, complete entropy-coded data, the end-of-image marker, a sane number of scans; a
+  small fraction of the per-image augmentation cost, reported by tools/bench/bench_pipeline.py).
+  An image that passes both and still fails inside a decoder is rare; it is counted as
+  `late_decode_failure` and replaced in the same way, on either path, from then on.
 
 With a different world size or batch size the order cannot continue exactly; `load_state_dict`
 then restarts at the same epoch and the same fraction of it, and says so.
@@ -22,8 +29,10 @@ plan of a batch (pipeline/plan.py: samples, encoded images, tokens, every view's
 function. An augmenter chosen by `backend` (pipeline/augment.py: the DALI graph on CPU or GPU, or
 pillow-simd on the CPU, the faster of the two there) turns plans into views; when it reports
 samples it cannot decode (`BadSampleError`), the loader replaces them and restarts it at the same
-batch. Views arrive normalised, float [B, 3, S, S] (float16 with `fp16=True`), on the GPU for
-`device="gpu"`; either path gives the same batches and draws, so everything above holds for both.
+batch; when it fails without naming the samples, the loader finds them by augmenting parts of
+the batch, and raises the original error if no sample is to blame. Views arrive normalised, float
+[B, 3, S, S] (float16 with `fp16=True`), on the GPU for `device="gpu"`; either path gives the same
+batches and draws, so everything above holds for both.
 
 Each yielded batch is a dict: the views by name ("clip_image", "ssl_image_1", ...), "text" (int64
 [B, context_length]), "index" (int64 [B] global sample indices), "bad_samples" (samples replaced
@@ -43,7 +52,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.augment import Augmenter, BadSampleError, check_backend, make_augmenter
+from pipeline.augment import LATE_DECODE_FAILURE, Augmenter, BadSampleError, check_backend, make_augmenter
+from pipeline.jpeg_check import jpeg_problem
 from pipeline.manifest import Manifest
 from pipeline.plan import BatchPlan
 from pipeline.recipe import AugmentationRecipe
@@ -81,7 +91,7 @@ class SLIPLoader:
         self.epoch, self.step = 0, 0
         self.bad_samples = 0
         self.bad_reasons: collections.Counter = collections.Counter()
-        self._known_bad: dict[int, str] = {}     # found only by a failed decode in the augmenter
+        self._known_bad: dict[int, str] = {}     # found only by a failed decode in the augmenter (late)
         self._orders: dict[int, np.ndarray] = {}
         self._augmenter: Augmenter | None = None
 
@@ -101,6 +111,8 @@ class SLIPLoader:
 
     def _check_image(self, i: int) -> tuple[bytes | None, tuple[int, int] | str]:
         """Encoded bytes and (height, width), or None and the reason it is unusable."""
+        if i in self.table.recorded_bad:
+            return None, self.table.recorded_bad[i]
         if i in self._known_bad:
             return None, self._known_bad[i]
         data = self.reader.image(i)
@@ -120,6 +132,8 @@ class SLIPLoader:
             return None, "too_large"
         if w < 1 or h < 1:
             return None, "empty_image"
+        if fmt == "JPEG" and (problem := jpeg_problem(data)) is not None:
+            return None, problem[0]
         return data, (h, w)
 
     def _caption(self, i: int, u: float) -> str | None:
@@ -206,18 +220,59 @@ class SLIPLoader:
             self._augmenter.close()
             self._augmenter = None
 
+    def _new_augmenter(self, plans: Callable[[], BatchPlan], batch_size: int) -> Augmenter:
+        return make_augmenter(self.backend, self.recipe, plans, batch_size, num_threads=self.num_threads,
+                              device=self.device, device_id=self.device_id, prefetch=self.prefetch, fp16=self.fp16)
+
     def _run(self) -> tuple[dict, BatchPlan]:
         for _ in range(MAX_REPLACEMENT_TRIES):
             if self._augmenter is None:
-                self._augmenter = make_augmenter(
-                    self.backend, self.recipe, self._plans(), self.batch_size, num_threads=self.num_threads,
-                    device=self.device, device_id=self.device_id, prefetch=self.prefetch, fp16=self.fp16)
+                self._augmenter = self._new_augmenter(self._plans(), self.batch_size)
             try:
                 return self._augmenter.run()
             except BadSampleError as e:
                 self._known_bad.update(e.samples)
                 self._stop()      # a failed augmenter is not reusable; restart at this batch
+            except Exception as error:     # a decoder failed without naming the sample (or not on data)
+                self._stop()
+                found = self._probe(self.make_batch(self.epoch, self.step))
+                if not found:
+                    raise
+                warnings.warn(f"{error.__class__.__name__} in the augmenter traced to samples {sorted(found)}; "
+                              "they are replaced")
+                self._known_bad.update(found)
         raise RuntimeError("the augmenter kept failing on the same batch")
+
+    def _probe(self, plan: BatchPlan) -> dict[int, str]:
+        """The samples of `plan` that make an augmenter fail, found by bisection (parts of the batch
+        augmented by fresh augmenters): the culprits of a failure the augmenter could not attribute.
+        Rare, so its cost hardly matters. Nothing found, or every sample failing alone (the
+        augmenter itself is broken), is an empty answer."""
+        def fails(slots: list[int]) -> bool:
+            part = plan.subset(slots)
+            augmenter = self._new_augmenter(lambda: part, len(slots))
+            try:
+                augmenter.run()
+                return False
+            except Exception:      # whatever the decoder raises, these samples trigger it
+                return True
+            finally:
+                augmenter.close()
+
+        culprits: list[int] = []
+
+        def search(slots: list[int]) -> None:
+            if len(slots) == 1:
+                culprits.append(slots[0])
+                return
+            for half in (slots[:len(slots) // 2], slots[len(slots) // 2:]):
+                if fails(half):
+                    search(half)
+
+        search(list(range(len(plan))))
+        if not culprits or len(culprits) == len(plan) > 1:
+            return {}
+        return {int(plan.indices[slot]): LATE_DECODE_FAILURE for slot in culprits}
 
     @staticmethod
     def _to_torch(view) -> torch.Tensor:

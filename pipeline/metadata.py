@@ -3,7 +3,8 @@ of the YFCC15M subset list. Memory stays bounded: the metadata is never held, an
 14.8M photo ids live in one sorted int64 numpy array (about 120 MB) searched in vectorised batches.
 
 Bad rows are counted in `ScanStats` with a few `file:line` examples and skipped; only inputs that
-are unusable as a whole (a wrong file, a wrong format) raise `InputError`, naming file and line.
+are unusable as a whole (a wrong file, a wrong format, an empty file) raise `InputError`, naming
+file and line.
 """
 from __future__ import annotations
 
@@ -174,7 +175,10 @@ class _WrongFileGuard:
         raise InputError(f"{self.first_bad} (no valid row in the first lines: is this {self.what}?)")
 
     def finish(self) -> None:
-        if self.good == 0 and self.first_bad is not None:
+        """At the end of the file: a file without a single valid row is the wrong one, or empty."""
+        if self.good == 0:
+            if self.first_bad is None:
+                raise InputError(f"{self.path}: no rows at all (an empty file? expected {self.what})")
             self.fail()
 
 
@@ -317,6 +321,9 @@ def _read_sqlite(path: Path, subset, stats, progress, batch_lines) -> Iterator[M
         raise InputError(f"{path}:1: no table with the YFCC100M columns {', '.join(SQLITE_COLUMNS)} "
                          f"(tables: {[t.decode() for t in tables]})")
     total = con.execute(f"SELECT max(rowid) FROM '{table}'").fetchone()[0] or 0
+    if total == 0:
+        con.close()
+        raise InputError(f"{path}: table {table!r} holds no rows")
     cur = con.execute(f"SELECT rowid, {', '.join(SQLITE_COLUMNS)} FROM '{table}' ORDER BY rowid")
     bar = tqdm(total=total, desc="metadata (sqlite)", unit="row", unit_scale=True, disable=not progress,
                mininterval=0.5)

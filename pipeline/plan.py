@@ -8,6 +8,7 @@ again at any time: to resume, to preview, to test that an augmenter applied what
 from __future__ import annotations
 
 import collections
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,3 +30,12 @@ class BatchPlan:
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def subset(self, slots: list[int]) -> BatchPlan:
+        """The plan of a batch made of these samples (positions in this batch) only, with their draws."""
+        take = np.asarray(slots, dtype=np.int64)
+        views = {name: dataclasses.replace(p, **{f.name: getattr(p, f.name)[take] for f in dataclasses.fields(p)})
+                 for name, p in self.views.items()}
+        return BatchPlan(self.epoch, self.step, self.indices[take], [self.encoded[i] for i in slots],
+                         self.sizes[take], None if self.tokens is None else self.tokens[take], views,
+                         None if self.labels is None else self.labels[take])

@@ -3,8 +3,12 @@
 The loader reads samples by offset instead of streaming tars, so it can shuffle the whole data
 set per epoch, split it exactly between ranks, and restart at any batch (see pipeline/loader.py).
 Offsets come from the DALI index files (`wds2idx`) the builder writes beside each tar; a tar
-without one is scanned once with `tarfile`. The table is a few numpy arrays (about 40 bytes a
-sample: 0.6 GB for YFCC15M), never a Python object per sample.
+without one is scanned once with `tarfile`. An index is used only once it is shown to belong to
+its tar (the checksum and tar size the manifest recorded, and the tar headers at its first and
+last offsets); a mismatch is a `ShardError` naming the index, since reading at a wrong index's
+offsets would turn tar headers into captions. The samples the build found bad come along in
+`SampleTable.recorded_bad`. The table is a few numpy arrays (about 40 bytes a sample: 0.6 GB for
+YFCC15M), never a Python object per sample.
 """
 from __future__ import annotations
 
@@ -13,20 +17,16 @@ import io
 import os
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from pipeline.files import atomic_output
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, ShardEntry, ShardError, save_manifest  # noqa: F401  (ShardError: re-exported)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")   # img2dataset's encode formats, preferred in this order
-
-
-class ShardError(ValueError):
-    """A shard disagrees with its manifest (missing, truncated, re-written since the build)."""
 
 
 @dataclass
@@ -37,23 +37,34 @@ class SampleTable:
     image: np.ndarray        # int64 [N, 2] (offset, length)
     meta: np.ndarray         # int64 [N, 2] the .json
     text: np.ndarray         # int64 [N, 2] the .txt
+    recorded_bad: dict[int, str] = field(default_factory=dict)   # sample -> reason, found at build time
 
     def __len__(self) -> int:
         return len(self.shard)
 
 
-def _parse_index(idx: Path) -> list[dict[str, tuple[int, int]]]:
-    """wds2idx v1.2: header `v1.2 N`, then one line per sample of `ext offset size name` groups."""
-    lines = idx.read_text().splitlines()
+# A sample's components: extension -> (data offset, size) in the tar
+Components = dict[str, tuple[int, int]]
+
+
+def parse_index(lines: list[str], where: Path) -> list[Components]:
+    """The samples of a wds2idx v1.x index, given as its lines: a header `v1.2 N`, then one line per
+    sample of `ext offset size name` groups."""
     if not lines or not lines[0].startswith("v1."):
-        raise ShardError(f"{idx}: not a DALI webdataset index (header {lines[:1]!r})")
+        raise ShardError(f"{where}: not a DALI webdataset index (header {lines[:1]!r})")
     samples = []
     for n, line in enumerate(lines[1:], 2):
         f = line.split()
         if len(f) % 4:
-            raise ShardError(f"{idx}:{n}: malformed index line")
+            raise ShardError(f"{where}:{n}: malformed index line")
         samples.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)})
     return samples
+
+
+def index_members(line: str) -> list[tuple[int, int, str]]:
+    """(offset, size, member name) of each component on one sample line of an index."""
+    f = line.split()
+    return [(int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f) - 3, 4)]
 
 
 # webdataset's naming rule: the key is the member's path up to the first dot of its file name, the
@@ -92,37 +103,124 @@ def iter_tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarf
         yield key, parts
 
 
-def _scan_tar(tar: Path) -> list[dict[str, tuple[int, int]]]:
-    """Fallback without an index: each sample's components, (offset, size) by extension."""
+def scan_tar(tar: Path) -> tuple[list[Components], list[str]]:
+    """Each sample's components, and its key, read from the tar itself (the fallback without an index)."""
     try:
         with tarfile.open(tar) as tf:
-            return [{ext: (m.offset_data, m.size) for ext, m in parts.items()} for _, parts in iter_tar_samples(tf)]
+            found = [(key, {ext: (m.offset_data, m.size) for ext, m in parts.items()})
+                     for key, parts in iter_tar_samples(tf)]
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"{tar}: unreadable tar ({e})") from e
+    return [comp for _, comp in found], [key for key, _ in found]
+
+
+def member_header(fd: int, data_offset: int) -> tuple[str, int] | None:
+    """(name, size) from the tar header block just before `data_offset`, or None when the 512 bytes
+    there are not a valid header (checksum)."""
+    if data_offset < 512:
+        return None
+    block = os.pread(fd, 512, data_offset - 512)
+    if len(block) < 512:
+        return None
+    try:
+        stored = int(block[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
+        size = int(block[124:136].replace(b"\0", b" ").strip() or b"0", 8)
+    except ValueError:
+        return None
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)   # some old writers
+    if stored not in (unsigned, signed):
+        return None
+    name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
+    return (f"{prefix.decode('utf-8', 'replace')}/{name}" if prefix else name), size
+
+
+def _check_index(entry: ShardEntry, tar: Path, idx: Path, raw: bytes, lines: list[str]) -> None:
+    """Trust an index only once it is shown to belong to this tar: the checksum and tar size the
+    manifest recorded when the index was made (where recorded), and the tar members at its first
+    and last offsets, which must carry the names and sizes the index gives them. (Reading the
+    member at every offset would cost one read per sample at every start, on every rank.)"""
+    fix = "rerun the build to index it again, or delete the index to read the offsets from the tar"
+    if entry.index_sha256 is not None and hashlib.sha256(raw).hexdigest() != entry.index_sha256:
+        raise ShardError(f"{idx}: not the index the manifest recorded for {tar.name} (sha256 differs: swapped "
+                         f"or rewritten since the build); {fix}")
+    size = tar.stat().st_size
+    if entry.index_tar_bytes is not None and entry.index_tar_bytes != size:
+        raise ShardError(f"{idx}: made for a {entry.index_tar_bytes}-byte tar, {tar.name} has {size} bytes; {fix}")
+    first, last = index_members(lines[1]) if len(lines) > 1 else [], index_members(lines[-1])
+    if not first or not last:
+        return      # no sample: nothing is read through this index
+    first, last = min(first), max(last)
+    fd = os.open(tar, os.O_RDONLY)
+    try:
+        for offset, length, name in (first, last):
+            found = member_header(fd, offset)
+            if found is None or found[1] != length or not _same_member_name(found[0], name):
+                seen = "no tar header" if found is None else f"member {found[0]!r} ({found[1]} bytes)"
+                raise ShardError(f"{idx}: does not belong to {tar.name}: at offset {offset} the index has {name!r} "
+                                 f"({length} bytes), the tar has {seen} (a stale or swapped index); {fix}")
+    finally:
+        os.close(fd)
+
+
+def _same_member_name(in_header: str, in_index: str) -> bool:
+    # a name longer than the header's 100-byte field is stored in an extension header before it,
+    # with a cut copy in the field itself
+    return in_header == in_index or (len(in_index) > 100 and in_index.startswith(in_header))
+
+
+def _recorded_bad(entry: ShardEntry, tar: Path, key_at: Callable[[int], str | None], count: int,
+                  first: int) -> dict[int, str]:
+    """The samples the build found bad (ShardEntry.bad_samples), by global index (`first` is the
+    shard's first); each must still be at its recorded position, under its recorded key."""
+    bad = {}
+    for rec in entry.bad_samples or ():
+        pos, key = int(rec["position"]), rec.get("key")
+        if not 0 <= pos < count or (key is not None and key_at(pos) != key):
+            raise ShardError(f"{tar}: the manifest's bad sample {key!r} is not sample {pos} of the tar "
+                             "(rewritten since the build); rebuild the manifest")
+        bad[first + pos] = rec.get("reason", "corrupt_image")
+    return bad
+
+
+def _index_key(line: str) -> str | None:
+    split = split_member_name(index_members(line)[0][2]) if line.strip() else None
+    return split[0] if split else None
 
 
 def build_sample_table(manifest: Manifest) -> SampleTable:
-    """Locate every sample of every shard; each shard must hold the count its manifest promises."""
-    paths, shard, image, meta, text = [], [], [], [], []
+    """Locate every sample of every shard; each shard must hold the count its manifest promises,
+    and an index is used only once it is shown to belong to its tar."""
+    paths, shard, image, meta, text, recorded_bad = [], [], [], [], [], {}
+    tars = manifest.shard_paths()
     indexes = manifest.index_paths() or [None] * len(manifest.shards)
-    for s, (entry, tar, idx) in enumerate(zip(manifest.shards, manifest.shard_paths(), indexes)):
+    for s, (entry, tar, idx) in enumerate(zip(manifest.shards, tars, indexes)):
         if not tar.is_file():
             raise ShardError(f"{tar}: shard listed in {manifest.source or manifest.name} is missing")
         if tar.stat().st_size != entry.bytes:
             raise ShardError(f"{tar}: {tar.stat().st_size} bytes, the manifest says {entry.bytes} "
                              "(truncated or rewritten since the build; rebuild it)")
-        samples = _parse_index(idx) if idx is not None and idx.is_file() else _scan_tar(tar)
+        if idx is not None and idx.is_file():
+            raw = idx.read_bytes()
+            lines = raw.decode("utf-8", "replace").splitlines()
+            samples = parse_index(lines, idx)
+            _check_index(entry, tar, idx, raw, lines)
+            key_at = lambda pos, lines=lines: _index_key(lines[pos + 1])  # noqa: E731
+        else:
+            samples, keys = scan_tar(tar)
+            key_at = keys.__getitem__
         if len(samples) != entry.samples:
             raise ShardError(f"{tar}: {len(samples)} samples, the manifest says {entry.samples}")
+        recorded_bad.update(_recorded_bad(entry, tar, key_at, len(samples), len(shard)))
         paths.append(tar)
         for comp in samples:
             shard.append(s)
-            img = next((comp[e] for e in IMAGE_EXTS if e in comp), (-1, 0))
-            image.append(img)
+            image.append(next((comp[e] for e in IMAGE_EXTS if e in comp), (-1, 0)))
             meta.append(comp.get("json", (-1, 0)))
             text.append(comp.get("txt", (-1, 0)))
-    as2 = lambda rows: np.asarray(rows, dtype=np.int64).reshape(-1, 2)
-    return SampleTable(paths, np.asarray(shard, dtype=np.int32), as2(image), as2(meta), as2(text))
+    as2 = lambda rows: np.asarray(rows, dtype=np.int64).reshape(-1, 2)  # noqa: E731
+    return SampleTable(paths, np.asarray(shard, dtype=np.int32), as2(image), as2(meta), as2(text), recorded_bad)
 
 
 class SampleReader:
@@ -171,10 +269,10 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_index(tar: Path) -> Path:
-    """DALI's wds2idx index beside the tar (skipped when an index newer than the tar exists)."""
+def write_index(tar: Path, force: bool = False) -> Path:
+    """DALI's wds2idx index beside the tar (kept when an index newer than the tar exists, unless `force`)."""
     idx = tar.with_suffix(".idx")
-    if idx.exists() and idx.stat().st_mtime >= tar.stat().st_mtime:
+    if not force and idx.exists() and idx.stat().st_mtime >= tar.stat().st_mtime:
         return idx
     from wds2idx import IndexCreator   # ships with the nvidia-dali wheel
     with atomic_output(idx) as tmp:
@@ -184,11 +282,14 @@ def write_index(tar: Path) -> Path:
     return idx
 
 
-def write_shard_set(out: Path, samples: list[dict], per_shard: int, name: str = "shards", index: bool = True) -> Path:
+def write_shard_set(out: Path, samples: list[dict], per_shard: int, name: str = "shards", index: bool = True,
+                    verify: bool = False) -> Path:
     """Write samples (dicts of extension -> bytes or str; None leaves a component out) as
     img2dataset-style tars, DALI indexes and a manifest; returns the manifest path. For tests,
-    benchmarks and previews: real builds go through pipeline/build.py."""
-    from pipeline.manifest import ShardEntry, save_manifest
+    benchmarks and previews: real builds go through pipeline/build.py. With `verify`, every image
+    is verified as the build does and the bad ones are recorded in the manifest; without it the
+    manifest records none (not verified), and the loader finds bad images itself."""
+    from pipeline.verify import verify_images
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for s in range(0, len(samples), per_shard):
@@ -203,9 +304,12 @@ def write_shard_set(out: Path, samples: list[dict], per_shard: int, name: str = 
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
         idx = write_index(tar_path) if index else None
-        entries.append(ShardEntry(path=tar_path.name, samples=len(samples[s:s + per_shard]),
-                                  bytes=tar_path.stat().st_size, sha256=file_sha256(tar_path),
-                                  index=idx.name if idx else None))
+        size = tar_path.stat().st_size
+        entries.append(ShardEntry(path=tar_path.name, samples=len(samples[s:s + per_shard]), bytes=size,
+                                  sha256=file_sha256(tar_path), index=idx.name if idx else None,
+                                  index_sha256=file_sha256(idx) if idx else None,
+                                  index_tar_bytes=size if idx else None,
+                                  bad_samples=verify_images(tar_path) if verify else None))
     manifest = out / "manifest.json"
     save_manifest(Manifest(name, str(out), entries), manifest)
     return manifest

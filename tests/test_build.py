@@ -80,6 +80,10 @@ def test_manifest_files_and_checksums(built):
         assert entry.samples == per_shard[tar.stem]
         lines = idx.read_text().split("\n")
         assert lines[0].startswith("v1.2") and int(lines[0].split()[1]) == entry.samples   # DALI index
+        # what the loader verifies the index with, and the images verified (img2dataset re-encodes: none bad)
+        assert entry.index_sha256 == hashlib.sha256(idx.read_bytes()).hexdigest() and entry.index_tar_bytes == len(data)
+        assert entry.bad_samples == []
+    assert m.stats["verify"] == {"bad_samples": 0, "reasons": {}}
 
 
 def test_every_bad_input_counted_with_reason(built, yfcc_fixture):
@@ -211,3 +215,89 @@ def test_json_writes_are_atomic(tmp_path):
         write_json_atomic(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
     assert [p.name for p in path.parent.iterdir()] == ["marker.json"]
+
+
+def rewrite_member(tar: Path, member_suffix: str, data: bytes) -> str:
+    """Replace the content of the first member whose name ends with `member_suffix`; returns its name."""
+    with tarfile.open(tar) as t:
+        members = [(m, t.extractfile(m).read()) for m in t if m.isfile()]
+    name = next(m.name for m, _ in members if m.name.endswith(member_suffix))
+    with tarfile.open(tar, "w") as t:
+        for m, content in members:
+            content = data if m.name == name else content
+            m.size = len(content)
+            t.addfile(m, io.BytesIO(content))
+    return name
+
+
+def test_finalize_verifies_images_and_indexes(built, yfcc_fixture, tmp_path):
+    """Images that fail to decode are recorded in the manifest (and skipped unread by the loader);
+    an index left over from another tar is made again, not trusted."""
+    from pipeline.loader import SLIPLoader
+    from pipeline.recipe import AugmentationRecipe
+    from test_data_safety import header_and_garbage, quant_table_missing
+    from shard_testing import chars
+    cfg, m = built
+    out = tmp_path / "copy"
+    shutil.copytree(cfg.out, out)
+    cfg2 = fixture_config(yfcc_fixture, out)
+    sd = cfg2.shard_dir
+    broken = rewrite_member(sd / m.shards[1].path, ".jpg", quant_table_missing(1))
+    garbled = rewrite_member(sd / m.shards[2].path, ".jpg", header_and_garbage(2))
+    # swapped indexes, newer than their tars: the builder would keep them by their dates alone
+    a, b = sd / m.shards[0].index, sd / m.shards[3].index
+    a_text, b_text = a.read_text(), b.read_text()
+    a.write_text(b_text)
+    b.write_text(a_text)
+    m2 = build(cfg2)
+    assert [s.bad_samples for s in m2.shards] == [
+        [], [{"position": 0, "key": broken[:-4], "reason": "corrupt_image",
+              "detail": "OSError: broken data stream when reading image file"}],
+        [{"position": 0, "key": garbled[:-4], "reason": "corrupt_image",
+          "detail": m2.shards[2].bad_samples[0]["detail"]}], []]
+    assert m2.stats["verify"] == {"bad_samples": 2, "reasons": {"corrupt_image": 2}}
+    assert (a.read_text(), b.read_text()) == (a_text, b_text)
+    for entry in m2.shards:
+        assert entry.index_sha256 == hashlib.sha256((sd / entry.index).read_bytes()).hexdigest()
+    loader = SLIPLoader(load_manifest(sd / "manifest.json"), AugmentationRecipe(image_size=32), 4, chars,
+                        num_threads=1, backend="pillow")
+    bad = {m2.shards[0].samples, m2.shards[0].samples + m2.shards[1].samples}     # first samples of shards 1, 2
+    assert set(loader.table.recorded_bad) == bad
+    seen = {i for batch in loader for i in batch["index"].tolist()}
+    assert not seen & bad and loader.bad_reasons["corrupt_image"] >= 2
+
+
+def run_cli(*args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/build_yfcc15m.py", *map(str, args), "--no-progress"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_unusable_inputs_end_in_one_clear_line(yfcc_fixture, tmp_path):
+    fx = yfcc_fixture
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    elsewhere = tmp_path / "subset_elsewhere.tsv"
+    elsewhere.write_text("1\t999999\tabc\n")
+    cases = {
+        "missing metadata": (["--metadata", tmp_path / "nope.tsv", "--subset", fx.subset],
+                             f"error: {tmp_path / 'nope.tsv'}: no such file"),
+        "missing subset": (["--metadata", fx.metadata, "--subset", tmp_path / "nope.tsv"],
+                           f"error: {tmp_path / 'nope.tsv'}: no such file"),
+        "empty metadata": (["--metadata", empty, "--subset", fx.subset], f"error: {empty}: no rows at all"),
+        "empty subset": (["--metadata", fx.metadata, "--subset", empty], f"error: {empty}: no rows at all"),
+        "nothing selected": (["--metadata", fx.metadata, "--subset", elsewhere], "error: no photo selected from"),
+    }
+    for case, (args, start) in cases.items():
+        proc = run_cli(*args, "--out", tmp_path / case.replace(" ", "_"))
+        assert proc.returncode == 2, (case, proc.stderr[-2000:])
+        assert proc.stderr.startswith(start) and proc.stderr.count("\n") == 1, (case, proc.stderr[-2000:])
+    assert not (tmp_path / "manifests").exists()
+
+
+def test_a_build_where_every_download_fails_is_an_error(yfcc_fixture, tmp_path):
+    from pipeline.build import BuildError
+    cfg = fixture_config(yfcc_fixture, tmp_path / "o", limit=3, processes=1, threads=2,
+                         url_template=yfcc_fixture.server.url("missing/{photoid}.jpg"))
+    with pytest.raises(BuildError, match=r"none of the 3 downloads succeeded \(failures: \{'http_404': 3\}\)"):
+        build(cfg)
+    assert load_manifest(cfg.manifest_dir / "fixture.json").total_samples == 0     # kept, for its error list

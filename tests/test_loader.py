@@ -229,8 +229,9 @@ def test_resume_with_another_run_shape_keeps_the_epoch_fraction_and_warns(manife
 
 @both_backends
 def test_augmenters_name_the_sample_that_broke_a_batch(manifest, backend):
-    """A plan with one undecodable image fails in either augmenter with the one shared error,
-    naming that sample; the loader relies on this to replace it."""
+    """A plan with one undecodable image (one the loader's own checks would have rejected, put into
+    the plan by hand) fails in either augmenter with the one shared error, naming that sample as a
+    late decode failure; the loader relies on this to replace it."""
     plan = loader(manifest).make_batch(0, 0)
     noise = encode(np.random.default_rng(0).integers(0, 255, (200, 200, 3)))
     encoded = list(plan.encoded)
@@ -240,7 +241,7 @@ def test_augmenters_name_the_sample_that_broke_a_batch(manifest, backend):
     with pytest.raises(BadSampleError) as e:
         aug.run()
     aug.close()
-    assert e.value.samples == {int(plan.indices[2]): "corrupt_image"}
+    assert e.value.samples == {int(plan.indices[2]): "late_decode_failure"}
     aug = make_augmenter(backend, RECIPE, lambda: plan, len(plan), num_threads=1, prefetch=1)
     views, got = aug.run()
     aug.close()

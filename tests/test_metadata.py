@@ -112,3 +112,25 @@ def test_sqlite_form_joined_on_photo_id(yfcc_fixture, tmp_path):
 def test_url_hash_drops_leading_zeros():
     h = url_hash("http://farm1.staticflickr.com/1/1_a.jpg")
     assert 16 <= len(h) <= 32 and all(c in "0123456789abcdef" for c in h)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_an_empty_file_is_an_input_error(tmp_path, content):
+    """An empty metadata or subset file is a wrong input, not a data set of 0 photos."""
+    path = tmp_path / "empty.tsv"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=rf"{path}: no rows at all \(an empty file\? expected the YFCC100M metadata"):
+        list(read_metadata(path, None, ScanStats(), progress=False))
+    with pytest.raises(InputError, match=rf"{path}: no rows at all .*subset"):
+        SubsetIds.from_file(path, ScanStats(), progress=False)
+    bz = tmp_path / "empty.tsv.bz2"
+    bz.write_bytes(bz2.compress(content))
+    with pytest.raises(InputError, match="no rows at all"):
+        list(read_metadata(bz, None, ScanStats(), progress=False))
+    db = tmp_path / "empty.sql"
+    con = sqlite3.connect(db)
+    con.execute(f"CREATE TABLE yfcc100m_dataset ({', '.join(SQL_COLS)})")
+    con.commit()
+    con.close()
+    with pytest.raises(InputError, match=f"{db}: table 'yfcc100m_dataset' holds no rows"):
+        list(read_metadata(db, None, ScanStats(), progress=False))

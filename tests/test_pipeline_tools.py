@@ -47,6 +47,13 @@ def test_pipeline_benchmark_reports_a_ratio(tmp_path):
     for name in ("pillow", "dali-cpu"):
         ratios = result["ratios"][name]
         assert ratios["wall_ratio"] > 0 and ratios["per_core_ratio"] > 0
+    # the structural JPEG check's cost, per image and against each path's per-image time
+    check = result["jpeg_check"]
+    assert check["images"] == 32 and 0 < check["us_per_image"] < check["full_decode_us_per_image"]
+    for name in ("pillow", "dali-cpu"):
+        share = check["share"][name]
+        assert 0 < share["cpu_percent"] < 100 and 0 < share["wall_percent"] < 100
+    assert "structural JPEG check:" in proc.stdout and "% of its per-image augmentation time" in proc.stdout
 
 
 def test_graph_benchmark_compares_with_the_naive_graph(tmp_path):

@@ -4,7 +4,9 @@
         --out /data/yfcc15m [--processes 16 --threads 64 --image-size 320 ...]
     python tools/build_yfcc15m.py --demo --out DIR [--demo-samples 4000 --demo-eval-per-class 40]
 
-Rerun the same command after a kill to resume. Stages and options: pipeline/build.py.
+Rerun the same command after a kill to resume. Stages and options: pipeline/build.py. Inputs that
+cannot be used (missing, empty, the wrong file) and builds that would hold no sample end with one
+`error:` line and exit status 2.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from pipeline.build import BuildConfig, build  # noqa: E402
+from pipeline.build import BuildConfig, BuildError, build  # noqa: E402
+from pipeline.manifest import ShardError  # noqa: E402
 from pipeline.metadata import InputError  # noqa: E402
 
 # BuildConfig fields exposed as --flags (name -> help)
@@ -90,10 +93,10 @@ def main(argv=None) -> int:
             if a.metadata is None:
                 raise SystemExit("--metadata is required (or --demo)")
             m = build(config_from_args(a))
-    except InputError as e:
+    except (InputError, BuildError, ShardError) as e:    # one line that says what to do, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"manifest": str(m.shard_dir() / "manifest.json"), "shards": len(m.shards),
+    print(json.dumps({"manifest": str(Path(m.root) / "manifest.json"), "shards": len(m.shards),
                       "samples": m.total_samples}))
     return 0
 

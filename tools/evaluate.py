@@ -13,9 +13,11 @@ used, else the SLIP paper's 7 ImageNet templates; ImageNet class names ship in t
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -62,6 +64,8 @@ def random_model(run_cfg: RunConfig, seed: int, device: str) -> torch.nn.Module:
 
 
 def evaluate(args) -> int:
+    if not glob.has_magic(args.data) and not Path(args.data).exists():   # before any model is built
+        raise FileNotFoundError(f"--data {args.data}: no such file or directory")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.random_init and not args.config:

@@ -125,11 +125,15 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     recipe = cfg.data.recipe
     seed = cfg.train.seed if args.seed is None else args.seed
-    manifest = load_manifest(args.manifest)
-    n = min(args.num_samples, manifest.total_samples)
-    tokenizer = Tokenizer()
-    loader = SLIPLoader(manifest, recipe, n, tokenizer, seed=seed, num_threads=2, caption_mode=cfg.data.caption_mode,
-                        backend=cfg.data.backend)     # the views of the path that will train
+    try:    # an unusable manifest or shard set (ShardError is a ValueError) is one line, not a traceback
+        manifest = load_manifest(args.manifest)
+        n = min(args.num_samples, manifest.total_samples)
+        tokenizer = Tokenizer()
+        loader = SLIPLoader(manifest, recipe, n, tokenizer, seed=seed, num_threads=2,
+                            caption_mode=cfg.data.caption_mode, backend=cfg.data.backend)  # the path that will train
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     batch = next(iter(loader))
     params = loader.make_batch(0, 0).views       # the plan's draws behind this very batch
     views = ["clip_image"] + [f"ssl_image_{v}" for v in range(1, recipe.num_ssl_views + 1)]

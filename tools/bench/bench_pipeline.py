@@ -12,6 +12,11 @@ each of its two CPU paths: the DALI graph on the CPU ("dali-cpu") and pillow-sim
 Each runs in its own process, in turn, for several rounds (a shared machine is noisy), and reports
 wall-clock images/s and images per CPU-second (all threads and worker processes counted). On a
 machine with CUDA the DALI GPU graph (nvJPEG "mixed" decoding) is measured too.
+
+It also states what the loader's structural JPEG check (pipeline/jpeg_check.py, run on every image
+as its batch is planned) costs: its time per image on the same shards, next to a full decode,
+and as a percentage of each path's per-image augmentation time (CPU time per image) and of its
+wall time per image (the budget of the one thread that plans batches).
 """
 from __future__ import annotations
 
@@ -196,6 +201,39 @@ def run_worker(args) -> dict:
             "images_per_s": images / wall, "images_per_cpu_s": images / max(cpu, 1e-9), "cores_busy": cpu / wall}
 
 
+def jpeg_check_cost(manifest_path: Path, images: int) -> dict:
+    """Seconds per image of the structural JPEG check and of a full PIL decode, on the shards' images."""
+    from PIL import Image
+
+    from pipeline.jpeg_check import jpeg_problem
+    from pipeline.manifest import load_manifest
+    from pipeline.shards import SampleReader, build_sample_table
+    reader = SampleReader(build_sample_table(load_manifest(manifest_path)))
+    data = [d for d in (reader.image(i) for i in range(min(images, len(reader.table)))) if d is not None]
+    reader.close()
+
+    def per_image(fn, min_seconds: float) -> float:
+        n, t0 = 0, time.perf_counter()
+        while True:
+            for d in data:
+                fn(d)
+            n += len(data)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds:
+                return elapsed / n
+
+    check = per_image(jpeg_problem, 0.5)
+    decode = per_image(lambda d: Image.open(io.BytesIO(d)).convert("RGB"), 0.5)
+    return {"check_s": check, "full_decode_s": decode, "images": len(data)}
+
+
+def check_share(cost: dict, med: dict) -> dict:
+    """The check's time as a percentage of each path's CPU time and wall time per image."""
+    return {name: {"cpu_percent": 100 * cost["check_s"] * v["images_per_cpu_s"],
+                   "wall_percent": 100 * cost["check_s"] * v["images_per_s"]}
+            for name, v in med.items() if name != "reference"}
+
+
 def measure(args, worker: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, "--manifest", str(args.manifest), "--images",
            str(args.images), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
@@ -250,6 +288,7 @@ def main(argv=None) -> int:
                 print(f"round {r + 1}/{args.rounds} {worker:10s} {res['images_per_s']:8.1f} images/s  "
                       f"{res['images_per_cpu_s']:7.1f} images/CPU-s  ({res['cores_busy']:.2f} cores busy)",
                       flush=True)
+        cost = jpeg_check_cost(args.manifest, args.images)
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("images_per_s", "images_per_cpu_s", "cores_busy")}
            for k, v in results.items()}
     ref = med["reference"]
@@ -265,9 +304,17 @@ def main(argv=None) -> int:
                          "per_core_ratio": ours["images_per_cpu_s"] / ref["images_per_cpu_s"]}
         print(f"{name} vs reference: {summary[name]['wall_ratio']:.2f}x images/s, "
               f"{summary[name]['per_core_ratio']:.2f}x images per CPU-second")
+    share = check_share(cost, med)
+    print(f"structural JPEG check: {cost['check_s'] * 1e6:.1f} us per image (a full PIL decode: "
+          f"{cost['full_decode_s'] * 1e6:.0f} us), over {cost['images']} images")
+    for name, v in share.items():
+        print(f"  {name}: {v['cpu_percent']:.2f}% of its per-image augmentation time (CPU), "
+              f"{v['wall_percent']:.2f}% of its wall time per image")
+    jpeg_check = {"us_per_image": cost["check_s"] * 1e6, "full_decode_us_per_image": cost["full_decode_s"] * 1e6,
+                  "images": cost["images"], "share": share}
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "median": med,
-                                         "rounds": results, "ratios": summary}, indent=1))
+                                         "rounds": results, "ratios": summary, "jpeg_check": jpeg_check}, indent=1))
     return 0
 
 

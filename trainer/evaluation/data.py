@@ -144,6 +144,8 @@ def image_folder(root: str | Path, classnames: list[str] | None = None) -> tuple
 def shard_paths(spec: str | Path) -> list[Path]:
     """A directory of .tar shards, a glob, or a single tar."""
     p = Path(spec)
+    if not p.exists() and not glob.has_magic(str(spec)):
+        raise FileNotFoundError(f"{spec}: no such file or directory")
     if p.is_dir():
         paths = sorted(p.glob("*.tar"))
     else:
@@ -249,6 +251,9 @@ class EvalData:
         if not location:
             raise ValueError("evaluation needs a data directory (EvalConfig.data)")
         given = Path(location)
+        if not given.exists() and not glob.has_magic(str(location)):
+            raise FileNotFoundError(f"{location}: no such evaluation data (expected a directory, an ImageFolder "
+                                    "directory, or a shard file or glob)")
         root = given if given.is_dir() else given.parent
         bad = BadImages()
         names = find_classnames(root, classnames)
