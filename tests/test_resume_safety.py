@@ -288,3 +288,16 @@ def test_saving_nonfinite_weights_is_refused(tmp_path):
                                                  "The last good checkpoint is .*step_00000000.pt"):
         trainer.save()
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [0]
+
+
+def test_missing_shard_is_one_line_from_the_trainer(data, tmp_path):
+    """A copied shard set with one shard deleted: the trainer names the missing file in one line and
+    never falls back to the original build directory."""
+    copy = shutil.copytree(Path(data).parent, tmp_path / "copy")
+    first = sorted(copy.glob("*.tar"))[0]
+    first.unlink()
+    proc = run([*BASE, f"data.manifest={copy / Path(data).name}", f"out_dir={tmp_path / 'run'}"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("data error:")]
+    assert len(lines) == 1 and first.name in lines[0], proc.stderr[-3000:]

@@ -27,6 +27,7 @@ import errno
 import os
 import sys
 
+from pipeline.manifest import ShardError
 from trainer import checkpoint as ckpt
 from trainer.components import build_components
 from trainer.config import ConfigError, load_config, save_config
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
         return _error(rank, str(e), 2, kind="config error")
     except (ResumeError, RunDirBusy) as e:
         return _error(rank, str(e), 2)
+    except ShardError as e:          # missing shard, size or index mismatch: the data set, not the code
+        return _error(rank, str(e), 2, kind="data error")
     except NonFiniteLossError as e:
         return _error(rank, str(e), 3)
     except ckpt.CheckpointError as e:
