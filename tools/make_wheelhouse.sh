@@ -52,7 +52,7 @@ pillow_simd_version=${PILLOW_SIMD_VERSION:-12.1.1.post0}
 dali_extra=dali-cuda${cuda}0
 root=$(cd "$(dirname "$0")/.." && pwd)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-pip="$py -m pip"
+pip=("$py" -m pip)
 
 "$py" -c 'import platform, sys; sys.exit(sys.platform != "linux" or platform.machine() != "x86_64")' \
   || die "run this on Linux x86-64 with the target machines' Python (wheels are resolved for the running interpreter)"
@@ -66,13 +66,23 @@ trap 'rm -rf "$tmp"' EXIT
 echo "make_wheelhouse: $("$py" -c 'import sys; print("Python %d.%d" % sys.version_info[:2])') linux x86_64 -> $out"
 
 # The project's own wheel (for installs without a checkout); its metadata is the dependency list.
+# Built from a copy of the checkout's files (git's view: no venvs or caches) because setuptools
+# builds in the source tree and would package leftovers of an old build/ folder.
+src=$root
+if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  src=$tmp/src
+  mkdir "$src"
+  (cd "$root" && git ls-files -co --exclude-standard -z \
+     | while IFS= read -r -d '' f; do [ ! -e "$f" ] || printf '%s\0' "$f"; done \
+     | xargs -0 cp --parents -t "$src")
+fi
 # setuptools' build log is long and only matters when the build fails.
-$pip wheel -q --no-deps -w "$out" "$root" 2>"$tmp/project.log" || { cat "$tmp/project.log" >&2; exit 1; }
+"${pip[@]}" wheel -q --no-deps -w "$out" "$src" 2>"$tmp/project.log" || { cat "$tmp/project.log" >&2; exit 1; }
 
 # Torch: PyPI's Linux wheels are CUDA builds that pull the CUDA toolkit wheels (several GB).
 torch_req="torch==$torch_version"
 if [ "$torch_cpu" = 1 ] && [ "$skip_torch" = 0 ]; then
-  if $pip download -q --no-deps -d "$out" "torch==$torch_version+cpu" 2>"$tmp/torch_cpu.log"; then
+  if "${pip[@]}" download -q --no-deps -d "$out" "torch==$torch_version+cpu" 2>"$tmp/torch_cpu.log"; then
     torch_req="torch==$torch_version+cpu"
   else
     echo "make_wheelhouse: no CPU wheel torch==$torch_version+cpu is reachable from the configured indexes;" >&2
@@ -121,11 +131,11 @@ reqs += ["wheel", "pip"]
 print("\n".join(reqs))
 PY
 echo "make_wheelhouse: resolving $(wc -l <"$tmp/requirements.txt") requirements (wheels where published, local builds otherwise)"
-$pip wheel -q -w "$out" --find-links "$out" -r "$tmp/requirements.txt"
+"${pip[@]}" wheel -q -w "$out" --find-links "$out" -r "$tmp/requirements.txt"
 
 # pillow-simd publishes no wheels: build one here (gcc, libjpeg and zlib headers). It links against
 # the system's libjpeg/zlib, which the compute nodes have when they run the same image.
-$pip wheel -q --no-deps --no-binary pillow-simd -w "$out" "pillow-simd==$pillow_simd_version"
+"${pip[@]}" wheel -q --no-deps --no-binary pillow-simd -w "$out" "pillow-simd==$pillow_simd_version"
 
 "$py" - "$out" <<'PY'
 import os, sys
