@@ -63,14 +63,12 @@ def link_files(dists, target: Path) -> None:
 
 def offline_env() -> dict[str, str]:
     """No pip configuration, no index, no proxy that works: any download attempt fails."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PIP_") and k not in ("PYTHONPATH", "PYTHONHOME")}
+    dropped = ("PYTHONPATH", "PYTHONHOME", "NO_PROXY", "no_proxy")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k not in dropped}
     dead = "http://127.0.0.1:9"
     env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PIP_INDEX_URL=f"{dead}/simple",
-               PIP_NO_CACHE_DIR="1", HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead)
-    env["PIP_NO_COMPILE"] = "1"  # byte-compiling the installed packages only costs time here
-    env.pop("NO_PROXY", None)
-    env.pop("no_proxy", None)
+               PIP_NO_CACHE_DIR="1", HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead,
+               PIP_NO_COMPILE="1")  # byte-compiling the installed packages only costs time here
     return env
 
 
