@@ -3,8 +3,9 @@
 Convention under test (trainer/objectives.py): each rank's loss is a local mean (or a term equal on
 all ranks), DDP averages gradients, collectives with gradient sum it over ranks in backward. Then
   mean over ranks of the loss == full-batch loss,   DDP gradient == full-batch gradient,
-except for CLIP with the reference's no-grad gather, whose DDP gradient equals the full-batch
-gradient with each half's columns from the other half held constant; that is checked too.
+for CLIP's "gather_with_grad" and "global_logits" gradients. The two inexact CLIP gradients are
+checked against what they are meant to compute: "local_chunk" is the full-batch gradient with each
+half's columns from the other half held constant, "reference" the one with every column constant.
 The model is a reduced tiny preset in float64 with ssl_norm="syncbn" (global BN statistics, so the two
 halves normalise like the whole batch). One spawn serves all scenarios to keep the suite fast.
 """
@@ -29,12 +30,15 @@ CFG = ModelConfig.preset("vit_tiny", ssl_norm="syncbn", image_size=32, vision_wi
                          ssl_mlp_dim=64, ssl_emb_dim=32, nclip_clusters=128, nclip_hidden_dim=64,
                          nclip_bottleneck_dim=16)
 SCENARIOS = {
-    "clip": ObjectiveConfig(name="clip"),
-    "clip_grad_gather": ObjectiveConfig(name="clip", clip_gather_with_grad=True),
+    "clip": ObjectiveConfig(name="clip"),                                   # gather_with_grad
+    "clip_global_logits": ObjectiveConfig(name="clip", clip_gradient="global_logits"),
+    "clip_local_chunk": ObjectiveConfig(name="clip", clip_gradient="local_chunk"),
+    "clip_reference": ObjectiveConfig(name="clip", clip_gradient="reference"),
     "simclr": ObjectiveConfig(name="simclr"),
     "slip": ObjectiveConfig(name="slip", ssl_scale=0.7),
     "nclip": ObjectiveConfig(name="nclip"),
-    "xclip": ObjectiveConfig(name="xclip", clip_gather_with_grad=True, nclip_weight=0.5),
+    "xclip": ObjectiveConfig(name="xclip", nclip_weight=0.5),
+    "slip_local_chunk": ObjectiveConfig(name="slip", clip_gather_with_grad=False),   # the deprecated spelling
 }
 
 
@@ -117,6 +121,15 @@ def clip_with_constant_remote_columns(out):
     return total / WORLD
 
 
+def clip_with_constant_columns(out):
+    """The reference's gradient: every gathered column detached, only the rows differentiable."""
+    img = torch.nn.functional.normalize(out["image_embed"], dim=-1)
+    txt = torch.nn.functional.normalize(out["text_embed"], dim=-1)
+    scale, labels = out["logit_scale"], torch.arange(WORLD * LOCAL_BATCH)
+    ce = torch.nn.functional.cross_entropy
+    return (ce(scale * img @ txt.detach().t(), labels) + ce(scale * txt @ img.detach().t(), labels)) / 2
+
+
 def test_init_from_env_and_gather_helpers(ranks):
     assert [r["local_rank"] for r in ranks] == [0, 1]
     for rank, r in enumerate(ranks):
@@ -141,10 +154,13 @@ def test_two_ranks_equal_one_process(ranks, scenario):
     out = model(full_batch())
     full = build_objective(objective_cfg)(out)
     loss = full["loss"]
-    if objective_cfg.name in ("clip", "slip", "xclip") and not objective_cfg.clip_gather_with_grad:
-        # same loss value, but the gradient treats the other rank's columns as constants
+    mode = objective_cfg.clip_gradient if objective_cfg.name in ("clip", "slip", "xclip") else None
+    if mode in ("local_chunk", "reference"):
+        # same loss value, but the gradient treats (some of) the columns as constants
         clip_term = clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"])["clip_loss"]
-        ddp_equivalent = loss - clip_term + clip_with_constant_remote_columns(out)
+        inexact = (clip_with_constant_remote_columns(out) if mode == "local_chunk"
+                   else clip_with_constant_columns(out))
+        ddp_equivalent = loss - clip_term + inexact
         torch.testing.assert_close(ddp_equivalent, loss)
         loss = ddp_equivalent
     loss.backward()
@@ -159,12 +175,19 @@ def test_two_ranks_equal_one_process(ranks, scenario):
             torch.testing.assert_close(got[name], g, rtol=1e-8, atol=1e-12, msg=f"{scenario} {name}")
 
 
-def test_no_grad_clip_gather_really_differs_from_full_gradient(ranks):
-    """Guards the test above: the reference's no-grad gather is not the full-batch gradient."""
+def test_inexact_clip_gradients_really_differ_from_full_gradient(ranks):
+    """Guards the test above: the two inexact modes are not the full-batch gradient, the exact ones are."""
     model = fresh_model("clip")
     out = model(full_batch())
     clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"])["clip_loss"].backward()
     full = grads(model)["text_projection"]
-    ddp = ranks[0]["clip"]["grads"]["text_projection"]
-    assert not torch.allclose(full, ddp, rtol=1e-3)
-    torch.testing.assert_close(ranks[0]["clip_grad_gather"]["grads"]["text_projection"], full)
+    for inexact in ("clip_local_chunk", "clip_reference"):
+        assert not torch.allclose(full, ranks[0][inexact]["grads"]["text_projection"], rtol=1e-3), inexact
+    for exact in ("clip", "clip_global_logits"):
+        torch.testing.assert_close(ranks[0][exact]["grads"]["text_projection"], full)
+
+
+def test_deprecated_spelling_maps_to_the_modes():
+    assert ObjectiveConfig(clip_gather_with_grad=True).clip_gradient == "gather_with_grad"
+    assert ObjectiveConfig(clip_gather_with_grad=False).clip_gradient == "local_chunk"
+    assert ObjectiveConfig().clip_gradient == "gather_with_grad"

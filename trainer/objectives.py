@@ -12,14 +12,30 @@ mean of the per-rank losses is then the one-process full-batch loss, and the DDP
 full-batch gradient exactly, for every objective here except the CLIP term with the reference's
 no-grad gather (below). All ranks must use the same local batch size.
 
-CLIP (SLIP reference): features L2-normalised, gathered from all ranks; logits = logit_scale *
-local rows x global columns; labels = local_bs * rank + arange(local_bs); loss = (CE(image->text) +
-CE(text->image)) / 2. `clip_gather_with_grad=False` (default, the reference) gathers the other ranks'
-features without gradient but keeps the local chunk differentiable (as OpenCLIP; with one process
-this is the full gradient, the reference's 1-GPU behaviour). Across ranks the gradient then lacks the
-terms where another rank's rows use our samples as columns: the loss value is exact, the gradient
-is the full-batch gradient with remote columns treated as constants. `clip_gather_with_grad=True`
-makes it exact for one extra all-reduce of [N, 512] gradients.
+CLIP: features L2-normalised, gathered from all ranks; loss = (CE(image->text) + CE(text->image)) / 2
+with logit_scale times cosine similarities. Across ranks the loss VALUE is the full-batch loss in
+every mode below; the modes differ in which gradient DDP ends up with (`clip_gradient`):
+- "gather_with_grad" (default): local rows x global columns, labels local_bs * rank + arange, and
+  the gathers carry gradient (their backward sums the column gradients over ranks). The DDP
+  gradient is the full-batch gradient exactly, at any world size, for two extra all-reduces of
+  [N_global, D] in the backward pass (about 17 MB at 4,096 x 512 in fp32, against about 650 MB for
+  DDP's own gradient all-reduce of a ViT-B/16 SLIP model: a few percent more communication), and
+  logits of N_local x N_global per rank.
+- "global_logits" (OpenCLIP's default, `local_loss=False` without gradient gather): every rank
+  computes the whole N_global x N_global logits with only its own chunk differentiable; summed over
+  ranks that is the full gradient, so we scale the own chunk's gradient by the world size to undo
+  DDP's averaging (OpenCLIP leaves that 1/W factor in). Exact, no extra communication, but
+  O(N_global^2) logits per rank (4,096^2 fp32 = 67 MB per direction; 32k: 4.3 GB) and every rank
+  repeats the same N_global^2 work.
+- "local_chunk" (this project's earlier default): local logits with the own chunk differentiable
+  and the other ranks' chunks constant. It misses the (W-1)/W of the column terms that other
+  ranks hold, so its bias grows with the world size.
+- "reference" (the SLIP reference, facebookresearch/SLIP, and OpenCLIP's `local_loss=True` without
+  gradient gather): every gathered chunk is detached, own one included, so only the row terms
+  carry gradient (with one process the reference keeps the gradient: so do we).
+tools/bench/clip_gradient_modes.py measures each mode's gradient error against the full-batch
+gradient at 2, 4 and 8 ranks; the table is in docs/OBJECTIVES.md. The default is the cheapest exact
+mode at reference scale.
 
 SimCLR (SLIP reference): both views L2-normalised and gathered WITH gradient; for view a the logits
 are [q_a k_b^T, q_a k_a^T] / tau with the self-similarity q_a.k_a(i) masked out, so each row has 1
@@ -104,10 +120,15 @@ def objective_parts(name: str) -> ObjectiveParts:
     return OBJECTIVE_PARTS[name]
 
 
+CLIP_GRADIENTS = ("gather_with_grad", "global_logits", "local_chunk", "reference")
+ClipGradient = Literal[CLIP_GRADIENTS]
+
+
 @dataclass
 class ObjectiveConfig:
     name: ObjectiveName = "slip"
-    clip_gather_with_grad: bool = False
+    clip_gradient: ClipGradient = "gather_with_grad"
+    clip_gather_with_grad: bool | None = None   # deprecated spelling: True = gather_with_grad, False = local_chunk
     ssl_scale: float = 1.0
     ssl_temperature: float = 0.1
     nclip_weight: float = 1.0
@@ -118,6 +139,9 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         objective_parts(self.name)   # raises on an unknown name
+        if self.clip_gather_with_grad is not None:   # configs written before clip_gradient existed
+            self.clip_gradient = "gather_with_grad" if self.clip_gather_with_grad else "local_chunk"
+            self.clip_gather_with_grad = None
         for f in ("ssl_temperature", "nclip_student_temperature", "nclip_teacher_temperature"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
@@ -147,15 +171,42 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == labels).float().mean() * 100
 
 
-def clip_loss(image_embed, text_embed, logit_scale, with_grad_gather: bool = False) -> dict:
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `factor`."""
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _gather_detached(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows, none differentiable (one process keeps its gradient, as the reference)."""
+    return x if get_world_size() == 1 else gather_no_grad(x)
+
+
+def clip_loss(image_embed, text_embed, logit_scale, gradient: ClipGradient = "gather_with_grad") -> dict:
+    if gradient not in CLIP_GRADIENTS:
+        raise ValueError(f"clip gradient {gradient!r}: choose one of {CLIP_GRADIENTS}")
     image = F.normalize(_f32(image_embed), dim=-1)
     text = F.normalize(_f32(text_embed), dim=-1)
-    gather = gather_with_grad if with_grad_gather else _gather_keep_local
-    image_all, text_all = gather(image), gather(text)
     scale = _f32(logit_scale)
+    if gradient == "global_logits":
+        world = get_world_size()
+        image_all = _gather_keep_local(_ScaleGrad.apply(image, world) if world > 1 else image)
+        text_all = _gather_keep_local(_ScaleGrad.apply(text, world) if world > 1 else text)
+        image, text = image_all, text_all               # every rank: the whole batch as rows
+        labels = torch.arange(image.shape[0], device=image.device)
+    else:
+        gather = {"gather_with_grad": gather_with_grad, "local_chunk": _gather_keep_local,
+                  "reference": _gather_detached}[gradient]
+        image_all, text_all = gather(image), gather(text)
+        labels = _labels(image.shape[0], image.device)
     logits_image = scale * image @ text_all.t()
     logits_text = scale * text @ image_all.t()
-    labels = _labels(image.shape[0], image.device)
     loss = (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)) / 2
     return {"clip_loss": loss, "clip_acc": _accuracy(logits_image.detach(), labels)}
 
@@ -230,7 +281,7 @@ class Objective:
         # next to CLIP the SimCLR and nCLIP terms carry their weights (SLIP's ssl_scale, xCLIP's nclip_weight)
         if parts.clip:
             terms.update(clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"],
-                                   cfg.clip_gather_with_grad))
+                                   cfg.clip_gradient))
             terms["logit_scale"] = out["logit_scale"].detach()
             loss = loss + terms["clip_loss"]
         if parts.simclr:
