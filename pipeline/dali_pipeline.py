@@ -149,9 +149,12 @@ class ImageProbe:
             return False
 
 
+LATE_DECODE_FAILURE = "late_decode_failure"    # the reason counted for an image a decoder rejected after planning
+
+
 def rejected_samples(plan: BatchPlan, decodes: Callable[[np.ndarray], bool]) -> dict[int, str]:
     """The samples of `plan` whose image `decodes` (one image at a time) rejects."""
-    return {index: "decoder_rejected" for index, data in zip(plan.indices.tolist(), plan.encoded)
+    return {index: LATE_DECODE_FAILURE for index, data in zip(plan.indices.tolist(), plan.encoded)
             if not decodes(data)}
 
 

@@ -141,7 +141,7 @@ def test_rejected_samples_are_those_the_decoder_refuses(manifest):
     plan = loader(manifest).make_batch(0, 0)
     refused = plan.encoded[1].tobytes()
     found = rejected_samples(plan, lambda data: data.tobytes() != refused)
-    assert found == {int(plan.indices[1]): "decoder_rejected"}
+    assert found == {int(plan.indices[1]): "late_decode_failure"}
     aug = DaliAugmenter(RECIPE, lambda: plan, 4, num_threads=1, prefetch=1,
                         decodes=lambda data: data.tobytes() != refused)
     assert aug.find_bad(plan) == found         # PIL reads them all: the decoder's word decides
@@ -164,7 +164,7 @@ def test_a_sample_only_the_graph_rejects_is_named(manifest, monkeypatch):
     with pytest.raises(BadSampleError) as e:
         aug.run()
     aug.close()
-    assert e.value.samples == {int(plan.indices[2]): "decoder_rejected"}
+    assert e.value.samples == {int(plan.indices[2]): "late_decode_failure"}
 
 
 def test_a_failure_no_sample_explains_is_raised_as_it_came(manifest, monkeypatch):
@@ -178,6 +178,10 @@ def test_a_failure_no_sample_explains_is_raised_as_it_came(manifest, monkeypatch
 
 
 def test_a_late_bad_sample_is_counted_and_replaced_never_a_crash(tmp_path, monkeypatch):
+    """An image that passes every check of the planning stage and that only the graph's decoder
+    rejects: the loader's structural check (where it has one) and the PIL scan are switched off."""
+    import pipeline.loader
+    monkeypatch.setattr(pipeline.loader, "jpeg_problem", lambda data: None, raising=False)
     monkeypatch.setattr(dali_pipeline, "undecodable_samples", lambda plan: {})
     samples = [caption_sample(image(i), f"title {i}") for i in range(11)]
     samples.insert(5, {"jpg": cut_mid_scan(), "txt": "passes the header check"})
@@ -185,7 +189,7 @@ def test_a_late_bad_sample_is_counted_and_replaced_never_a_crash(tmp_path, monke
     batches = list(ld)
     assert len(batches) == 3 and all(b["clip_image"].shape == (4, 3, 32, 32) for b in batches)
     assert 5 not in {i for b in batches for i in b["index"].tolist()}
-    assert ld.bad_reasons["decoder_rejected"] >= 1 and sum(b["bad_samples"] for b in batches) == ld.bad_samples
+    assert ld.bad_reasons["late_decode_failure"] >= 1 and sum(b["bad_samples"] for b in batches) == ld.bad_samples
 
 
 # ---------------------------------------------------------------- GPU against CPU graph
@@ -250,4 +254,4 @@ def test_nvjpeg_rejection_is_a_late_bad_sample(manifest, monkeypatch):
     with pytest.raises(BadSampleError) as e:
         aug.run()
     aug.close()
-    assert e.value.samples == {int(plan.indices[1]): "decoder_rejected"}
+    assert e.value.samples == {int(plan.indices[1]): "late_decode_failure"}
