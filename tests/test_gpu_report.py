@@ -53,6 +53,15 @@ def test_the_cpu_subset_runs_and_lists_what_it_skipped(tmp_path):
     assert all(t["measured"] is None and t["shown"] == "not measured" for t in report["targets"])
     assert "## Skipped" in md and "- max_batch: no CUDA device" in md and "not measured" in md
     assert report["environment"]["cuda_available"] in (False, True) and report["environment"]["torch"]
+    # a rerun of one part joins the report: the others keep their records
+    proc = subprocess.run([sys.executable, "tools/gpu_report.py", "--out", str(out), "--cpu-only", "--threads", "1",
+                           "--parts", "dali_graph"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    again = json.loads((out / "report.json").read_text())
+    assert again["parts"]["dali_graph"]["status"] == "ok" and "--parts dali_graph" in again["command"]
+    assert {n: r["results"] for n, r in again["parts"].items() if n != "dali_graph"} == \
+        {n: r["results"] for n, r in parts.items() if n != "dali_graph"}
+    assert again["skipped"] == report["skipped"]
 
 
 @pytest.mark.parametrize("missing, expect", [

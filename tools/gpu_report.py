@@ -69,9 +69,9 @@ class Part:
     full_only: bool = False
 
 
+# In the order they run: the slow compile last, so that a short window measures everything else.
 PARTS = [
     Part("train", "SLIP ViT-B/16 training, bf16, batch 64 per GPU, eager", 60, gpu_only=False),
-    Part("train_compiled", "the same with torch.compile", 120),
     Part("agreement", "DALI GPU graph vs CPU graph, every batch of one epoch", 45, ("dali",), shards=True),
     Part("dali_graph", "DALI graph: buffer lifetime, determinism, side-stream hand-off", 40, ("dali",),
          gpu_only=False, shards=True),
@@ -82,6 +82,7 @@ PARTS = [
     Part("hw_decoder", "hardware JPEG decoder: hw_decoder_load 0 / 0.75 / 1", 45, ("dali",), shards=True),
     Part("max_batch", "largest per-GPU ViT-B/16 SLIP batch (bounded search)", 45),
     Part("gpu_tests", "the tests marked gpu", 90, ("dali", "pytest")),
+    Part("train_compiled", "SLIP ViT-B/16 training as in train, under torch.compile", 120),
     Part("train_slip_s16", "SLIP ViT-S/16 training, bf16, batch 64", 60, full_only=True),
     Part("train_slip_l16", "SLIP ViT-L/16 training, bf16, batch 64", 90, full_only=True),
     Part("train_clip_b16", "CLIP ViT-B/16 training, bf16, batch 64", 60, full_only=True),
@@ -647,6 +648,17 @@ def render_markdown(report: dict) -> str:
 
 # ---------------------------------------------------------------- main
 
+def shards(folder: Path, gpu: bool) -> Path:
+    """The synthetic JPEG shards the data parts read (kept in `--out` for reruns)."""
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        return manifest
+    from bench_pipeline import synthetic_shards
+    count, size = (512, (500, 375)) if gpu else (32, (96, 72))
+    print(f"writing {count} synthetic {size[0]}x{size[1]} JPEGs ...", flush=True)
+    return synthetic_shards(folder, count, size)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="folder for report.md, report.json and the parts' logs")
@@ -669,31 +681,34 @@ def main(argv=None) -> int:
     deps = {name: available(module) for name, module in DEPENDENCIES.items()}
     parts = select_parts(a.parts.split(",") if a.parts else None, a.full)
     (a.out / "parts").mkdir(parents=True, exist_ok=True)
+    previous = a.out / "report.json"
     report = {"created": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join(["python", "tools/gpu_report.py"] + (argv if argv is not None else sys.argv[1:])),
               "mode": "gpu" if gpu else "cpu", "full": a.full, "budget_s": budget,
-              "environment": environment(deps), "parts": {}, "skipped": []}
+              "environment": environment(deps), "parts": {}}
+    if a.parts and previous.exists():       # a rerun of some parts updates the report it joins
+        old = json.loads(previous.read_text())
+        if old.get("mode") == report["mode"]:
+            report["parts"] = old["parts"]
     ctx = {"out": str(a.out.resolve()), "gpu": gpu, "deps": deps, "threads": a.threads,
            "device_id": torch.cuda.current_device() if gpu else None,
            "image_size": 224 if gpu else 32, "batch_size": RECIPE_BATCH if gpu else 8, "manifest": None}
     if deps["dali"] and any(part.shards for part in parts):
-        from bench_pipeline import synthetic_shards
-        count, size = (512, (500, 375)) if gpu else (32, (96, 72))
-        print(f"writing {count} synthetic {size[0]}x{size[1]} JPEGs ...", flush=True)
-        ctx["manifest"] = str(synthetic_shards(a.out / "shards", count, size))
+        ctx["manifest"] = str(shards(a.out / f"shards_{report['mode']}", gpu))
     for part in parts:
         remaining = budget - (time.perf_counter() - t0)
         reason = skip_reason(part, gpu, deps, remaining)
         if reason:
             report["parts"][part.name] = {"title": part.title, "status": "skipped", "reason": reason,
                                           "seconds": 0, "results": {}, "error": None}
-            report["skipped"].append({"part": part.name, "reason": reason})
             print(f"{part.name:16s} skipped: {reason}", flush=True)
             continue
         rec = run_part(part, ctx, min(part.seconds, remaining), a.out)
         report["parts"][part.name] = rec
         print(f"{part.name:16s} {rec['status']:8s} {rec['seconds']:6.1f} s  {summary_line(part.name, rec)}",
               flush=True)
+    report["skipped"] = [{"part": n, "reason": r["reason"]} for n, r in report["parts"].items()
+                         if r["status"] == "skipped"]
     report["targets"] = targets(report["parts"])
     report["seconds"] = time.perf_counter() - t0
     (a.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
