@@ -486,7 +486,7 @@ def part_max_batch(name: str, ctx, rec: Recorder) -> None:
 def part_gpu_tests(name: str, ctx, rec: Recorder) -> None:
     import re
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-           "tests/test_loader.py", "tests/test_gpu_path.py"]
+           "tests/test_loader.py", "tests/test_gpu_path.py", "tests/test_models.py"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(10, ctx.seconds - 5))
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", summary)}
@@ -590,7 +590,8 @@ def _summary(name: str, r: dict) -> str:
     if name in TRAIN_CONFIGS and "images_per_s" in r:
         mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
         mem = f", peak {r['torch_peak_allocated_gib']:.1f} GiB" if "torch_peak_allocated_gib" in r else ""
-        return f"{r.get('config')} batch {r.get('batch_size')}: {fmt(r['images_per_s'])} images/s{mfu}{mem}"
+        how = f"{r.get('config')}{' compiled' if r.get('compile') else ''} batch {r.get('batch_size')}"
+        return f"{how}: {fmt(r['images_per_s'])} images/s{mfu}{mem}"
     if name == "agreement" and "compared" in r:
         return (f"{r['compared']}/{r['batches']} batches compared ({r['late_replaced']} with late replacements): "
                 f"mean |diff| {fmt(r['mean'], '.4f')}, max {fmt(r['max'], '.3f')} (tolerance {r['tolerance']}); "
