@@ -6,10 +6,24 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from trainer.distributed import cuda_device_index
+
 if TYPE_CHECKING:
     from pipeline.loader import SLIPLoader
     from pipeline.manifest import Manifest
     from trainer.config import RunConfig
+
+
+def data_placement(data_device: str, backend: str, device: torch.device,
+                   current: int | None = None) -> tuple[str, int | None]:
+    """Where the loader augments, ("cpu", None) or ("gpu", CUDA index), for `data.device` and the
+    training `device`: "auto" is the training device for DALI, the CPU for pillow. An index-less
+    CUDA device is the current one (`current`, else `torch.cuda.current_device()`)."""
+    if data_device == "auto":
+        data_device = "gpu" if device.type == "cuda" and backend == "dali" else "cpu"
+    if data_device != "gpu":
+        return data_device, None
+    return "gpu", cuda_device_index(device if device.type == "cuda" else torch.device("cuda"), current)
 
 
 def build_loader(cfg: RunConfig, manifest: Manifest, device: torch.device, rank: int = 0,
@@ -17,13 +31,10 @@ def build_loader(cfg: RunConfig, manifest: Manifest, device: torch.device, rank:
     """This rank's loader; DALI augments on the training device unless told otherwise."""
     from pipeline.loader import SLIPLoader
     from pipeline.tokenizer import Tokenizer
-    data_device = cfg.data.device
-    if data_device == "auto":
-        data_device = "gpu" if device.type == "cuda" and cfg.data.backend == "dali" else "cpu"
+    data_device, device_id = data_placement(cfg.data.device, cfg.data.backend, device)
     return SLIPLoader(manifest, cfg.data.recipe, cfg.data.batch_size, Tokenizer(), rank=rank, world_size=world,
                       seed=cfg.train.seed, num_threads=cfg.data.num_threads, device=data_device,
-                      device_id=device.index if data_device == "gpu" else None,
-                      caption_mode=cfg.data.caption_mode, backend=cfg.data.backend)
+                      device_id=device_id, caption_mode=cfg.data.caption_mode, backend=cfg.data.backend)
 
 
 def endless(loader) -> Iterator[dict]:

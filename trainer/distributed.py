@@ -5,6 +5,10 @@ Rank/world come from RANK/WORLD_SIZE/LOCAL_RANK (torchrun) or SLURM_PROCID/SLURM
 host of SLURM_JOB_NODELIST, MASTER_PORT to 29500). Backend: nccl on GPU, gloo on CPU. Without any of
 these variables the run is a single process and no process group is created.
 
+The local CUDA device is `local_rank % device_count`: torchrun shows every GPU of the node to every
+process (device = local rank), while SLURM with `--gpus-per-task=1` shows each task only its own
+GPU, as device 0, whatever its local rank.
+
 Gradient conventions (see trainer/objectives.py): every loss is a mean over the LOCAL batch (or a
 term identical on every rank), DDP averages gradients over ranks, and the differentiable collectives
 below sum the incoming gradient over ranks in backward. Together this reproduces the one-process
@@ -37,6 +41,27 @@ class DistInfo:
         return self.rank == 0
 
 
+def local_device_index(local_rank: int, device_count: int) -> int:
+    """This process's CUDA device among the `device_count` it can see (see the module docstring)."""
+    if device_count < 1:
+        raise RuntimeError(f"local rank {local_rank}: no visible CUDA device")
+    return local_rank % device_count
+
+
+def cuda_device_index(device: torch.device, current: int | None = None) -> int:
+    """The index of CUDA `device`; `torch.device("cuda")` (index None) means the current device,
+    `current` if given, else `torch.cuda.current_device()`."""
+    if device.type != "cuda":
+        raise ValueError(f"{device} is not a CUDA device")
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if current is None else current
+
+
+def _local_cuda_device(local_rank: int) -> torch.device:
+    return torch.device("cuda", local_device_index(local_rank, torch.cuda.device_count()))
+
+
 def _env_int(*names: str) -> int | None:
     for name in names:
         if os.environ.get(name):
@@ -64,7 +89,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> Dis
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS")
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = _local_cuda_device(local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if rank is None or world_size is None or world_size <= 1:
@@ -86,7 +111,7 @@ def current() -> DistInfo:
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
     cuda = dist.get_backend() == "nccl"
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(),
-                    torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+                    _local_cuda_device(local_rank) if cuda else torch.device("cpu"))
 
 
 def get_rank() -> int:

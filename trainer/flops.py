@@ -20,9 +20,20 @@ from trainer.objectives import objective_parts
 
 aten = torch.ops.aten
 
-# Dense bf16 tensor-core peak per device (FLOP/s), by a substring of the CUDA device name.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "A10G": 70e12, "A10": 125e12, "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}
+# Dense (not 2:4 sparse) bf16 tensor-core peak per device (FLOP/s), by a substring of the CUDA
+# device name. The first match wins, so a more specific name comes before its family: the H200's
+# compute is the H100 SXM's (it differs in memory), the PCIe and NVL boards run lower clocks.
+PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "GH200": 989e12, "H100 PCIe": 756e12,
+                   "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
+                   "A10": 125e12, "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}
+
+
+def peak_for_name(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of the CUDA device called `name`; None when unknown."""
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
@@ -32,11 +43,7 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_for_name(torch.cuda.get_device_name(device))
 
 
 def _sdpa_cpu_flop(query, key, value, *args, out_val=None, **kwargs) -> int:

@@ -11,6 +11,8 @@ Two measurements in the same process:
    hits both alike; the median step time is reported, and the ratio ours/baseline.
 2. End to end (when data.manifest exists): the real DALI loader feeding the same train step;
    images/s and the share of step time blocked on the loader (data-wait).
+
+`compute_throughput` and `end_to_end` return their numbers for other tools (tools/gpu_report.py).
 """
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ import torch
 from trainer.batches import build_loader, endless, to_device
 from trainer.components import autocast_dtype, grad_scaler
 from trainer.config import RunConfig, load_config
+from trainer.distributed import cuda_device_index
 from trainer.flops import flops_per_sample, peak_flops
 from trainer.loop import Components, Trainer
+from trainer.metrics import model_flops_utilisation
 from trainer.models import Attention, build_model
 from trainer.objectives import build_objective, objective_parts
 from trainer.optim import WarmupCosine, build_optimizer
@@ -112,6 +116,34 @@ def end_to_end(cfg: RunConfig, trainer: Trainer, device: torch.device, steps: in
             "data_wait": wait / total, "bad_samples": getattr(loader, "bad_samples", 0)}
 
 
+def compute_throughput(cfg: RunConfig, device: torch.device, steps: int, rounds: int, warmup: int,
+                       baseline: bool = True) -> tuple[dict, Trainer]:
+    """Measurement 1: median step time of ours (and of the reference-structured baseline, alternating
+    rounds); images/s, and MFU where the device's peak is known. Also returns our trainer."""
+    torch.manual_seed(cfg.train.seed)
+    ours = make_trainer(cfg, device, baseline=False, state=None)
+    base = make_trainer(cfg, device, baseline=True, state=ours.c.model.state_dict()) if baseline else None
+    batch = synthetic_batch(cfg, device)
+    timed_steps(ours, batch, warmup)
+    if base:
+        timed_steps(base, batch, warmup)
+    t_ours, t_base = [], []
+    for _ in range(rounds):
+        t_ours += timed_steps(ours, batch, steps)
+        if base:
+            t_base += timed_steps(base, batch, steps)
+    med, b = statistics.median(t_ours), cfg.data.batch_size
+    out = {"batch_size": b, "step_s": med, "steps_per_s": 1 / med, "images_per_s": b / med, "steps": len(t_ours),
+           "peak_flops": peak_flops(device, cfg.train.peak_tflops), "mfu": None}
+    if out["peak_flops"]:
+        out["train_flops_per_sample"] = fps = flops_per_sample(cfg.model, cfg.objective.name).train
+        out["mfu"] = model_flops_utilisation(b / med, fps, out["peak_flops"], 1)
+    if base:
+        med_b = statistics.median(t_base)
+        out.update(baseline_step_s=med_b, baseline_images_per_s=b / med_b, speedup=med_b / med)
+    return out, ours
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -123,38 +155,24 @@ def main(argv=None) -> int:
     p.add_argument("--no-data", action="store_true", help="skip the end-to-end loader measurement")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    # an explicit index: the loader's DALI graph runs on this very device
+    device = torch.device("cuda", cuda_device_index(torch.device("cuda"))) if torch.cuda.is_available() \
+        else torch.device("cpu")
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
-    torch.manual_seed(cfg.train.seed)
-    ours = make_trainer(cfg, device, baseline=False, state=None)
-    base = None if a.no_baseline else make_trainer(cfg, device, baseline=True, state=ours.c.model.state_dict())
-    batch = synthetic_batch(cfg, device)
     views = objective_parts(cfg.objective.name).image_views
     print(f"{cfg.model.name} {cfg.objective.name}: batch {cfg.data.batch_size} on {device}, "
           f"{views} image view(s) at {cfg.model.image_size}px, precision {cfg.train.precision}, "
           f"compile {cfg.train.compile}, torch threads {torch.get_num_threads()}", flush=True)
-
-    timed_steps(ours, batch, a.warmup)
-    if base:
-        timed_steps(base, batch, a.warmup)
-    t_ours, t_base = [], []
-    for _ in range(a.rounds):
-        t_ours += timed_steps(ours, batch, a.steps)
-        if base:
-            t_base += timed_steps(base, batch, a.steps)
-    med = statistics.median(t_ours)
-    b = cfg.data.batch_size
-    print(f"compute   ours:     {1 / med:7.3f} steps/s  {b / med:8.1f} images/s  (median of {len(t_ours)} steps)")
-    peak = peak_flops(device, cfg.train.peak_tflops)
-    if peak:
-        fps = flops_per_sample(cfg.model, cfg.objective.name).train
-        print(f"          MFU {100 * fps * b / med / peak:.1f}% (peak {peak / 1e12:.0f} TFLOP/s)")
-    if base:
-        med_b = statistics.median(t_base)
-        print(f"compute   baseline: {1 / med_b:7.3f} steps/s  {b / med_b:8.1f} images/s  "
+    r, ours = compute_throughput(cfg, device, a.steps, a.rounds, a.warmup, baseline=not a.no_baseline)
+    print(f"compute   ours:     {r['steps_per_s']:7.3f} steps/s  {r['images_per_s']:8.1f} images/s  "
+          f"(median of {r['steps']} steps)")
+    if r["mfu"] is not None:
+        print(f"          MFU {100 * r['mfu']:.1f}% (peak {r['peak_flops'] / 1e12:.0f} TFLOP/s)")
+    if "speedup" in r:
+        print(f"compute   baseline: {1 / r['baseline_step_s']:7.3f} steps/s  {r['baseline_images_per_s']:8.1f} images/s  "
               "(3 separate encoder passes, eager attention, fp32)")
-        print(f"speed-up ours/baseline: {med_b / med:.2f}x")
+        print(f"speed-up ours/baseline: {r['speedup']:.2f}x")
     if not a.no_data:
         if cfg.data.manifest and Path(cfg.data.manifest).exists():
             e2e = end_to_end(cfg, ours, device, a.steps * a.rounds, a.warmup)
