@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.augment import BadSampleError, PlanSource, undecodable_samples
+from pipeline.augment import LATE_DECODE_FAILURE, BadSampleError, PlanSource, undecodable_samples
 from pipeline.plan import BatchPlan
 from pipeline.recipe import AugmentationRecipe
 from pipeline.view_params import blur_kernels, color_matrix, view_names
@@ -149,7 +149,6 @@ class ImageProbe:
             return False
 
 
-LATE_DECODE_FAILURE = "late_decode_failure"    # the reason counted for an image a decoder rejected after planning
 
 
 def rejected_samples(plan: BatchPlan, decodes: Callable[[np.ndarray], bool]) -> dict[int, str]:

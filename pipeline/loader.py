@@ -34,6 +34,12 @@ the batch, and raises the original error if no sample is to blame. Views arrive 
 [B, 3, S, S] (float16 with `fp16=True`), on the GPU for `device="gpu"`; either path gives the same
 batches and draws, so everything above holds for both.
 
+GPU views are DALI's own buffers, handed over without a copy and without a host synchronisation:
+they are ready for any work queued on the torch stream that was current when the batch was taken
+(another stream must `wait_stream` that one first). A batch's memory lives as long as its tensors
+and is never written again by later batches; once they are freed, DALI takes the memory back only
+after the GPU work queued before has finished. A batch may therefore be kept across later ones.
+
 Each yielded batch is a dict: the views by name ("clip_image", "ssl_image_1", ...), "text" (int64
 [B, context_length]), "index" (int64 [B] global sample indices), "bad_samples" (samples replaced
 in it), and "label" (int64 [B]) when the plans carry labels. `batch_transform`, if given, is applied
@@ -277,7 +283,9 @@ class SLIPLoader:
     @staticmethod
     def _to_torch(view) -> torch.Tensor:
         """DALI outputs without a copy (the dynamic executor hands out fresh buffers that live as long
-        as the tensor, on the device they were made on); the pillow path's outputs are tensors already."""
+        as the tensor, on the device they were made on): `from_dlpack` passes DALI the current torch
+        stream, which DALI makes wait until the buffer is written. The pillow path's outputs are
+        tensors already."""
         if isinstance(view, torch.Tensor):
             return view
         return torch.from_dlpack(view.as_tensor())    # dense: every view has the same size

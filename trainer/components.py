@@ -78,7 +78,7 @@ def build_components(cfg: RunConfig) -> Components:
 
     train_model = model
     if world > 1:
-        ddp_kwargs = {"device_ids": [info.local_rank]} if device.type == "cuda" else {}
+        ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, find_unused_parameters=cfg.train.find_unused_parameters,
             static_graph=cfg.train.static_graph, **ddp_kwargs)
