@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools" / "bench"))     # bench_pipeline, bench_train (not a package)
 
+from pipeline.files import write_json_atomic  # noqa: E402  (stdlib only: safe on a bare GPU machine)
+
 CONFIGS = ROOT / "trainer" / "configs"
 VIEWS = ["clip_image", "ssl_image_1", "ssl_image_2"]
 GPU_BUDGET_S, CPU_BUDGET_S, FULL_BUDGET_S = 240, 110, 900
@@ -170,9 +172,7 @@ class Recorder:
         self.save()
 
     def save(self, error: str | None = None) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"results": self.results, "error": error}, indent=1, default=str))
-        tmp.replace(self.path)
+        write_json_atomic(self.path, {"results": self.results, "error": error}, indent=1, default=str)
 
 
 def child(name: str, ctx: dict) -> int:

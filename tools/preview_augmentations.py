@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     from pipeline.loader import SLIPLoader
     from pipeline.manifest import load_manifest
     from pipeline.tokenizer import Tokenizer
+    from pipeline.view_params import view_names
     from trainer.config import load_config
     cfg = load_config(args.config, args.overrides)
     recipe = cfg.data.recipe
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
         return 2
     batch = next(iter(loader))
     params = loader.make_batch(0, 0).views       # the plan's draws behind this very batch
-    views = ["clip_image"] + [f"ssl_image_{v}" for v in range(1, recipe.num_ssl_views + 1)]
+    views = view_names(recipe)
     columns = ["stored image", "CLIP view"] + [f"SimCLR view {v}" for v in range(1, recipe.num_ssl_views + 1)]
     rows = []
     for i, index in enumerate(batch["index"].tolist()):

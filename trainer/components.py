@@ -10,7 +10,7 @@ import torch
 
 from trainer.batches import build_loader
 from trainer.config import ConfigError, RunConfig
-from trainer.distributed import init_distributed
+from trainer.distributed import DistInfo, init_distributed
 from trainer.evaluation import make_train_hook
 from trainer.flops import flops_per_sample, peak_flops
 from trainer.loop import Components
@@ -40,11 +40,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_components(cfg: RunConfig) -> Components:
-    """Everything for `Trainer(...)`; joins the process group first (torchrun / SLURM environment)."""
+def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components:
+    """Everything for `Trainer(...)`. `info` is the process group the caller joined (trainer/run.py);
+    without it the group is joined here (torchrun / SLURM environment), which selects the CUDA device."""
     from pipeline.manifest import load_manifest
 
-    info = init_distributed()   # also selects this rank's CUDA device
+    info = info or init_distributed()
     rank, world, device = info.rank, info.world_size, info.device
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)

@@ -66,11 +66,12 @@ def main(argv=None) -> int:
         return 2
     request = ResumeRequest(cfg.checkpoint.resume, args.overwrite,
                             tuple(k.strip() for k in args.allow_config_change.split(",") if k.strip()))
-    rank = init_distributed().rank
+    info = init_distributed()   # once: the group and this rank's device
+    rank = info.rank
     lock = None
     try:
         lock, choice = settle(cfg, request, rank)
-        trainer = Trainer(build_components(cfg))
+        trainer = Trainer(build_components(cfg, info))
         c = trainer.c
         if choice.path is not None:
             state = choice.state if choice.state is not None else ckpt.load_checkpoint(choice.path, verify=False)

@@ -34,7 +34,7 @@ class EvalConfig:
     every_steps: int = 0               # training: steps between evaluations; 0 = only at the end of the run
     # The linear probe fits a classifier at every call, so training runs the cheap tasks by default;
     # tools/evaluate.py runs all of them. Tasks whose data is absent are skipped (and say so).
-    tasks: tuple[str, ...] = ("zeroshot", "retrieval")
+    tasks: tuple[Literal[TASKS], ...] = ("zeroshot", "retrieval")
     batch_size: int = 64
     classnames: str | None = None      # json list; None = classnames.json in the data dir, else dir names
     templates: str | None = None       # json list with "{}"; None = templates.json in the data dir, else ImageNet's
