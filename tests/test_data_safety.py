@@ -193,11 +193,13 @@ def test_a_late_decoder_failure_is_counted_and_replaced(tmp_path, backend):
 @pytest.mark.parametrize("backend", ["dali", "pillow"])
 def test_a_failure_the_augmenter_cannot_attribute_is_traced_by_the_loader(tmp_path, monkeypatch, backend):
     """When the augmenter cannot say which sample broke a batch (a decoder that rejects what PIL
-    accepts), the loader finds it by augmenting parts of the batch, and replaces it."""
+    accepts), the loader finds it by augmenting parts of the batch, and replaces it. The DALI
+    augmenter's own per-image decode is switched off too, so the loader's fallback is what runs."""
     import pipeline.dali_pipeline
     import pipeline.pillow_pipeline
     for module in (pipeline.dali_pipeline, pipeline.pillow_pipeline):
         monkeypatch.setattr(module, "undecodable_samples", lambda plan: {})
+    monkeypatch.setattr(pipeline.dali_pipeline, "rejected_samples", lambda plan, decodes: {})
     samples = [caption_sample(photo(i), f"good {i}") for i in range(16)]
     samples[9] = {"jpg": quant_table_missing(9), "txt": "breaks the decoder"}
     m = load_manifest(write_shards(tmp_path, samples, per_shard=16))
