@@ -299,6 +299,14 @@ def test_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path):
         load_config(None, ["optim.betas=[*a]"])
 
 
+def test_a_jpeg_with_twenty_thousand_scans_is_refused_without_decoding():
+    from pipeline.jpeg_check import jpeg_problem
+    from test_data_safety import too_many_scans
+    data = too_many_scans(3, 20_000)
+    start = time.time()
+    assert jpeg_problem(data)[0] == "too_many_scans" and time.time() - start < 0.5
+
+
 # ============================================================ clearer errors
 
 @pytest.mark.parametrize("override, message", [
