@@ -9,9 +9,14 @@ Files under `root` are served at their relative path. Paths under `/fault/<kind>
 | corrupt   | a JPEG cut in half with garbage after the header |
 | not_image | an HTML page served as 200 |
 | bomb      | a tiny JPEG whose header claims 50000 x 50000 pixels (decompression bomb) |
+| redirect  | `302` to the URL in the `to` query parameter (`redirect_url(target)`) |
+| drip      | a JPEG whose bytes come one every `drip_seconds` (a server that never quite stalls) |
+| huge      | a body of `huge_bytes` zeros without a Content-Length, sent as fast as it is read |
+| huge_length | a Content-Length of 10 GB, then a few bytes |
 
 Every request path is recorded in `requests` (a Counter), so tests can prove that a resumed build
-does not fetch finished shards again.
+does not fetch finished shards again, or that a refused URL was never requested; `sent` counts the
+bytes of the `huge` and `drip` bodies that were written.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit
 
 from PIL import Image
 
@@ -50,7 +56,10 @@ class ImageServer:
         self.root = Path(root).resolve()
         self.hang_seconds = hang_seconds
         self.delay_seconds = 0.0           # added before every file response (slow network, kill tests)
+        self.drip_seconds = 0.5            # between the bytes of a `drip` body
+        self.huge_bytes = 1 << 30          # the size of a `huge` body
         self.requests: Counter = Counter()
+        self.sent: Counter = Counter()     # body bytes written by `huge` and `drip`, by path
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True     # hung handlers must not block shutdown
@@ -66,6 +75,10 @@ class ImageServer:
 
     def fault_url(self, kind: str, name: str = "x.jpg") -> str:
         return self.url(f"fault/{kind}/{name}")
+
+    def redirect_url(self, target: str, name: str = "x.jpg") -> str:
+        """A URL answered by a 302 to `target`."""
+        return self.fault_url("redirect", name) + "?to=" + quote(target, safe="")
 
     def start(self) -> "ImageServer":
         self._thread.start()
@@ -102,7 +115,7 @@ class ImageServer:
                 parts = path.strip("/").split("/")
                 try:
                     if parts[0] == "fault" and len(parts) >= 2:
-                        return self._fault(parts[1])
+                        return self._fault(parts[1], path)
                     file = (server.root / "/".join(parts)).resolve()
                     if server.root not in file.parents or not file.is_file():
                         return self._send(404, b"not found", "text/plain")
@@ -111,7 +124,16 @@ class ImageServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-            def _fault(self, kind: str):
+            def _stream(self, path: str, pieces, pause: float = 0.0):
+                for piece in pieces:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    with server._lock:
+                        server.sent[path] += len(piece)
+                    if pause:
+                        time.sleep(pause)
+
+            def _fault(self, kind: str, path: str):
                 if kind in ("404", "500"):
                     self._send(int(kind), b"fault", "text/plain")
                 elif kind == "hang":
@@ -123,6 +145,31 @@ class ImageServer:
                                "text/html")
                 elif kind == "bomb":
                     self._send(200, bomb_jpeg())
+                elif kind == "redirect":
+                    target = parse_qs(urlsplit(self.path).query).get("to", [""])[0]
+                    self.send_response(302)
+                    self.send_header("Location", target)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif kind == "drip":
+                    body = corrupt_jpeg()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self._stream(path, (body[i:i + 1] for i in range(len(body))), server.drip_seconds)
+                elif kind == "huge":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.end_headers()        # no Content-Length: the body ends when the connection does
+                    piece = bytes(1 << 16)
+                    self._stream(path, (piece for _ in range(server.huge_bytes // len(piece))))
+                elif kind == "huge_length":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(10 ** 10))
+                    self.end_headers()
+                    self._stream(path, [bytes(1 << 10)])
                 else:
                     self._send(400, b"unknown fault", "text/plain")
 

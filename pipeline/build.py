@@ -20,6 +20,18 @@ A build that would produce nothing (empty or wrong input files, nothing selected
 failed) stops with one line saying so (`InputError` / `BuildError`), never a manifest of 0
 samples and a success.
 
+Network policy and limits (pipeline/netpolicy.py, pipeline/fetch.py): only `http(s)` URLs without
+credentials, to hosts that are not and do not resolve to loopback, private, link-local,
+multicast, reserved or unspecified addresses, are selected (the others are counted by reason);
+the download checks the same again on the address it connects to and on every redirect, and
+ends a download after `max_download_bytes` of body or `max_download_seconds` in all (counted as
+`download_too_large` / `download_too_slow`). `allow_private_network` lifts the address rule only
+(the demo needs it: its images come from a loopback server).
+
+At the end, the manifest's verification record (`<name>.verified.json` beside each copy of the
+manifest, pipeline/integrity.py) says the shards were verified now, from the checksums just
+computed.
+
 A kill must take the whole process group (Ctrl-C, a scheduler, `kill -- -PGID`): img2dataset's
 worker processes outlive a SIGKILL of the main process alone and would race the rerun.
 
@@ -62,14 +74,17 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.captions import clean_caption, join_caption, truncate
+from pipeline.fetch import DownloadPolicy
+from pipeline.integrity import verification_path, verified_by_build
 from pipeline.manifest import Manifest, ShardEntry, save_manifest
 from pipeline.metadata import InputError, ScanStats, SubsetIds, read_metadata
 from pipeline.files import write_json_atomic
+from pipeline.netpolicy import UrlChecker
+from pipeline.regular_files import is_regular
 from pipeline.shards import file_sha256, iter_tar_samples, write_index
 from pipeline.verify import index_matches, verify_images
 
 MIRROR_TEMPLATE = "https://multimedia-commons.s3-us-west-2.amazonaws.com/data/images/{hash[0:3]}/{hash[3:6]}/{hash}.jpg"
-ALLOWED_PREFIXES = ("http://", "https://")   # never file://, ftp://, data:...
 EXTRA_COLUMNS = ["photoid", "title", "description", "license"]
 VERIFY_VERSION = 1       # bump when the verification rule changes: cached results are then redone
 
@@ -103,8 +118,11 @@ class BuildConfig:
     encode_quality: int = 90
     shard_size: int = 10_000
     shards_per_part: int = 10            # parquet part = shard_size * shards_per_part rows
-    timeout: int = 10
+    timeout: int = 10                    # seconds one socket operation may wait
     retries: int = 0
+    max_download_bytes: int = 50_000_000 # body bytes of one download; more is a failure (download_too_large)
+    max_download_seconds: float = 60.0   # one download in all, redirects included (download_too_slow)
+    allow_private_network: bool = False  # fetch from loopback/private/link-local... addresses (never non-http)
     max_image_pixels: int = 89_478_485   # decompression-bomb guard (PIL's default limit), before decode
     distributor: str = "multiprocessing" # or "pyspark" / "ray" (see module docstring)
     progress: bool = True
@@ -117,6 +135,9 @@ class BuildConfig:
             raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.max_download_bytes < 1 or not self.max_download_seconds > 0:
+            raise ValueError(f"max_download_bytes and max_download_seconds must be > 0, got "
+                             f"{self.max_download_bytes} and {self.max_download_seconds}")
         format_url(self.url_template, photoid=1, hash="0" * 32, download_url="http://x/y.jpg", ext="jpg")
 
     @property
@@ -135,9 +156,16 @@ class BuildConfig:
         """Everything that decides the parquet rows (and so every shard's content and keys)."""
         def file_id(p):
             return None if p is None else {"path": str(Path(p).resolve()), "size": Path(p).stat().st_size}
-        return {"metadata": file_id(self.metadata), "subset": file_id(self.subset),
-                "url_template": self.url_template, "limit": self.limit, "sample_fraction": self.sample_fraction,
-                "max_caption_chars": self.max_caption_chars, "part_rows": self.shard_size * self.shards_per_part}
+        fingerprint = {"metadata": file_id(self.metadata), "subset": file_id(self.subset),
+                       "url_template": self.url_template, "limit": self.limit, "sample_fraction": self.sample_fraction,
+                       "max_caption_chars": self.max_caption_chars, "part_rows": self.shard_size * self.shards_per_part}
+        if self.allow_private_network:     # only when set: builds made before the option keep their fingerprint
+            fingerprint["allow_private_network"] = True
+        return fingerprint
+
+    def download_policy(self) -> DownloadPolicy:
+        return DownloadPolicy(allow_private=self.allow_private_network, max_bytes=self.max_download_bytes,
+                              max_seconds=self.max_download_seconds)
 
 
 _FIELD = re.compile(r"\{(\w+)(?:\[(-?\d*):(-?\d*)\])?\}")
@@ -166,8 +194,10 @@ def sampled(photoid: int, fraction: float) -> bool:
 def select_stage(cfg: BuildConfig) -> dict:
     """Stream metadata -> cleaned rows -> parquet parts. Returns the selection stats."""
     for path in (cfg.metadata, cfg.subset):
-        if path is not None and not path.is_file():
+        if path is not None and not path.exists():
             raise InputError(f"{path}: no such file")
+        if path is not None and not is_regular(path):
+            raise InputError(f"{path}: not a regular file")
     marker = cfg.state_dir / "select.json"
     fingerprint = cfg.selection_fingerprint()
     if marker.exists():
@@ -185,6 +215,7 @@ def select_stage(cfg: BuildConfig) -> dict:
     part_rows = cfg.shard_size * cfg.shards_per_part
     columns: dict[str, list] = {n: [] for n in PARQUET_SCHEMA.names}
     parts, kept, complete = 0, 0, True
+    url_refused = UrlChecker(cfg.allow_private_network)
 
     def flush():
         nonlocal parts
@@ -210,8 +241,9 @@ def select_stage(cfg: BuildConfig) -> dict:
             continue
         url = format_url(cfg.url_template, hash=row.hash, photoid=row.photoid, download_url=row.download_url,
                          ext=row.ext)
-        if not url[:8].lower().startswith(ALLOWED_PREFIXES):
-            scan.add("rejected_url", f"{row.where}: {url[:80]}")
+        refused = url_refused(url)
+        if refused is not None:
+            scan.add(refused[0], f"{row.where}: {url[:80]}")
             continue
         if not sampled(row.photoid, cfg.sample_fraction):   # a fraction of the usable rows
             scan.add("sampled_out")
@@ -311,6 +343,7 @@ def download_stage(cfg: BuildConfig, selected: int) -> dict:
     cfg.shard_dir.mkdir(parents=True, exist_ok=True)
     # img2dataset's incremental mode reads every *.json in the output folder as a shard's stats
     (cfg.shard_dir / "manifest.json").unlink(missing_ok=True)
+    verification_path(cfg.shard_dir / "manifest.json").unlink(missing_ok=True)
     redone = check_shards(cfg.shard_dir)
     expected = -(-selected // cfg.shard_size) if selected else 0
     marker = cfg.state_dir / "download.json"
@@ -322,7 +355,8 @@ def download_stage(cfg: BuildConfig, selected: int) -> dict:
         os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(cfg.max_image_pixels)
         os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
         from img2dataset import download
-        with _DownloadProgress(cfg.shard_dir, selected, cfg.progress):
+        from pipeline.img2dataset_guard import guarded_img2dataset
+        with _DownloadProgress(cfg.shard_dir, selected, cfg.progress), guarded_img2dataset(cfg.download_policy()):
             download(url_list=str(cfg.parquet_dir), input_format="parquet", url_col="url", caption_col="caption",
                      save_additional_columns=EXTRA_COLUMNS, output_format="webdataset",
                      output_folder=str(cfg.shard_dir), number_sample_per_shard=cfg.shard_size,
@@ -344,6 +378,9 @@ def download_stage(cfg: BuildConfig, selected: int) -> dict:
 
 # img2dataset error messages -> short reasons for the manifest
 FAILURE_REASONS = [
+    (re.compile(r"refused by the network policy: (\w+)"), lambda m: m.group(1)),
+    (re.compile(r"over the size limit of \d+ bytes"), lambda m: "download_too_large"),
+    (re.compile(r"over the time limit of"), lambda m: "download_too_slow"),
     (re.compile(r"HTTP Error (\d+)"), lambda m: f"http_{m.group(1)}"),
     (re.compile(r"timed? ?out", re.I), lambda m: "timeout"),
     (re.compile(r"image decod|decode|cannot identify|imdecode|truncated", re.I), lambda m: "image_decode_error"),
@@ -421,7 +458,10 @@ def finalize_stage(cfg: BuildConfig, select_stats: dict, download_info: dict) ->
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
     }
     manifest = Manifest(name=cfg.name, root=str(cfg.shard_dir.resolve()), shards=shards, stats=stats)
-    save_manifest(manifest, cfg.manifest_dir / f"{cfg.name}.json", cfg.shard_dir / "manifest.json")
+    paths = (cfg.manifest_dir / f"{cfg.name}.json", cfg.shard_dir / "manifest.json")
+    save_manifest(manifest, *paths)
+    for path in paths:         # every tar was hashed just now, by verified_shard
+        verified_by_build(path, manifest)
     return manifest
 
 

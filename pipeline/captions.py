@@ -19,6 +19,10 @@ _TAGS = re.compile(r"</?(?:a|b|i)(?:\s[^>]*)?>|</?(?:br|p)\s*/?>", re.IGNORECASE
 _URLS = re.compile(r"http\S+|www\S+")
 _SPACE = re.compile(r"\s+")
 _CONTROLS = regex.compile(r"[\p{Cc}\p{Cf}]")   # after whitespace is collapsed: what is left goes
+# a character that shows: not whitespace, a control, a format character (zero-width space, joiners,
+# marks of direction), a lone combining mark, unassigned or private, nor one of the blank "letters"
+# (Hangul fillers, the blank Braille pattern)
+_VISIBLE = regex.compile(r"[^\s\p{Z}\p{C}\p{M}\u115F\u1160\u3164\uFFA0\u2800]")
 
 
 def clean_caption(raw: str) -> str:
@@ -31,7 +35,14 @@ def clean_caption(raw: str) -> str:
     if not text.isascii() or "&" in text or "\x1b" in text:   # ftfy changes nothing else; it is slow
         text = ftfy.fix_text(text)
     text = _CONTROLS.sub("", _SPACE.sub(" ", text))
-    return _SPACE.sub(" ", text).strip()
+    text = _SPACE.sub(" ", text).strip()
+    return text if has_visible_text(text) else ""
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether `text` shows anything: a caption made only of spaces, zero-width or other invisible
+    characters is empty."""
+    return _VISIBLE.search(text) is not None
 
 
 def join_caption(title: str, description: str) -> str:

@@ -12,7 +12,10 @@ What is guaranteed (same manifest, batch size, world size and seed):
   would have produced next, bit for bit: nothing replayed, nothing skipped.
 - A sample whose image is missing, not an image, corrupt, or too large, or that has no usable
   caption, is replaced by another sample of the same rank's epoch (drawn from its own seeded
-  stream) and counted in `bad_samples` / `bad_reasons`. Training never stops for bad data.
+  stream) and counted in `bad_samples` / `bad_reasons`. Training never stops for bad data: any
+  other failure while reading one sample (a metadata json nested too deep to parse, say) is that
+  sample's failure, counted as `sample_error:<exception type>` and replaced the same way. A caption
+  that shows nothing (only spaces or zero-width characters) counts as no caption.
 - Which images are bad is decided while planning, by one rule, so both augmentation paths get
   the same batches: the samples the build's decode-verification recorded in the manifest (never
   read), and a structural JPEG check of each image as it is read (pipeline/jpeg_check.py:
@@ -59,11 +62,12 @@ import torch
 from PIL import Image
 
 from pipeline.augment import LATE_DECODE_FAILURE, Augmenter, BadSampleError, check_backend, make_augmenter
+from pipeline.captions import has_visible_text
 from pipeline.jpeg_check import jpeg_problem
 from pipeline.manifest import Manifest
 from pipeline.plan import BatchPlan
 from pipeline.recipe import AugmentationRecipe
-from pipeline.shards import SampleReader, build_sample_table
+from pipeline.shards import MAX_IMAGE_BYTES, SampleReader, build_sample_table
 from pipeline.view_params import sample_views
 
 CAPTION_MODES = ("random", "reference", "title", "description", "txt")
@@ -98,6 +102,7 @@ class SLIPLoader:
         self.bad_samples = 0
         self.bad_reasons: collections.Counter = collections.Counter()
         self._known_bad: dict[int, str] = {}     # found only by a failed decode in the augmenter (late)
+        self._warned: set[str] = set()             # sample error kinds already reported
         self._orders: dict[int, np.ndarray] = {}
         self._augmenter: Augmenter | None = None
 
@@ -121,6 +126,8 @@ class SLIPLoader:
             return None, self.table.recorded_bad[i]
         if i in self._known_bad:
             return None, self._known_bad[i]
+        if self.table.image[i, 0] >= 0 and self.table.image[i, 1] > MAX_IMAGE_BYTES:
+            return None, "too_large"       # never read
         data = self.reader.image(i)
         if data is None:
             return None, "missing_image"
@@ -130,6 +137,8 @@ class SLIPLoader:
                 img = Image.open(io.BytesIO(data))
                 w, h = img.size
                 fmt = img.format
+        except Image.DecompressionBombError:    # a header claiming far more pixels than PIL allows
+            return None, "too_large"
         except Exception:   # PIL raises many types for garbage; all mean "not an image"
             return None, "not_an_image"
         if fmt not in DECODABLE:
@@ -150,8 +159,10 @@ class SLIPLoader:
             try:
                 d = json.loads(meta)
                 title, desc = (d.get("title") or "").strip(), (d.get("description") or "").strip()
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, TypeError, RecursionError):   # not usable metadata
                 pass
+            title = title if has_visible_text(title) else ""
+            desc = desc if has_visible_text(desc) else ""
         mode = self.caption_mode
         if mode in ("random", "reference") and (title or desc):
             if mode == "reference":        # the SLIP reference: a coin flip, even onto an empty field
@@ -164,13 +175,21 @@ class SLIPLoader:
             return desc
         text = self.reader.text(i)
         text = text.decode("utf-8", "replace").strip() if text is not None else ""
-        return text or title or desc or None
+        return (text if has_visible_text(text) else "") or title or desc or None
 
     def _sample(self, i: int, u: float) -> tuple[bytes, tuple[int, int], str] | str:
-        data, info = self._check_image(i)
-        if data is None:
-            return info
-        caption = self._caption(i, u)
+        """The sample's image, its size and caption, or the reason it is unusable."""
+        try:
+            data, info = self._check_image(i)
+            if data is None:
+                return info
+            caption = self._caption(i, u)
+        except Exception as e:     # one sample's data never stops training; the kind is counted
+            reason = f"sample_error:{type(e).__name__}"
+            if reason not in self._warned:
+                self._warned.add(reason)
+                warnings.warn(f"sample {i}: {type(e).__name__}: {str(e)[:200]}; counted as {reason} and replaced")
+            return reason
         if caption is None:
             return "no_caption"
         return data, info, caption

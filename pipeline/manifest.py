@@ -10,20 +10,68 @@ there; under the manifest's `root` (the build's shard directory) when none of th
 and every shard is there; otherwise a `ShardError` that lists what is missing. A manifest never
 reads some shards from one place and the rest from the other, and a copied shard set with a
 shard missing fails instead of silently reading the original.
+
+A manifest may come from anyone, so every entry is checked in form when it is made or loaded
+(`ShardError` naming the entry): shard and index paths are relative and stay inside the shard
+directory (no absolute path, no `..`), checksums are 64 lowercase hex digits, counts are
+non-negative integers. That the checksums match the files is verified by tools/verify_shards.py.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pipeline.files import write_json_atomic
+from pipeline.regular_files import RefusedFile, read_regular
 
 MISSING_LISTED = 3     # missing shards named in an error
+MAX_MANIFEST_BYTES = 256 << 20   # a manifest lists shards and their bad samples: megabytes, not gigabytes
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ShardError(ValueError):
     """A shard disagrees with its manifest (missing, truncated, re-written since the build)."""
+
+
+def check_relative_path(value, what: str) -> str:
+    """`value` if it names a file inside the shard directory: a relative POSIX path without `..`,
+    empty or absolute parts; else ShardError."""
+    if not isinstance(value, str) or not value or "\0" in value or "\\" in value:
+        raise ShardError(f"{what} {value!r}: expected a file name relative to the shard directory")
+    parts = PurePosixPath(value).parts
+    if value.startswith("/") or any(p in ("..", ".") for p in parts) or "//" in value or value.endswith("/"):
+        raise ShardError(f"{what} {value!r}: must be relative and stay inside the shard directory")
+    return value
+
+
+def _check_count(value, what: str, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ShardError(f"{what} {value!r}: expected an integer >= 0")
+
+
+def _check_sha256(value, what: str, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, str) or _SHA256.fullmatch(value) is None:
+        raise ShardError(f"{what} {value!r}: expected a sha256 of 64 lowercase hex digits")
+
+
+def _check_bad_samples(value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise ShardError(f"bad_samples {value!r}: expected a list or null")
+    for rec in value:
+        if not isinstance(rec, dict):
+            raise ShardError(f"bad_samples entry {rec!r}: expected an object")
+        _check_count(rec.get("position"), "bad_samples position")
+        for key in ("key", "reason", "detail"):
+            if rec.get(key) is not None and not isinstance(rec[key], str):
+                raise ShardError(f"bad_samples {key} {rec[key]!r}: expected a string")
 
 
 @dataclass
@@ -39,6 +87,17 @@ class ShardEntry:
     # samples whose image failed verification at build time: {"position": n-th sample of the tar,
     # "key": its key, "reason": ..., "detail": ...}; [] = all verified, None = not verified
     bad_samples: list[dict] | None = None
+
+    def __post_init__(self):
+        check_relative_path(self.path, "shard path")
+        if self.index is not None:
+            check_relative_path(self.index, "index path")
+        _check_count(self.samples, "samples")
+        _check_count(self.bytes, "bytes")
+        _check_count(self.index_tar_bytes, "index_tar_bytes", optional=True)
+        _check_sha256(self.sha256, "sha256")
+        _check_sha256(self.index_sha256, "index_sha256", optional=True)
+        _check_bad_samples(self.bad_samples)
 
 
 @dataclass
@@ -105,12 +164,31 @@ def _listing(paths: list[Path]) -> str:
 
 
 def load_manifest(path: str | Path) -> Manifest:
+    """The manifest at `path`, every entry checked in form (ShardError naming the entry)."""
     path = Path(path)
     try:
-        d = json.loads(path.read_text())
-        shards = [ShardEntry(**s) for s in d["shards"]]
-        return Manifest(name=d["name"], root=d["root"], shards=shards, stats=d.get("stats", {}), source=path)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        d = json.loads(read_regular(path, MAX_MANIFEST_BYTES, "a shard manifest"))
+    except RefusedFile as e:
+        raise ShardError(str(e)) from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not a shard manifest ({e})") from e
+    try:
+        if not isinstance(d, dict) or not isinstance(d.get("shards"), list):
+            raise TypeError("expected an object with a list of shards")
+        if not isinstance(d.get("name"), str) or not isinstance(d.get("root"), str):
+            raise TypeError("name and root must be strings")
+        stats = d.get("stats", {})
+        shards = []
+        for n, s in enumerate(d["shards"]):
+            try:
+                shards.append(ShardEntry(**s))
+            except ShardError as e:
+                raise ShardError(f"{path}: shard {n}: {e}") from None
+        return Manifest(name=d["name"], root=d["root"], shards=shards, stats=stats if isinstance(stats, dict) else {},
+                        source=path)
+    except ShardError:
+        raise
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a shard manifest ({e})") from e
 
 

@@ -4,13 +4,20 @@ of the YFCC15M subset list. Memory stays bounded: the metadata is never held, an
 
 Bad rows are counted in `ScanStats` with a few `file:line` examples and skipped; only inputs that
 are unusable as a whole (a wrong file, a wrong format, an empty file) raise `InputError`, naming
-file and line.
+file and line. A row longer than `MAX_LINE_BYTES` is malformed (never held whole), and a photo id
+outside the 64-bit range is malformed too.
+
+Memory stays bounded whatever the input: the bz2 stream is decompressed a bounded piece at a time
+(a few kilobytes of bz2 can hold gigabytes of newlines), and blank lines are skipped without
+making an object per line.
 """
 from __future__ import annotations
 
 import bz2
 import hashlib
+import os
 import queue
+import re
 import sqlite3
 import threading
 from array import array
@@ -22,11 +29,34 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.regular_files import RefusedFile, open_regular
+
 METADATA_COLUMNS = 25
 SUBSET_COLUMNS = 3
 PROBE_LINES = 100        # no valid row among the first PROBE_LINES lines -> the file is the wrong one
 MAX_EXAMPLES = 5         # file:line examples kept per reason
 SQLITE_COLUMNS = ("photoid", "title", "description", "downloadurl", "licensename", "ext", "marker")
+MAX_LINE_BYTES = 1 << 20  # a YFCC100M row is a few kB, its description included
+INT64 = range(-(1 << 63), 1 << 63)    # photo ids are stored as int64
+_BLANK_RUN = re.compile(rb"\n\n+")     # found at C speed, so a flood of empty lines costs no Python loop
+
+
+def _numbered(block: bytes, before: int) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of the non-empty lines of `block`, whole lines ending in a newline, the
+    first of them line `before + 1`."""
+    lineno, pos = before, 0
+    for run in _BLANK_RUN.finditer(block):
+        for line in block[pos:run.start()].split(b"\n"):   # its last line ends at the run's first newline
+            lineno += 1
+            if line:
+                yield lineno, line
+        lineno += run.end() - run.start() - 1          # the empty lines of the run
+        pos = run.end()
+    if pos < len(block):
+        for line in block[pos:-1].split(b"\n"):
+            lineno += 1
+            if line:
+                yield lineno, line
 
 
 class InputError(ValueError):
@@ -70,8 +100,10 @@ def url_hash(download_url: str) -> str:
 def detect_format(path: Path) -> str:
     """'sqlite', 'bz2' or 'tsv' from the file's magic bytes (the name may lie)."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path, "an input file"), "rb") as f:
             head = f.read(16)
+    except RefusedFile as e:
+        raise InputError(str(e)) from e
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from e
     if head.startswith(b"SQLite format 3\0"):
@@ -85,19 +117,24 @@ class _Lines:
     """Numbered byte lines (without the newline) of a plain or bz2 file, a progress bar over the bytes
     read from disk, and a truncated bz2 stream turned into a counted event instead of a crash.
 
-    A thread reads and decompresses 1 MiB chunks ahead (bz2 releases the GIL while it works), so
-    decompression overlaps with parsing on the main thread."""
+    Empty lines are skipped (their numbers still count); a line longer than `MAX_LINE_BYTES` comes
+    as None, its bytes dropped as they arrive. A thread reads and decompresses ahead (bz2 releases
+    the GIL while it works), so decompression overlaps with parsing on the main thread; at most
+    `QUEUED` pieces of at most `PIECE` bytes wait between the two. Whatever the thread raises is
+    handed to the consumer: it never waits for a thread that has died."""
 
     CHUNK = 1 << 18    # raw bytes per read
+    PIECE = 1 << 20    # decompressed bytes per queue item
+    QUEUED = 8
 
     def __init__(self, path: Path, stats: ScanStats, desc: str, progress: bool):
         self.path, self.stats, self.desc, self.progress = path, stats, desc, progress
 
     def _produce(self, raw: BinaryIO, compressed: bool, q: queue.Queue, stop: threading.Event) -> None:
-        """Put (decompressed bytes, raw bytes consumed) on the queue; b"" at the end, an exception if
-        the bz2 data is corrupt or ends mid-stream (everything before it has been delivered)."""
-        dec, started = bz2.BZ2Decompressor(), False
+        """Put (bytes, raw bytes consumed) on the queue; (b"", 0) at the end, an exception if the
+        input fails (EOFError: the bz2 data ends mid-stream; everything before has been delivered)."""
         try:
+            dec, started = bz2.BZ2Decompressor(), False
             while not stop.is_set():
                 data = raw.read(self.CHUNK)
                 if not data:
@@ -108,45 +145,77 @@ class _Lines:
                 if not compressed:
                     q.put((data, len(data)))
                     continue
-                out, buf = [], data
-                while buf:                     # concatenated bz2 streams (pbzip2, lbzip2)
-                    started = True
-                    out.append(dec.decompress(buf))
-                    buf = b""
-                    if dec.eof:
-                        buf, dec, started = dec.unused_data, bz2.BZ2Decompressor(), False
-                q.put((b"".join(out), len(data)))
-        except (EOFError, OSError) as e:
+                consumed, feed = len(data), data
+                while not stop.is_set():
+                    started = started or bool(feed)
+                    out = dec.decompress(feed, self.PIECE)
+                    feed = b""
+                    if out:
+                        q.put((out, consumed))
+                        consumed = 0
+                    if dec.eof:                # concatenated bz2 streams (pbzip2, lbzip2)
+                        feed, dec, started = dec.unused_data, bz2.BZ2Decompressor(), False
+                        if not feed:
+                            break
+                    elif dec.needs_input:
+                        break
+                if consumed:
+                    q.put((b"", consumed))
+        except Exception as e:       # handed over, never lost with the thread
             q.put((e, 0))
 
-    def __iter__(self) -> Iterator[tuple[int, bytes]]:
-        raw: BinaryIO = open(self.path, "rb")
-        size = self.path.stat().st_size
+    def _next(self, q: queue.Queue, reader: threading.Thread):
+        while True:
+            try:
+                return q.get(timeout=1.0)
+            except queue.Empty:
+                if not reader.is_alive() and q.empty():
+                    raise RuntimeError(f"{self.path}: the reader thread ended without a result") from None
+
+    def __iter__(self) -> Iterator[tuple[int, bytes | None]]:
+        try:
+            raw: BinaryIO = os.fdopen(open_regular(self.path, "an input file"), "rb")
+        except (OSError, RefusedFile) as e:
+            raise InputError(f"{self.path}: cannot read ({e})") from e
+        size = os.fstat(raw.fileno()).st_size
         bar = tqdm(total=size, desc=self.desc, unit="B", unit_scale=True, disable=not self.progress,
                    mininterval=0.5, smoothing=0.1)
-        q: queue.Queue = queue.Queue(maxsize=8)
+        q: queue.Queue = queue.Queue(maxsize=self.QUEUED)
         stop = threading.Event()
         reader = threading.Thread(target=self._produce, daemon=True,
                                   args=(raw, detect_format(self.path) == "bz2", q, stop))
         reader.start()
-        lineno, rest = 0, b""
+        lineno, rest, skipping = 0, b"", False     # newlines read; the line being read; inside an overlong line
         try:
             while True:
-                chunk, consumed = q.get()
-                if isinstance(chunk, Exception):
+                chunk, consumed = self._next(q, reader)
+                if isinstance(chunk, (EOFError, OSError)):
                     self.stats.add("truncated_input", f"{self.path}:{lineno + 1}: {chunk}")
                     break    # the partial last line is dropped with the rest of the stream
+                if isinstance(chunk, Exception):
+                    raise chunk
                 if not chunk and not consumed:
-                    if rest:
-                        lineno += 1
-                        yield lineno, rest
+                    if skipping or rest:
+                        yield lineno + 1, None if skipping else rest
                     break
                 bar.update(consumed)
-                lines = (rest + chunk).split(b"\n")
-                rest = lines.pop()
-                for line in lines:
+                if skipping:
+                    nl = chunk.find(b"\n")
+                    if nl < 0:
+                        continue
                     lineno += 1
-                    yield lineno, line
+                    yield lineno, None
+                    chunk, skipping = chunk[nl + 1:], False
+                last = chunk.rfind(b"\n")
+                if last < 0:
+                    rest += chunk
+                else:
+                    block, rest = rest + chunk[:last + 1], chunk[last + 1:]
+                    for n, line in _numbered(block, lineno):
+                        yield n, line if len(line) <= MAX_LINE_BYTES else None
+                    lineno += block.count(b"\n")
+                if len(rest) > MAX_LINE_BYTES:
+                    rest, skipping = b"", True
         finally:
             stop.set()
             while reader.is_alive():      # unblock a producer waiting on a full queue
@@ -195,13 +264,18 @@ class SubsetIds:
         guard = _WrongFileGuard(path, "the YFCC15M subset list (line, photo id, hash)")
         buf = array("q")
         for lineno, line in _Lines(path, stats, "subset", progress):
-            parts = line.rstrip(b"\r").split(b"\t")
-            if len(parts) == 1 and not parts[0].strip():
+            parts = line.rstrip(b"\r").split(b"\t") if line is not None else None
+            if parts is not None and len(parts) == 1 and not parts[0].strip():
                 continue
             try:
+                if parts is None:
+                    raise ValueError(f"line longer than {MAX_LINE_BYTES} bytes")
                 if len(parts) != SUBSET_COLUMNS:
                     raise ValueError(f"expected {SUBSET_COLUMNS} tab-separated columns, found {len(parts)}")
-                buf.append(int(parts[1]))
+                pid = int(parts[1])
+                if pid not in INT64:
+                    raise ValueError("photo id out of the 64-bit range")
+                buf.append(pid)
             except ValueError as e:
                 stats.add("subset_malformed", f"{path}:{lineno}: {str(e)[:80]}")
                 guard.bad(lineno, str(e)[:80])
@@ -282,6 +356,11 @@ def _read_tsv(path: Path, subset, stats, progress, batch_lines) -> Iterator[Meta
 
     for lineno, line in _Lines(path, stats, "metadata", progress):
         stats.counts["rows_read"] += 1
+        if line is None:
+            why = f"line longer than {MAX_LINE_BYTES} bytes"
+            stats.add("malformed", f"{path}:{lineno}: {why}")
+            guard.bad(lineno, why)
+            continue
         tabs = line.count(b"\t")
         if tabs != METADATA_COLUMNS - 1:
             if not line.strip():
@@ -297,6 +376,10 @@ def _read_tsv(path: Path, subset, stats, progress, batch_lines) -> Iterator[Meta
         except ValueError:
             stats.add("malformed", f"{path}:{lineno}: photo id is not an integer")
             guard.bad(lineno, "photo id is not an integer")
+            continue
+        if pid not in INT64:
+            stats.add("malformed", f"{path}:{lineno}: photo id out of the 64-bit range")
+            guard.bad(lineno, "photo id out of the 64-bit range")
             continue
         guard.good += 1
         lines.append((lineno, line))
@@ -334,10 +417,15 @@ def _read_sqlite(path: Path, subset, stats, progress, batch_lines) -> Iterator[M
             good, ids = [], []
             for r in rows:
                 try:
-                    ids.append(int(r[1]))
-                    good.append(r)
+                    pid = int(r[1])
                 except (TypeError, ValueError):
-                    stats.add("malformed", f"{path}:row {r[0]}: photo id {r[1]!r} is not an integer")
+                    stats.add("malformed", f"{path}:row {r[0]}: photo id {r[1]!r:.40} is not an integer")
+                    continue
+                if pid not in INT64:
+                    stats.add("malformed", f"{path}:row {r[0]}: photo id out of the 64-bit range")
+                    continue
+                ids.append(pid)
+                good.append(r)
             for i in _keep(subset, ids, lambda i: f"{path}:row {good[i][0]}", stats):
                 rowid, _, *cols = good[i]
                 try:

@@ -9,6 +9,12 @@ last offsets); a mismatch is a `ShardError` naming the index, since reading at a
 offsets would turn tar headers into captions. The samples the build found bad come along in
 `SampleTable.recorded_bad`. The table is a few numpy arrays (about 40 bytes a sample: 0.6 GB for
 YFCC15M), never a Python object per sample.
+
+Limits, checked before anything is read: an index larger than its tar (or than `MAX_INDEX_BYTES`)
+is refused, and every entry of an index must lie inside its tar (a negative, huge or overflowing
+offset or size is a `ShardError` naming the line). Components larger than `MAX_IMAGE_BYTES`
+(images) or `MAX_TEXT_BYTES` (captions, metadata) are never read: the loader counts such a
+sample as bad.
 """
 from __future__ import annotations
 
@@ -25,8 +31,13 @@ import numpy as np
 
 from pipeline.files import atomic_output
 from pipeline.manifest import Manifest, ShardEntry, ShardError, save_manifest  # noqa: F401  (ShardError: re-exported)
+from pipeline.regular_files import RefusedFile, is_regular, read_regular
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")   # img2dataset's encode formats, preferred in this order
+MAX_IMAGE_BYTES = 128 << 20    # an encoded image; a 40-megapixel JPEG is a few tens of MB
+MAX_TEXT_BYTES = 1 << 20       # a caption or its json metadata
+MAX_INDEX_BYTES = 256 << 20    # an index line is shorter than the tar headers it lists: ~100 bytes a sample
+_MAX_OFFSET = 1 << 62          # past any real file; keeps offset + size inside int64
 
 
 @dataclass
@@ -47,17 +58,29 @@ class SampleTable:
 Components = dict[str, tuple[int, int]]
 
 
-def parse_index(lines: list[str], where: Path) -> list[Components]:
+def parse_index(lines: list[str], where: Path, tar_bytes: int | None = None) -> list[Components]:
     """The samples of a wds2idx v1.x index, given as its lines: a header `v1.2 N`, then one line per
-    sample of `ext offset size name` groups."""
+    sample of `ext offset size name` groups. Every offset and size must be a non-negative integer,
+    and with `tar_bytes` every member must end inside the tar; else ShardError naming the line."""
     if not lines or not lines[0].startswith("v1."):
         raise ShardError(f"{where}: not a DALI webdataset index (header {lines[:1]!r})")
+    end = _MAX_OFFSET if tar_bytes is None else tar_bytes
     samples = []
     for n, line in enumerate(lines[1:], 2):
         f = line.split()
         if len(f) % 4:
             raise ShardError(f"{where}:{n}: malformed index line")
-        samples.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)})
+        comp = {}
+        for i in range(0, len(f), 4):
+            try:
+                offset, size = int(f[i + 1]), int(f[i + 2])
+            except ValueError:
+                raise ShardError(f"{where}:{n}: malformed index line (offset and size must be integers)") from None
+            if not (0 <= offset <= end and 0 <= size <= end - offset):
+                raise ShardError(f"{where}:{n}: member {f[i + 3][:80]!r} at offset {offset} with size {size} "
+                                 f"does not lie inside the {end}-byte tar (a damaged or forged index)")
+            comp[f[i]] = (offset, size)
+        samples.append(comp)
     return samples
 
 
@@ -106,11 +129,15 @@ def iter_tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarf
 def scan_tar(tar: Path) -> tuple[list[Components], list[str]]:
     """Each sample's components, and its key, read from the tar itself (the fallback without an index)."""
     try:
+        size = tar.stat().st_size
         with tarfile.open(tar) as tf:
             found = [(key, {ext: (m.offset_data, m.size) for ext, m in parts.items()})
                      for key, parts in iter_tar_samples(tf)]
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"{tar}: unreadable tar ({e})") from e
+    for key, comp in found:
+        if any(offset + length > size for offset, length in comp.values()):
+            raise ShardError(f"{tar}: member {key!r} runs past the end of the {size}-byte tar (truncated)")
     return [comp for _, comp in found], [key for key, _ in found]
 
 
@@ -189,6 +216,15 @@ def _index_key(line: str) -> str | None:
     return split[0] if split else None
 
 
+def read_index(idx: Path, tar_bytes: int) -> bytes:
+    """The bytes of an index file, refused (ShardError) before reading when it is not a regular file
+    or is larger than its tar could need (`MAX_INDEX_BYTES` at most)."""
+    try:
+        return read_regular(idx, min(max(tar_bytes, 1 << 16), MAX_INDEX_BYTES), f"the index of a {tar_bytes}-byte tar")
+    except (RefusedFile, OSError) as e:
+        raise ShardError(f"{idx}: unusable index ({e}); rerun the build to index it again, or delete it") from None
+
+
 def build_sample_table(manifest: Manifest) -> SampleTable:
     """Locate every sample of every shard; each shard must hold the count its manifest promises,
     and an index is used only once it is shown to belong to its tar."""
@@ -196,15 +232,17 @@ def build_sample_table(manifest: Manifest) -> SampleTable:
     tars = manifest.shard_paths()
     indexes = manifest.index_paths() or [None] * len(manifest.shards)
     for s, (entry, tar, idx) in enumerate(zip(manifest.shards, tars, indexes)):
-        if not tar.is_file():
+        if not tar.exists():
             raise ShardError(f"{tar}: shard listed in {manifest.source or manifest.name} is missing")
+        if not is_regular(tar):
+            raise ShardError(f"{tar}: shard listed in {manifest.source or manifest.name} is not a regular file")
         if tar.stat().st_size != entry.bytes:
             raise ShardError(f"{tar}: {tar.stat().st_size} bytes, the manifest says {entry.bytes} "
                              "(truncated or rewritten since the build; rebuild it)")
         if idx is not None and idx.is_file():
-            raw = idx.read_bytes()
+            raw = read_index(idx, entry.bytes)
             lines = raw.decode("utf-8", "replace").splitlines()
-            samples = parse_index(lines, idx)
+            samples = parse_index(lines, idx, entry.bytes)
             _check_index(entry, tar, idx, raw, lines)
             key_at = lambda pos, lines=lines: _index_key(lines[pos + 1])  # noqa: E731
         else:
@@ -230,9 +268,11 @@ class SampleReader:
         self.table = table
         self._fds: dict[int, int] = {}
 
-    def _read(self, shard: int, where: np.ndarray) -> bytes | None:
+    def _read(self, shard: int, where: np.ndarray, limit: int) -> bytes | None:
+        """The component's bytes; None when it is absent, larger than `limit` (never read), or no
+        longer all there (the tar shrank since the table was made)."""
         off, size = int(where[0]), int(where[1])
-        if off < 0:
+        if off < 0 or size > limit:
             return None
         fd = self._fds.get(shard)
         if fd is None:
@@ -241,13 +281,13 @@ class SampleReader:
         return data if len(data) == size else None
 
     def image(self, i: int) -> bytes | None:
-        return self._read(int(self.table.shard[i]), self.table.image[i])
+        return self._read(int(self.table.shard[i]), self.table.image[i], MAX_IMAGE_BYTES)
 
     def meta(self, i: int) -> bytes | None:
-        return self._read(int(self.table.shard[i]), self.table.meta[i])
+        return self._read(int(self.table.shard[i]), self.table.meta[i], MAX_TEXT_BYTES)
 
     def text(self, i: int) -> bytes | None:
-        return self._read(int(self.table.shard[i]), self.table.text[i])
+        return self._read(int(self.table.shard[i]), self.table.text[i], MAX_TEXT_BYTES)
 
     def close(self) -> None:
         for fd in self._fds.values():

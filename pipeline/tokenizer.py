@@ -18,10 +18,17 @@ Two robustness points:
 Speed: most YFCC captions are plain ASCII, where ftfy and html.unescape are provably no-ops; those
 skip both. Ids are cached per space-separated chunk and BPE results per word, and long captions
 are only split as far as the context needs.
+
+Bounded cost whatever the caption: a caption is cut to its first ``MAX_CAPTION_CHARS`` characters
+before anything else (every caption up to that length is tokenised exactly as OpenCLIP does), and
+a long word (a pre-token of more than ``SHORT_WORD`` bytes: a run of letters without a space, a
+long CJK sentence) is merged with a priority queue, which gives the same merges as the textbook
+loop in O(n log n) instead of O(n^2). Words too long to be worth caching are not cached.
 """
 from __future__ import annotations
 
 import gzip
+import heapq
 import html
 import re
 from functools import lru_cache
@@ -40,6 +47,9 @@ VOCAB_SIZE = 49408
 CONTEXT_LENGTH = 77
 NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2     # 48,894: CLIP uses exactly this many merge lines
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+MAX_CAPTION_CHARS = 8192     # longer captions are cut to this many characters first (the builder keeps 1000 a field)
+SHORT_WORD = 64               # bytes; longer words take the priority-queue merge
+MAX_CACHED_KEY = 256          # characters; longer chunks and words are not cached
 
 # CLIP's pre-tokenisation regex without the special-token alternatives (case-insensitive, `regex` for \p classes).
 _SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
@@ -85,7 +95,9 @@ def _chunks(text: str, limit: int = -1) -> list[str]:
     No pre-token spans a space and the split regex never looks past one, so each chunk can be split
     (and cached) on its own. Every chunk gives at least one id, so the first ``limit`` chunks already
     fix the first ``limit`` ids: a long caption is not split past what the context can hold.
+    Only the first ``MAX_CAPTION_CHARS`` characters of ``text`` are read.
     """
+    text = text[:MAX_CAPTION_CHARS]
     if _NEEDS_FULL_CLEAN.search(text) is None:
         parts = text.lower().split(None, limit)     # str.split whitespace == regex \s on this alphabet
     else:
@@ -129,6 +141,8 @@ class _Cache(dict):
 
     def __missing__(self, key: str) -> tuple[int, ...]:
         ids = self.fill(key)
+        if len(key) > MAX_CACHED_KEY:     # rare, and each would hold its whole text
+            return ids
         if len(self) >= self.max_size:
             self.clear()
         self[key] = ids
@@ -148,6 +162,7 @@ class Tokenizer:
         self.vocab_file = str(vocab_file) if vocab_file is not None else str(vocab_path())
         self.max_cache = max_cache
         self.encoder, self.decoder, self.ranks = _load_tables(self.vocab_file)
+        self.merges = tuple(self.ranks)      # pair of each rank (the dict is in rank order)
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.bpe_cache = _Cache(self._bpe, max_cache)
@@ -163,6 +178,8 @@ class Tokenizer:
         """Ids of one pre-token: byte-map it, then apply the lowest-ranked merge until none applies."""
         chars = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
         parts = [*chars[:-1], chars[-1] + "</w>"]
+        if len(parts) > SHORT_WORD:
+            return tuple(self.encoder[p] for p in self._merge_long(parts))
         ranks = self.ranks
         while len(parts) > 1:
             best, best_rank = None, NUM_MERGES
@@ -183,6 +200,41 @@ class Tokenizer:
                     i += 1
             parts = merged
         return tuple(self.encoder[p] for p in parts)
+
+    def _merge_long(self, parts: list[str]) -> list[str]:
+        """The loop of `_bpe` for long words, with the same result: each round takes the lowest rank
+        present and merges its occurrences left to right, skipping any that overlaps a merge just
+        made. The symbols form a linked list; every adjacent pair with a rank waits in a heap keyed
+        (rank, position). A merge creates a symbol longer than either half, so it never re-forms the
+        pair being merged: a round's occurrences are exactly those present when it starts."""
+        ranks, merges = self.ranks, self.merges
+        n = len(parts)
+        sym, nxt, prv = list(parts), list(range(1, n + 1)), list(range(-1, n - 1))   # nxt == n: the end
+        heap = [(r, i) for i in range(n - 1) if (r := ranks.get((sym[i], sym[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank = heap[0][0]
+            first, second = merges[rank]
+            occurrences = []
+            while heap and heap[0][0] == rank:
+                occurrences.append(heapq.heappop(heap)[1])
+            for i in sorted(occurrences):
+                j = nxt[i]
+                if sym[i] != first or j == n or sym[j] != second:
+                    continue           # overlapped by a merge of this round, or stale
+                sym[i], sym[j] = first + second, ""
+                nxt[i] = nxt[j]
+                if nxt[i] < n:
+                    prv[nxt[i]] = i
+                    if (r := ranks.get((sym[i], sym[nxt[i]]))) is not None:
+                        heapq.heappush(heap, (r, i))
+                if prv[i] >= 0 and (r := ranks.get((sym[prv[i]], sym[i]))) is not None:
+                    heapq.heappush(heap, (r, prv[i]))
+        out, i = [], 0
+        while i < n:
+            out.append(sym[i])
+            i = nxt[i]
+        return out
 
     def _chunk_ids(self, chunk: str) -> tuple[int, ...]:
         return tuple(chain.from_iterable(map(self.bpe_cache.__getitem__, _pretokens(chunk))))

@@ -16,9 +16,10 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.jpeg_check import CORRUPT, jpeg_problem
-from pipeline.shards import IMAGE_EXTS, index_members, iter_tar_samples, parse_index
+from pipeline.shards import IMAGE_EXTS, MAX_IMAGE_BYTES, index_members, iter_tar_samples, parse_index, read_index
 
 NOT_AN_IMAGE = "not_an_image"
+TOO_LARGE = "too_large"
 MAX_DETAIL = 160          # characters of a decoder's message kept in the manifest
 
 
@@ -30,6 +31,8 @@ def image_problem(data: bytes, max_pixels: int) -> tuple[str, str] | None:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:    # a header claiming far more pixels than PIL allows
+            return TOO_LARGE, _detail(e)
         except Exception as e:   # PIL raises many types for garbage; all mean "not an image"
             return NOT_AN_IMAGE, _detail(e)
         if img.format == "JPEG" and (problem := jpeg_problem(data)) is not None:
@@ -50,14 +53,18 @@ def _detail(error: Exception) -> str:
 def verify_images(tar: Path, max_pixels: int = 89_478_485) -> list[dict]:
     """The samples of `tar` whose image fails `image_problem`, in the manifest's `bad_samples` form:
     {"position": the sample's place in the tar, "key", "reason", "detail"}. Samples without an
-    image are left to the loader (it sees that without reading anything)."""
+    image are left to the loader (it sees that without reading anything); images larger than
+    `MAX_IMAGE_BYTES` are not read."""
     bad = []
     with tarfile.open(tar) as tf:
         for position, (key, parts) in enumerate(iter_tar_samples(tf)):
             member = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
             if member is None:
                 continue
-            problem = image_problem(tf.extractfile(member).read(), max_pixels)
+            if member.size > MAX_IMAGE_BYTES:
+                problem = TOO_LARGE, f"{member.size} bytes, more than the {MAX_IMAGE_BYTES} read for an image"
+            else:
+                problem = image_problem(tf.extractfile(member).read(), max_pixels)
             if problem is not None:
                 bad.append({"position": position, "key": key, "reason": problem[0], "detail": problem[1]})
     return bad
@@ -74,8 +81,8 @@ def index_matches(idx: Path, tar: Path) -> bool:
     """Whether the wds2idx index `idx` lists exactly the regular members of `tar`, at their offsets
     and sizes and under their names (an index kept from an earlier tar of the same name need not)."""
     try:
-        lines = idx.read_text().splitlines()
-        parse_index(lines, idx)
+        lines = read_index(idx, tar.stat().st_size).decode("utf-8", "replace").splitlines()
+        parse_index(lines, idx, tar.stat().st_size)
         listed = [member for line in lines[1:] for member in index_members(line)]
     except (OSError, ValueError, IndexError):
         return False

@@ -21,9 +21,23 @@ from pipeline.manifest import load_manifest
 from pipeline.metadata import InputError
 from pipeline.shards import iter_tar_samples
 
-from conftest import fixture_config
+from conftest import fixture_config as _fixture_config
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def fixture_config(fx, out, **overrides):
+    """The fixture's build settings. Its images come from a loopback server, which the builder
+    fetches from only with `allow_private_network`."""
+    return _fixture_config(fx, out, **{"allow_private_network": True, **overrides})
+
+
+@pytest.fixture(scope="module")
+def built(yfcc_fixture, tmp_path_factory):
+    """One real build of the fixture (img2dataset, 2 processes) shared by many asserts."""
+    out = tmp_path_factory.mktemp("build")
+    cfg = fixture_config(yfcc_fixture, out)
+    return cfg, build(cfg)
 
 
 def read_samples(manifest):
@@ -138,7 +152,7 @@ def test_resume_after_sigkill(built, yfcc_fixture, tmp_path):
     cmd = [sys.executable, "tools/build_yfcc15m.py", "--metadata", str(fx.metadata), "--subset", str(fx.subset),
            "--out", str(out), "--name", "killed", "--manifest-dir", str(out), "--url-template", "{download_url}",
            "--processes", "1", "--threads", "1", "--image-size", "64", "--shard-size", "8", "--timeout", "2",
-           "--max-image-pixels", "4000000", "--no-progress"]
+           "--max-image-pixels", "4000000", "--allow-private-network", "--no-progress"]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     fx.server.delay_seconds = 0.15
     fx.server.requests.clear()

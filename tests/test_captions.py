@@ -30,3 +30,14 @@ def test_join_and_truncate():
     assert truncate("word " * 10, 12) == "word word"
     assert truncate("short", 12) == "short"
     assert len(truncate("x" * 50, 10)) == 10
+
+
+def test_a_caption_that_shows_nothing_is_empty():
+    from pipeline.captions import has_visible_text
+    assert clean_caption("%E2%80%8B%E2%80%8C%E2%80%8D%E2%81%A0%EF%BB%BF") == ""   # zero-width characters
+    assert clean_caption("%E3%85%A4+%E2%A0%80") == ""                                # Hangul filler, blank Braille
+    assert clean_caption("a%E2%80%8Bb") == "ab"
+    for text in ("cat", "日本", "🙂", "e\u0301", "..."):
+        assert has_visible_text(text), text
+    for text in ("", " \t", "\u200b\ufeff", "\u0301", "\u3164\u115f"):
+        assert not has_visible_text(text), repr(text)

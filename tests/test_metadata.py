@@ -134,3 +134,15 @@ def test_an_empty_file_is_an_input_error(tmp_path, content):
     con.close()
     with pytest.raises(InputError, match=f"{db}: table 'yfcc100m_dataset' holds no rows"):
         list(read_metadata(db, None, ScanStats(), progress=False))
+
+
+def test_blank_lines_keep_their_numbers(tmp_path):
+    from conftest import meta_line
+    rows = [meta_line(1, 11, "a", "x", "", "http://x/1.jpg"), b"\n\n\n", meta_line(5, 12, "b", "y", "", "http://x/2.jpg"),
+            b"\n", b"too\tfew\n", b"\r\n"]
+    path = tmp_path / "m.tsv"
+    path.write_bytes(b"".join(rows))
+    stats = ScanStats()
+    assert [r.where.rsplit(":", 1)[1] for r in read_metadata(path, None, stats, progress=False)] == ["1", "5"]
+    assert stats.examples["malformed"] == [f"{path}:7: expected 25 tab-separated columns, found 2"]
+    assert stats.counts["rows_read"] == 3

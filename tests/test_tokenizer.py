@@ -146,3 +146,27 @@ def test_vocab_ships_as_package_data(tok):
     assert (Path(tk.__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz").is_file()
     pyproject = (Path(tk.__file__).parents[1] / "pyproject.toml").read_text()
     assert 'pipeline = ["data/*"]' in pyproject
+
+
+def test_long_words_merge_as_the_textbook_loop_does(tok, monkeypatch):
+    """Words longer than SHORT_WORD bytes take the priority-queue merge; it must give the loop's ids."""
+    rng = random.Random(11)
+    pieces = ["the", "ing", "ion", "er", "an", "ss", "a", "aa", "ee", "ll", "é", "日", "本", "語", "🙂", "q", "!", "?"]
+    words = ["".join(rng.choice(pieces) for _ in range(rng.randint(30, 400))) for _ in range(150)]
+    words += ["a" * 500, "ab" * 300, "aab" * 200, "日本語" * 100, "!" * 300]
+    fast = [tok._bpe(w) for w in words]
+    monkeypatch.setattr(tk, "SHORT_WORD", 10 ** 9)           # every word through the loop
+    assert fast == [Tokenizer()._bpe(w) for w in words]
+
+
+def test_hostile_captions_cost_little_and_captions_under_the_cap_are_untouched(tok):
+    import time
+    start = time.time()
+    rows = tok(["".join(random.Random(i).choice("abcdefghij") for _ in range(20_000)) for i in range(8)]
+               + ["日本語" * 7000, "a" * 30_000])
+    assert time.time() - start < 5 and rows.shape == (10, 77)
+    assert all(len(k) <= tk.MAX_CACHED_KEY for k in tok.bpe_cache)       # long words are not kept
+    long = " ".join(["stone bridge"] * 2000)                  # 25,999 characters
+    assert len(long) > tk.MAX_CAPTION_CHARS
+    assert torch.equal(tok(long), tok(long[:tk.MAX_CAPTION_CHARS]))
+    assert tok.encode(long) == tok.encode(long[:tk.MAX_CAPTION_CHARS])

@@ -7,6 +7,11 @@
 Rerun the same command after a kill to resume. Stages and options: pipeline/build.py. Inputs that
 cannot be used (missing, empty, the wrong file) and builds that would hold no sample end with one
 `error:` line and exit status 2.
+
+Network policy: only http(s) URLs without credentials whose hosts are public addresses are
+fetched, redirects included; `--allow-private-network` also allows loopback, private and other
+local addresses (`--demo` sets it: its images come from a loopback server). One download is
+limited to `--max-download-bytes` of body and `--max-download-seconds` in all.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ OPTIONS = {
     "resize_mode": "no | border | keep_ratio | keep_ratio_largest | center_crop", "encode_quality": "JPEG quality",
     "shard_size": "samples per shard", "timeout": "download timeout (s)", "retries": "download retries",
     "max_image_pixels": "reject images with more pixels (decompression bombs)",
+    "max_download_bytes": "a larger download is a failure", "max_download_seconds": "a slower download is a failure",
     "distributor": "multiprocessing | pyspark | ray",
 }
 
@@ -50,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         typ = {"limit": int, "manifest_dir": Path}.get(name, type(default))
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"{help_} (default {default})")
     p.add_argument("--no-resize-only-if-bigger", action="store_true", help="also upscale small images")
+    p.add_argument("--allow-private-network", action="store_true",
+                   help="also fetch from loopback, private, link-local... addresses (never non-http URLs)")
     g = p.add_argument_group("demo")
     g.add_argument("--demo", action="store_true", help="generate and build the synthetic demo data set")
     g.add_argument("--demo-samples", type=int, default=4000)
@@ -61,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def config_from_args(a: argparse.Namespace, **fixed) -> BuildConfig:
     kw = {k: getattr(a, k) for k in OPTIONS if getattr(a, k) is not None}
     kw.update(fixed)
+    kw.setdefault("allow_private_network", a.allow_private_network)
     return BuildConfig(metadata=kw.pop("metadata", a.metadata), subset=kw.pop("subset", a.subset), out=a.out,
                        progress=not a.no_progress, resize_only_if_bigger=not a.no_resize_only_if_bigger, **kw)
 
@@ -81,7 +90,7 @@ def run_demo(a: argparse.Namespace):
     fixed = {k: v for k, v in demo_defaults.items() if getattr(a, k) is None}
     with server:
         return build(config_from_args(a, metadata=meta, subset=subset, url_template=demo_url_template(server.base_url),
-                                      **fixed))
+                                      allow_private_network=True, **fixed))
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.regular_files import is_regular
 from trainer.checkpoint import CheckpointError, load_model
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.evaluation import TASKS, EvalConfig, Evaluator, EvalTransform, LinearProbeConfig, save_results
@@ -70,6 +71,9 @@ def evaluate(args) -> int:
         torch.set_num_threads(args.threads)
     if args.random_init and not args.config:
         sys.exit("--random-init needs --config (the model to initialise)")
+    if args.checkpoint and Path(args.checkpoint).exists() and not is_regular(args.checkpoint):
+        # a FIFO or device named like a checkpoint would block or never end
+        raise CheckpointError(f"{args.checkpoint}: not a regular file; refused as a checkpoint")
     t0 = time.time()
     if args.random_init:
         run_cfg = load_config(args.config)

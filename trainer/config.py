@@ -4,11 +4,20 @@ Each component owns its section's dataclass (models, objectives, the augmentatio
 optimizer, the loop, the debug faults); this module assembles them into `RunConfig`. Every value is
 type-checked against the dataclass annotations (trainer/dataclass_io.py); an unknown key or a wrong
 type is an error naming the YAML file and line (or the override) instead of a silently ignored
-setting. The resolved configuration is written to `<out_dir>/config.yaml` once the run's resume is
-settled (trainer/resume.py), so every run records exactly what ran.
+setting. Values a type cannot rule out are checked too (`check_values`): no number is NaN or
+infinite, seeds are non-negative, crop scales are ordered fractions. The resolved configuration
+is written to `<out_dir>/config.yaml` once the run's resume is settled (trainer/resume.py), so
+every run records exactly what ran.
+
+Configs are copied from issues and mails, so YAML is read with a safe loader that also refuses
+anchors and aliases (`&a`, `*a`, `<<: *a`): a config needs none, and a few hundred bytes of nested
+aliases expand to billions of nodes. A config file must be a regular file of at most
+`MAX_CONFIG_BYTES`.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +27,7 @@ import yaml
 from pipeline.augment import BACKENDS, check_backend
 from pipeline.files import atomic_output
 from pipeline.loader import CAPTION_MODES
+from pipeline.regular_files import RefusedFile, read_regular
 from pipeline.recipe import AugmentationRecipe
 from trainer.dataclass_io import ConfigError, from_dict, to_dict
 from trainer.evaluation.config import EvalConfig
@@ -28,8 +38,10 @@ from trainer.optim import OptimConfig
 from trainer.policies import DebugConfig
 
 __all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "DebugConfig", "EvalConfig", "ModelConfig",
-           "ObjectiveConfig", "OptimConfig", "RunConfig", "TrainConfig", "check_consistency", "from_dict",
-           "load_config", "parse_override", "save_config", "to_dict"]
+           "ObjectiveConfig", "OptimConfig", "RunConfig", "TrainConfig", "check_consistency", "check_values",
+           "from_dict", "load_config", "parse_override", "safe_yaml", "save_config", "to_dict"]
+
+MAX_CONFIG_BYTES = 1 << 20       # a run config is a few kB
 
 
 @dataclass
@@ -80,6 +92,32 @@ class RunConfig:
 
 # ---------------------------------------------------------------- YAML and overrides
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing anchors and aliases before any node is built from them."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AliasRefused(event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+class _AliasRefused(yaml.YAMLError):
+    def __init__(self, line: int):
+        super().__init__(f"line {line}: YAML anchors and aliases (&name, *name) are not allowed in a config")
+        self.line = line
+
+
+def safe_yaml(text: str, compose: bool = False):
+    """`text` parsed as YAML (or, with `compose`, its node tree), safe types only and no anchors or
+    aliases; yaml.YAMLError otherwise."""
+    loader = _NoAliasLoader(text)
+    try:
+        return loader.get_single_node() if compose else loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
     """Map dotted key paths to 1-based YAML line numbers, for error messages."""
     lines = {}
@@ -106,7 +144,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: expected key.sub=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml(raw) if raw.strip() else ""
+    except _AliasRefused:
+        raise ConfigError(f"override {text!r}: YAML anchors and aliases are not allowed") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: {e}") from e
     value = _float_strings(value)  # YAML 1.1 reads 1e-3 as a string
@@ -120,11 +160,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     if path is not None:
         path = Path(path)
         try:
-            text = path.read_text()
-            data = yaml.safe_load(text) or {}
-            lines = _key_lines(yaml.compose(text) or yaml.MappingNode("", []))
-        except OSError as e:
+            text = read_regular(path, MAX_CONFIG_BYTES, "a run config").decode("utf-8")
+            data = safe_yaml(text) or {}
+            lines = _key_lines(safe_yaml(text, compose=True) or yaml.MappingNode("", []))
+        except RefusedFile as e:
+            raise ConfigError(str(e)) from None
+        except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read config ({e})") from e
+        except _AliasRefused as e:
+            raise ConfigError(f"{path}:{e.line}: YAML anchors and aliases (&name, *name) are not allowed "
+                              "in a config") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
         if not isinstance(data, dict):
@@ -170,8 +215,42 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
         tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def _non_finite(cfg: Any, where: str = "") -> tuple[str, float] | None:
+    """(key, value) of the first NaN or infinite number in a dataclass tree, or None."""
+    if dataclasses.is_dataclass(cfg):
+        for f in dataclasses.fields(cfg):
+            found = _non_finite(getattr(cfg, f.name), f"{where}.{f.name}" if where else f.name)
+            if found:
+                return found
+    elif isinstance(cfg, (list, tuple)):
+        for i, v in enumerate(cfg):
+            if found := _non_finite(v, f"{where}[{i}]"):
+                return found
+    elif isinstance(cfg, float) and not math.isfinite(cfg):
+        return where, cfg
+    return None
+
+
+def check_values(cfg: RunConfig) -> None:
+    """Values no annotation rules out, each a one-line ConfigError naming its key."""
+    if found := _non_finite(cfg):
+        raise ConfigError(f"{found[0]} must be a finite number, got {found[1]}")
+    if not 0 <= cfg.train.seed < 2 ** 63:
+        raise ConfigError(f"train.seed must be an integer in [0, 2**63), got {cfg.train.seed}")
+    recipe = cfg.data.recipe
+    for name in ("clip_scale", "ssl_scale"):
+        low, high = getattr(recipe, name)
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"data.recipe.{name} must be [low, high] with 0 < low <= high <= 1, "
+                              f"got [{low}, {high}]")
+    low, high = recipe.ratio
+    if not 0 < low <= high:
+        raise ConfigError(f"data.recipe.ratio must be [low, high] with 0 < low <= high, got [{low}, {high}]")
+
+
 def check_consistency(cfg: RunConfig) -> None:
-    """Cross-section rules the per-field types cannot express."""
+    """Cross-section rules the per-field types cannot express, after `check_values`."""
+    check_values(cfg)
     if cfg.data.recipe.image_size != cfg.model.image_size:
         raise ConfigError(f"data.recipe.image_size={cfg.data.recipe.image_size} differs from "
                           f"model.image_size={cfg.model.image_size}")

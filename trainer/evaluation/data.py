@@ -10,7 +10,9 @@ Readers (each returns `Sample`s; decoding happens later, batch by batch):
   single labelled set of either kind.
 
 Images that cannot be read (missing, truncated, not an image) are counted and named in `BadImages`
-and skipped; evaluation continues on the rest.
+and skipped; evaluation continues on the rest. So are samples whose label is not one of the
+classes, and tar members larger than `MAX_IMAGE_BYTES` (never read). Only regular files are
+listed: a FIFO or a device named like an image is never opened.
 """
 from __future__ import annotations
 
@@ -27,10 +29,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.shards import iter_tar_samples
+from pipeline.regular_files import is_regular, read_regular
+from pipeline.shards import MAX_IMAGE_BYTES, iter_tar_samples
 
 METADATA_DIR = Path(__file__).resolve().parents[1] / "data"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MAX_LIST_BYTES = 64 << 20      # classnames.json, templates.json, val_captions.jsonl
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -104,8 +108,8 @@ class Sample:
 
 def _read_json_list(path: Path, what: str) -> list[str]:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        value = json.loads(read_regular(path, MAX_LIST_BYTES, what))
+    except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"{path}: cannot read {what} ({e})") from e
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{path}: {what} must be a JSON list of strings")
@@ -135,7 +139,7 @@ def image_folder(root: str | Path, classnames: list[str] | None = None) -> tuple
     if unknown:
         raise ValueError(f"{root}: class directories not in classnames.json: {unknown[:5]}")
     samples = [Sample(str(p), index[d], path=p) for d in dirs for p in sorted((root / d).iterdir())
-               if p.suffix.lower() in IMAGE_EXTENSIONS]
+               if p.suffix.lower() in IMAGE_EXTENSIONS and is_regular(p)]
     if not samples:
         raise ValueError(f"{root}: no images found (expected <root>/<class name>/*.jpg)")
     return samples, classnames
@@ -159,9 +163,18 @@ def _tar_groups(path: Path, bad: BadImages) -> dict[str, dict[str, bytes]]:
     """Members of one tar grouped by sample key (`dir/key.ext` -> {ext: bytes}), in tar order. A
     damaged tar is reported in `bad` and keeps the samples read before the damage."""
     groups: dict[str, dict[str, bytes]] = {}
+    if not is_regular(path):
+        bad.add(str(path), OSError("not a regular file; not opened"))
+        return groups
     try:
         with tarfile.open(path) as tar:
             for key, parts in iter_tar_samples(tar):   # webdataset's key/extension rule
+                big = [m for m in parts.values() if m.size > MAX_IMAGE_BYTES]
+                if big:
+                    bad.add(f"{path}:{key}", ValueError(f"member {big[0].name!r} has {big[0].size} bytes, more than "
+                                                        f"the {MAX_IMAGE_BYTES} read for a sample; not read"))
+                    groups[key] = {}
+                    continue
                 groups.setdefault(key, {}).update({ext: tar.extractfile(m).read() for ext, m in parts.items()})
     except (tarfile.TarError, OSError, EOFError) as e:
         bad.add(str(path), e)
@@ -174,6 +187,8 @@ def webdataset_samples(paths: Sequence[Path], bad: BadImages) -> list[Sample]:
     samples: list[Sample] = []
     for path in paths:
         for key, parts in _tar_groups(path, bad).items():
+            if not parts:
+                continue           # reported by _tar_groups
             name = f"{path}:{key}"
             img = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
             try:
@@ -196,6 +211,16 @@ class LabelledSplit:
     samples: list[Sample]
     classnames: list[str] | None       # None: shards, and no class names were given
 
+    def drop_unknown_labels(self, num_classes: int, bad: BadImages) -> None:
+        """Samples whose label is not a class index (negative, or num_classes and beyond) go to `bad`."""
+        keep = []
+        for s in self.samples:
+            if 0 <= s.label < num_classes:
+                keep.append(s)
+            else:
+                bad.add(s.name, ValueError(f"label {str(s.label)[:40]} is not one of the {num_classes} classes"))
+        self.samples = keep
+
     @classmethod
     def open(cls, location: Path, classnames: list[str] | None, bad: BadImages) -> LabelledSplit:
         tars = sorted(location.glob("*.tar")) if location.is_dir() else shard_paths(location)
@@ -209,7 +234,8 @@ def read_captions(path: Path, root: Path, bad: BadImages) -> list[tuple[Path, st
     """(image path, caption) pairs from a jsonl of {"file": path relative to root (or root/val), "caption": str}.
     Malformed lines are reported with file:line and skipped."""
     pairs = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_regular(path, MAX_LIST_BYTES, "a captions file").decode("utf-8", "replace")
+                                  .splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -263,8 +289,11 @@ class EvalData:
             if has_splits and (given / "train").is_dir() else None
         if test.classnames is None:
             labels = {s.label for s in test.samples}
-            raise ValueError(f"{location}: shards carry labels 0..{max(labels, default=-1)} but no "
+            raise ValueError(f"{location}: shards carry labels 0..{str(max(labels, default=-1))[:40]} but no "
                              "classnames.json was found (pass EvalConfig.classnames)")
+        for split in (test, train):
+            if split is not None:
+                split.drop_unknown_labels(len(test.classnames), bad)
         tpl = Path(templates) if templates else root / "templates.json"
         prompts = _read_json_list(tpl, "templates") if (templates or tpl.is_file()) else imagenet_templates()
         cap = root / "val_captions.jsonl"
