@@ -130,7 +130,8 @@ def fixture_config(fx: Fixture, out: Path, **overrides):
     from pipeline.build import BuildConfig
     kw = dict(metadata=fx.metadata, subset=fx.subset, out=out, name="fixture", manifest_dir=out / "manifests",
               url_template="{download_url}", processes=2, threads=4, image_size=64, shard_size=8,
-              shards_per_part=1, timeout=2, max_caption_chars=1000, max_image_pixels=4_000_000, progress=False)
+              shards_per_part=1, timeout=2, max_caption_chars=1000, max_image_pixels=4_000_000, progress=False,
+              allow_private_network=True)   # the fixture's images come from a loopback server
     kw.update(overrides)
     return BuildConfig(**kw)
 

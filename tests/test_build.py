@@ -21,23 +21,9 @@ from pipeline.manifest import load_manifest
 from pipeline.metadata import InputError
 from pipeline.shards import iter_tar_samples
 
-from conftest import fixture_config as _fixture_config
+from conftest import fixture_config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def fixture_config(fx, out, **overrides):
-    """The fixture's build settings. Its images come from a loopback server, which the builder
-    fetches from only with `allow_private_network`."""
-    return _fixture_config(fx, out, **{"allow_private_network": True, **overrides})
-
-
-@pytest.fixture(scope="module")
-def built(yfcc_fixture, tmp_path_factory):
-    """One real build of the fixture (img2dataset, 2 processes) shared by many asserts."""
-    out = tmp_path_factory.mktemp("build")
-    cfg = fixture_config(yfcc_fixture, out)
-    return cfg, build(cfg)
 
 
 def read_samples(manifest):

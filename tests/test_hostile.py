@@ -442,3 +442,23 @@ def test_the_guard_checks_every_hop_and_the_address_it_connects_to(tmp_path, mon
             assert set(srv.requests) == {"/a.jpg", "/fault/redirect/x.jpg"}
         finally:
             urllib.request.install_opener(None)
+
+
+def test_a_fifo_named_like_a_checkpoint_never_blocks(tmp_path):
+    """Auto-resume lists only regular files, and loading a FIFO is refused at once: nothing opens it
+    for reading (which would wait forever for a writer)."""
+    import signal as _signal
+
+    from trainer import checkpoint as ckpt
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    fifo = ckpt.checkpoint_path(ckpt_dir, 7)
+    os.mkfifo(fifo)
+    _signal.alarm(20)               # a blocking open would hang the test: fail it instead
+    try:
+        assert ckpt.list_checkpoints(ckpt_dir) == []
+        assert ckpt.latest_checkpoint(ckpt_dir) is None
+        with pytest.raises(ckpt.CheckpointError, match="FIFO"):
+            ckpt.load_checkpoint(fifo)
+    finally:
+        _signal.alarm(0)

@@ -73,6 +73,7 @@ def killed(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("killed") / "run"
     proc = run([*BASE, f"data.manifest={data}", f"out_dir={out}", "debug.sigkill_at_step=10"])
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert "never verified against its checksums" in proc.stdout      # the start report says so
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [4, 8]
     assert max(step_records(out)) == 10
     return out

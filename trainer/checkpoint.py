@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.regular_files import RefusedFile, is_regular, open_regular
 from trainer.dataclass_io import ConfigError, from_dict
 from trainer.models import build_model
 
@@ -51,7 +52,8 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    # regular files only: a FIFO named like a checkpoint would block whoever opens it
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)) and is_regular(p)]
     return sorted(found)
 
 
@@ -130,10 +132,12 @@ def verify_checkpoint(path: str | Path) -> None:
     every record matches its stored CRC-32 (`zipfile.testzip`: reads the file once)."""
     path = Path(path)
     try:
-        with zipfile.ZipFile(path) as z:
+        with os.fdopen(open_regular(path, "a checkpoint"), "rb") as f, zipfile.ZipFile(f) as z:
             bad = z.testzip()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
+    except RefusedFile as e:
+        raise CheckpointError(str(e)) from None
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint (not a complete zip-format torch.save file: "
                               f"{e})") from None

@@ -28,10 +28,12 @@ rebuilt data set with the same sample count is refused too.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.regular_files import RefusedFile, open_regular
 from trainer import checkpoint as ckpt
 from trainer.config import RunConfig, to_dict
 from trainer.distributed import broadcast_object
@@ -97,10 +99,10 @@ def manifest_sha256(path: str | Path) -> str | None:
     """sha256 of the manifest file; None when it cannot be read (the loader reports that)."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path, "a manifest"), "rb") as f:   # never blocks on a FIFO
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-    except OSError:
+    except (OSError, RefusedFile):
         return None
     return h.hexdigest()
 

@@ -49,6 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _verification_line(manifest: str) -> str:
+    """When the shards were last checked against the manifest's checksums (tools/verify_shards.py)."""
+    from pipeline.integrity import last_verification
+    v = last_verification(manifest)
+    if v is None:
+        return f"shards of {manifest}: never verified against its checksums (python tools/verify_shards.py {manifest})"
+    state = "all match" if v.ok else f"{len(v.problems)} problem(s): rerun tools/verify_shards.py"
+    return f"shards last verified {v.verified_at}: {v.shards} shards, {state}"
+
+
 def _error(rank: int, message: str, code: int, kind: str = "error") -> int:
     if rank == 0:    # every rank stops with the same error; one line says it
         print(f"{kind}: {message}", file=sys.stderr, flush=True)
@@ -85,6 +95,7 @@ def main(argv=None) -> int:
             print(f"{cfg.objective.name}: {n_params / 1e6:.1f}M parameters, {c.world_size} rank(s) on {c.device}, "
                   f"global batch {cfg.data.batch_size * cfg.optim.accum_steps * c.world_size}, "
                   f"{trainer.end_step} steps, out {cfg.out_dir}", flush=True)
+            print(_verification_line(cfg.data.manifest), flush=True)
         trainer.fit()
     except ConfigError as e:
         return _error(rank, str(e), 2, kind="config error")
