@@ -100,6 +100,9 @@ class ModelConfig:
     vision_act: Activation = "gelu"    # MLP activation of the image tower
     text_ln_eps: float = 1e-5          # every LayerNorm of the text tower (CLIP's value)
     text_act: Activation = "quick_gelu"
+    # weights to start a new run from (weights only: optimizer, schedule and data position start
+    # fresh): one of our checkpoints, a converted one, or a foreign one (trainer/convert/)
+    init_from: str = ""
     # execution
     grad_checkpointing: bool = False
     single_pass_views: bool = True
