@@ -20,7 +20,7 @@ from pipeline.files import atomic_output, write_json_atomic
 from trainer.convert.mapping import ConversionError
 
 Tensor = torch.Tensor
-_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNSUPPORTED = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def load_pickle(path: str | Path) -> Any:

@@ -30,7 +30,7 @@ import torch
 
 from trainer.convert.converted import Converted
 from trainer.convert.files import load_safetensors, load_weights, read_json, write_json, write_safetensors
-from trainer.convert.layout import TRANSPOSED, VECTOR_1, Pair, openai_text, openai_vision, timm_vision
+from trainer.convert.layout import SCALAR, TRANSPOSED, Pair, openai_text, openai_vision, timm_vision
 from trainer.convert.mapping import ConversionError, Drop, expected_shapes, strip_prefix, to_ours, to_theirs
 from trainer.convert.timm import PLAIN_VITS, registered_vit
 from trainer.models import ModelConfig
@@ -98,8 +98,7 @@ def layout(cfg: ModelConfig, tower: str) -> list[Pair]:
         vision = timm_vision(cfg, "visual.trunk.") + [Pair("image_projection", "visual.head.proj.weight", TRANSPOSED)]
     else:
         vision = openai_vision(cfg, "visual.")
-    # OpenCLIP 3.x keeps the logit scale as a 1-element vector (OpenAI's files: a scalar; both load)
-    return vision + openai_text(cfg) + [Pair("logit_scale", "logit_scale", VECTOR_1)]
+    return vision + openai_text(cfg) + [Pair("logit_scale", "logit_scale", SCALAR)]
 
 
 # ---------------------------------------------------------------- export

@@ -102,7 +102,7 @@ def read_slip_reference(path: str | Path, vision_heads: int | None = None, text_
     if cfg != ModelConfig.preset(cfg.name, ssl_norm="bn"):
         cfg = dataclasses.replace(cfg, name=f"slip-reference:{name or preset or 'vit'}")
 
-    pairs = timm_vision(cfg)
+    pairs = timm_vision(cfg, "visual.")
     if has_text:
         pairs += openai_text(cfg) + [Pair("image_projection", "image_projection"), Pair("logit_scale", "logit_scale")]
     if has_ssl:
