@@ -14,8 +14,11 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import atomic_save, check_model_state
+from pipeline.recipe import AugmentationRecipe
+from trainer.checkpoint import CheckpointError, atomic_save, check_model_state
+from trainer.config import DataConfig, ObjectiveConfig, RunConfig, check_consistency
 from trainer.convert.mapping import ConversionError
+from trainer.dataclass_io import to_dict
 from trainer.models import ModelConfig, build_model
 from trainer.objectives import objective_parts
 
@@ -36,11 +39,9 @@ class Converted:
     source: str                                      # "<format>: <path>"
     dropped: list[str] = field(default_factory=list)  # what was left out, and why
 
-    def run_config(self):
+    def run_config(self) -> RunConfig:
         """The run configuration stored in the checkpoint: the model, the objective, the
         preprocessing; every other section at its defaults."""
-        from pipeline.recipe import AugmentationRecipe
-        from trainer.config import DataConfig, ObjectiveConfig, RunConfig, check_consistency
         recipe = AugmentationRecipe(image_size=self.model.image_size, mean=tuple(self.mean), std=tuple(self.std),
                                     num_ssl_views=objective_parts(self.objective).ssl_views)
         cfg = RunConfig(model=self.model, objective=ObjectiveConfig(name=self.objective),
@@ -54,12 +55,11 @@ class Converted:
             model = build_model(self.model, self.objective)
         try:
             check_model_state(model, self.state, self.source)
-        except Exception as e:
+        except CheckpointError as e:
             raise ConversionError(str(e).replace("\n", "; ")) from None
 
     def save(self, path: str | Path) -> Path:
         """Write our checkpoint file (atomically)."""
-        from trainer.dataclass_io import to_dict
         self.verify()
         path = Path(path)
         atomic_save({"model": {k: v.contiguous() for k, v in self.state.items()},
@@ -68,7 +68,8 @@ class Converted:
         return path
 
 
-def tower_differences(a: ModelConfig, b: ModelConfig, text: bool = True) -> list[str]:
-    """`field: a vs b` for every tower field (the text tower's only with `text`) on which a and b differ."""
+def tower_differences(a: ModelConfig, b: ModelConfig, text: bool = True) -> list[tuple[str, object, object]]:
+    """(field, a's value, b's value) for every tower field (the text tower's only with `text`) on
+    which a and b differ."""
     names = IMAGE_TOWER + (TEXT_TOWER if text else ())
-    return [f"{n}: {getattr(a, n)!r} vs {getattr(b, n)!r}" for n in names if getattr(a, n) != getattr(b, n)]
+    return [(n, getattr(a, n), getattr(b, n)) for n in names if getattr(a, n) != getattr(b, n)]

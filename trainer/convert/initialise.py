@@ -75,8 +75,9 @@ def init_from(model: torch.nn.Module, path: str | Path, run_cfg=None) -> list[st
     src_text = isinstance(src, Converted) and objective_parts(src.objective).text
     diffs = tower_differences(src.model, model.cfg, text=src_text and model.uses_text)
     if diffs:
-        raise ConversionError(f"{path}: the run's model differs from the checkpoint's in " + "; ".join(diffs)
-                              + " (set model.* to the checkpoint's)")
+        listed = "; ".join(f"model.{n}: checkpoint {theirs!r}, run {ours!r}" for n, theirs, ours in diffs)
+        raise ConversionError(f"{path}: the run's model differs from the checkpoint's ({listed}); "
+                              "set these to the checkpoint's")
     target = model.state_dict()
     loaded, lines = {}, [f"initialised from {src.source}"]
     for label, prefixes, required in PARTS:
@@ -92,7 +93,8 @@ def init_from(model: torch.nn.Module, path: str | Path, run_cfg=None) -> list[st
                 loaded.update(have)
                 lines.append(f"loaded: {label} ({len(have)} tensors)")
             elif required:
-                raise ConversionError(f"{path}: the checkpoint's {label} does not fit this run's model (at {misfit[0]})")
+                raise ConversionError(f"{path}: the checkpoint's {label} does not fit this run's model "
+                                      f"(at {misfit[0]})")
             else:
                 lines.append(f"kept at initialisation: {label} (the checkpoint's does not fit, at {misfit[0]})")
     model.load_state_dict(loaded, strict=False)

@@ -39,7 +39,8 @@ SAME = Form("same", lambda t: t, lambda t: t)
 TRANSPOSED = Form("transposed", lambda t: t.t().contiguous(), lambda t: t.t().contiguous())
 NO_BATCH = Form("without the batch dim", lambda t: t[0].clone(), lambda t: t[None].clone())   # [1, n, w] vs [n, w]
 SCALAR = Form("scalar", lambda t: t, lambda t: t.reshape(()))   # theirs may be [] or [1] (OpenCLIP loads both)
-NO_BATCH_2 = Form("without 2 leading dims", lambda t: t[0, 0].clone(), lambda t: t[None, None].clone())  # [1, 1, w] vs [w]
+# [1, 1, w] vs [w]
+NO_BATCH_2 = Form("without 2 leading dims", lambda t: t[0, 0].clone(), lambda t: t[None, None].clone())
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,9 @@ MODELS_TABLE = Path(__file__).with_name("openclip_models.json")
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 # what OpenCLIP's loader looks for in a folder, in its order of preference
-WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
-                "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "model.safetensors",
+                "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_EPS = 1e-5      # OpenCLIP's LayerNorm without norm_kwargs
@@ -144,8 +145,7 @@ _TRAINING_ONLY = {"patch_dropout", "timm_drop", "timm_drop_path", "timm_model_pr
                   "hf_model_pretrained", "pad_id", "attn_pooler_queries", "attn_pooler_heads", "eos_id",
                   "final_ln_after_pool"}   # a LayerNorm per token commutes with pooling one token
 # options we represent only at these values
-_FIXED = {"ls_init_value": None, "attentional_pool": False, "pos_embed_type": "learnable", "pool_type": None,
-          "act_kwargs": None, "block_type": None, "qk_norm": False, "scaled_cosine_attn": False,
+_FIXED = {"ls_init_value": None, "attentional_pool": False, "pos_embed_type": "learnable", "act_kwargs": None, "block_type": None, "qk_norm": False, "scaled_cosine_attn": False,
           "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False,
           "timm_pool": "token", "timm_proj": "linear", "timm_proj_bias": False, "embed_cls": False,
           "no_causal_mask": False, "proj_bias": False, "proj_type": "linear", "hf_model_name": None,
@@ -256,7 +256,8 @@ def read_openclip(path: str | Path, model_name: str | None = None, mcfg: dict | 
     mean, std = _preprocess(pcfg, cfg.image_size, str(path))
     state = strip_prefix(load_safetensors(weights) if weights.suffix == ".safetensors" else load_weights(weights),
                          "module.")
-    drops = [Drop("attn_mask", "the causal mask (a constant, rebuilt by the model)"),
-             Drop("visual.head.drop", "dropout (no parameters)")]
+    drops = [Drop("attn_mask", "the causal mask (a constant, rebuilt by the model)")]
+    drops += [Drop(k, "a constant of OpenAI's files (the model config has it)")
+              for k in ("input_resolution", "context_length", "vocab_size")]
     mapped = to_ours(state, layout(cfg, tower), expected_shapes(cfg, "clip"), drops, where=str(weights))
     return Converted(cfg, "clip", mapped.state, mean, std, f"openclip: {path}", mapped.dropped)
