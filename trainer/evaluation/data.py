@@ -51,7 +51,7 @@ class EvalTransform:
     """Resize (shorter side, bicubic) + CenterCrop + normalise: pixel for pixel what torchvision's
     Resize + CenterCrop + convert("RGB") + ToTensor + Normalize compute on a PIL image, i.e.
     OpenCLIP's evaluation transform (and timm's, with crop_pct = image_size / resize). Resampling
-    itself is PIL's; pillow-simd rounds a few pixels one level differently from Pillow."""
+    itself is PIL's: pillow-simd rounds some resampled pixels a few levels apart from Pillow."""
 
     def __init__(self, image_size: int, resize: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD):
@@ -94,7 +94,8 @@ class EvalTransform:
 
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
         """RGB float [3, H, W] in [0, 1], normalised."""
-        x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        pixels = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+        x = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
         return (x - self.mean) / self.std
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
