@@ -52,6 +52,32 @@ def test_presets_follow_the_reference():
         ModelConfig(image_size=100)
 
 
+def test_openai_style_tower_options_are_off_by_default():
+    """The options OpenAI-style towers need (trainer/convert) leave the presets' models unchanged:
+    same parameters, same LayerNorm eps, same activations."""
+    from trainer.models import QuickGELU
+    default = build_model(TINY, "clip")
+    keys = set(default.state_dict())
+    assert "visual.patch_embed.bias" in keys and not any("norm_pre" in k for k in keys)
+    assert isinstance(default.visual.norm_pre, torch.nn.Identity)
+    assert default.visual.norm.eps == 1e-6 and default.text.ln_final.eps == 1e-5
+    assert isinstance(default.visual.transformer.blocks[0].mlp[1], torch.nn.GELU)
+    assert isinstance(default.text.transformer.blocks[0].mlp[1], QuickGELU)
+
+    cfg = ModelConfig.preset("vit_tiny", vision_ln_pre=True, vision_patch_bias=False, vision_ln_eps=1e-5,
+                             vision_act="quick_gelu", text_ln_eps=1e-6, text_act="gelu")
+    openai = build_model(cfg, "clip")
+    keys = set(openai.state_dict())
+    assert {"visual.norm_pre.weight", "visual.norm_pre.bias"} <= keys and "visual.patch_embed.bias" not in keys
+    assert openai.visual.norm_pre.eps == openai.visual.norm.eps == 1e-5 and openai.text.ln_final.eps == 1e-6
+    assert isinstance(openai.visual.transformer.blocks[0].mlp[1], QuickGELU)
+    assert isinstance(openai.text.transformer.blocks[0].mlp[1], torch.nn.GELU)
+    images = random_batch(2)["clip_image"]
+    assert openai.encode_image(images).shape == (2, cfg.embed_dim)
+    with pytest.raises(ValueError, match="vision_act must be one of"):
+        ModelConfig(vision_act="relu")
+
+
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_output_shapes_and_encoders(objective):
     torch.manual_seed(0)

@@ -14,6 +14,9 @@ Architecture (as the SLIP reference):
 - Bias-free projections to the joint space (std width^-0.5), token embedding std 0.02, position
   embedding std 0.01, logit scale init ln(1/0.07) clamped to [0, ln 100] by `clamp_logit_scale()`.
 - Attention through F.scaled_dot_product_attention; `grad_checkpointing` recomputes each block.
+- OpenAI-style towers (OpenCLIP's native ones, see trainer/convert/) need a few options, all off by
+  default: a LayerNorm before the image blocks, a bias-free patch embedding, LayerNorm eps and
+  GELU / QuickGELU per tower.
 
 SimCLR head Linear(w, 4096)-Norm-ReLU-Linear(4096, 4096)-Norm-ReLU-Linear(4096, 256). `ssl_norm`:
 - "bn": BatchNorm1d over the local batch (each view normalised in its own call, as the reference);
@@ -56,6 +59,8 @@ from trainer.objectives import objective_parts
 
 SSL_NORMS = ("auto", "bn", "syncbn", "ln")
 SSLNorm = Literal[SSL_NORMS]
+ACTIVATIONS = ("gelu", "quick_gelu")
+Activation = Literal[ACTIVATIONS]
 
 
 @dataclass
@@ -87,6 +92,17 @@ class ModelConfig:
     nclip_clusters: int = 32768
     nclip_hidden_dim: int = 2048
     nclip_bottleneck_dim: int = 256
+    # Tower details in which OpenAI-style CLIP towers (OpenCLIP's native ones) differ from the SLIP
+    # reference; the defaults are the reference's, so presets and older checkpoints are unchanged.
+    vision_ln_pre: bool = False        # LayerNorm on the tokens before the first block
+    vision_patch_bias: bool = True     # bias in the conv patch embedding
+    vision_ln_eps: float = 1e-6        # every LayerNorm of the image tower (timm's ViT value)
+    vision_act: Activation = "gelu"    # MLP activation of the image tower
+    text_ln_eps: float = 1e-5          # every LayerNorm of the text tower (CLIP's value)
+    text_act: Activation = "quick_gelu"
+    # weights to start a new run from (weights only: optimizer, schedule and data position start
+    # fresh): one of our checkpoints, a converted one, or a foreign one (trainer/convert/)
+    init_from: str = ""
     # execution
     grad_checkpointing: bool = False
     single_pass_views: bool = True
@@ -98,6 +114,9 @@ class ModelConfig:
             raise ValueError("width must be divisible by the number of heads")
         if self.ssl_norm not in SSL_NORMS:
             raise ValueError(f"ssl_norm must be one of {SSL_NORMS}, got {self.ssl_norm!r}")
+        for name in ("vision_act", "text_act"):
+            if getattr(self, name) not in ACTIVATIONS:
+                raise ValueError(f"{name} must be one of {ACTIVATIONS}, got {getattr(self, name)!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -127,6 +146,10 @@ PRESETS: dict[str, dict] = {
 class QuickGELU(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> type[nn.Module]:
+    return {"gelu": nn.GELU, "quick_gelu": QuickGELU}[name]
 
 
 class Attention(nn.Module):
@@ -182,13 +205,16 @@ class VisionTransformer(nn.Module):
         super().__init__()
         w = cfg.vision_width
         self.width = w
-        self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size)
+        eps = cfg.vision_ln_eps
+        self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size, bias=cfg.vision_patch_bias)
         num_patches = (cfg.image_size // cfg.patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, w))
-        # LayerNorm eps 1e-6 as timm's ViT (the reference trunk); the text tower keeps CLIP's 1e-5
-        self.transformer = Transformer(w, cfg.vision_layers, cfg.vision_heads, cfg.mlp_ratio, nn.GELU, eps=1e-6)
-        self.norm = nn.LayerNorm(w, eps=1e-6)
+        # Identity (no parameters) unless asked for, so the reference layout keeps its state dict
+        self.norm_pre = nn.LayerNorm(w, eps=eps) if cfg.vision_ln_pre else nn.Identity()
+        self.transformer = Transformer(w, cfg.vision_layers, cfg.vision_heads, cfg.mlp_ratio,
+                                       activation(cfg.vision_act), eps=eps)
+        self.norm = nn.LayerNorm(w, eps=eps)
         # timm-style init
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -200,7 +226,7 @@ class VisionTransformer(nn.Module):
     def forward(self, images):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        x = self.transformer(x)
+        x = self.transformer(self.norm_pre(x))
         return self.norm(x[:, 0])
 
 
@@ -213,8 +239,9 @@ class TextTransformer(nn.Module):
         self.width = w
         self.token_embedding = nn.Embedding(cfg.vocab_size, w)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, w))
-        self.transformer = Transformer(w, cfg.text_layers, cfg.text_heads, 4.0, QuickGELU, causal=True)
-        self.ln_final = nn.LayerNorm(w)
+        self.transformer = Transformer(w, cfg.text_layers, cfg.text_heads, 4.0, activation(cfg.text_act),
+                                       causal=True, eps=cfg.text_ln_eps)
+        self.ln_final = nn.LayerNorm(w, eps=cfg.text_ln_eps)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         # OpenAI CLIP init of the residual blocks

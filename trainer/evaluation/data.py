@@ -52,7 +52,10 @@ def imagenet_templates() -> list[str]:
 # ============================================================================ images
 
 class EvalTransform:
-    """Resize (short side) + CenterCrop + normalise, with PIL: the usual evaluation transform."""
+    """Resize (shorter side, bicubic) + CenterCrop + normalise: pixel for pixel what torchvision's
+    Resize + CenterCrop + convert("RGB") + ToTensor + Normalize compute on a PIL image, i.e.
+    OpenCLIP's evaluation transform (and timm's, with crop_pct = image_size / resize). Resampling
+    itself is PIL's: pillow-simd rounds some resampled pixels a few levels apart from Pillow."""
 
     def __init__(self, image_size: int, resize: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD):
@@ -63,19 +66,44 @@ class EvalTransform:
     @classmethod
     def from_recipe(cls, recipe) -> EvalTransform:
         """The transform matching a training recipe (pipeline/recipe.py): its image size, eval resize
-        (None = image size) and normalisation."""
+        (None = image size) and normalisation (a converted checkpoint's recipe carries the source
+        model's mean and std)."""
         return cls(recipe.image_size, recipe.eval_resize, tuple(recipe.mean), tuple(recipe.std))
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = img.convert("RGB")
+    @staticmethod
+    def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+        """The size torchvision's Resize(short_side) gives a PIL image: the shorter side becomes
+        `short_side`, the longer one `int(short_side * long / short)` (truncated, not rounded)."""
+        if width <= height:
+            return short_side, int(short_side * height / width)
+        return int(short_side * width / height), short_side
+
+    @staticmethod
+    def crop_offset(length: int, crop: int) -> int:
+        """torchvision's CenterCrop offset along one side: `int(round((length - crop) / 2))` (ties to
+        even); a longer crop pads the image with zeros, (crop - length) // 2 of them before."""
+        if crop > length:
+            return -((crop - length) // 2)
+        return int(round((length - crop) / 2.0))
+
+    def crop(self, img: Image.Image) -> Image.Image:
+        """Resized and centre-cropped, in the image's own mode (converted to RGB afterwards, as
+        torchvision's pipeline does: a palette image resamples as a palette image)."""
         w, h = img.size
-        scale = self.resize / min(w, h)
-        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        img = img.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        nw, nh = self.resized_size(w, h, self.resize)
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = self.crop_offset(nw, self.size), self.crop_offset(nh, self.size)
+        return img.crop((left, top, left + self.size, top + self.size))   # outside the image: zeros
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        """RGB float [3, H, W] in [0, 1], normalised."""
+        pixels = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+        x = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
         return (x - self.mean) / self.std
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.to_tensor(self.crop(img))
 
 
 @dataclass
