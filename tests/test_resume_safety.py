@@ -302,3 +302,19 @@ def test_missing_shard_is_one_line_from_the_trainer(data, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = [l for l in proc.stderr.splitlines() if l.startswith("data error:")]
     assert len(lines) == 1 and first.name in lines[0], proc.stderr[-3000:]
+
+
+def test_a_new_run_initialised_from_a_checkpoint(killed, data, tmp_path):
+    """`model.init_from=PATH`: a fresh run (own schedule, step 1) that starts from another run's weights;
+    its first loss is the trained model's, far below a fresh model's."""
+    source = ckpt.checkpoint_path(killed / "checkpoints", 8)
+    fresh = run([*BASE, f"data.manifest={data}", f"out_dir={tmp_path / 'fresh'}", "optim.max_steps=1"])
+    proc = run([*BASE, f"data.manifest={data}", f"out_dir={tmp_path / 'init'}", "optim.max_steps=1",
+                f"model.init_from={source}"])
+    assert fresh.returncode == 0 and proc.returncode == 0, proc.stderr[-3000:]
+    assert f"initialised from checkpoint: {source}" in proc.stdout and "loaded: image tower" in proc.stdout, \
+        proc.stdout[-2000:]
+    assert "resumed" not in proc.stdout
+    first = step_records(tmp_path / "init")[1]
+    trained = step_records(killed)[8]["loss"]
+    assert abs(first["loss"] - trained) < abs(step_records(tmp_path / "fresh")[1]["loss"] - trained)

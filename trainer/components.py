@@ -10,6 +10,7 @@ import torch
 
 from trainer.batches import build_loader
 from trainer.config import ConfigError, RunConfig
+from trainer.convert import ConversionError, init_from
 from trainer.distributed import DistInfo, init_distributed
 from trainer.evaluation import make_train_hook
 from trainer.flops import flops_per_sample, peak_flops
@@ -58,6 +59,13 @@ def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components
     seed_everything(cfg.train.seed)      # identical model init on every rank
     # The global batch per view picks the SimCLR-head norm (SyncBN at reference scale, see models.py).
     model = build_model(cfg.model, cfg.objective.name, global_batch_size=cfg.data.batch_size * world)
+    if cfg.model.init_from:   # weights only (no random draws); a resumed checkpoint loaded later overrides them
+        try:
+            lines = init_from(model, cfg.model.init_from, cfg)
+        except ConversionError as e:
+            raise ConfigError(f"model.init_from: {e}") from None
+        if rank == 0:
+            print("\n".join(lines), flush=True)
     model.to(device)
     objective = build_objective(cfg.objective)
     seed_everything(cfg.train.seed * 1000 + rank)   # per-rank streams from here on
