@@ -103,9 +103,17 @@ def test_cross_section_check():
 
 
 def test_sections_are_owned_by_their_components():
-    from trainer import loop, optim, policies
-    from trainer.config import DebugConfig, OptimConfig, TrainConfig
-    assert (OptimConfig, TrainConfig, DebugConfig) == (optim.OptimConfig, loop.TrainConfig, policies.DebugConfig)
+    """Every section of RunConfig is defined by the module of the component it configures."""
+    import dataclasses
+
+    from trainer.config import RunConfig
+    owners = {"model": "trainer.models", "objective": "trainer.objectives", "data": "trainer.batches",
+              "optim": "trainer.optim", "train": "trainer.loop", "checkpoint": "trainer.checkpoint",
+              "eval": "trainer.evaluation.config", "debug": "trainer.policies"}
+    sections = {f.name: f.default_factory().__class__ for f in dataclasses.fields(RunConfig)
+                if f.default_factory is not dataclasses.MISSING}
+    assert set(sections) == set(owners)
+    assert {name: cls.__module__ for name, cls in sections.items()} == owners
 
 
 def test_round_trip(tmp_path):

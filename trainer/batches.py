@@ -1,17 +1,40 @@
-"""The trainer's side of the data: this rank's loader from the run configuration, an endless batch
+"""The trainer's side of the data: its config section (`DataConfig`), this rank's loader from the run configuration, an endless batch
 stream over epochs, and the copy of a batch to the training device."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
 
+from pipeline.augment import BACKENDS
+from pipeline.loader import CAPTION_MODES
+from pipeline.recipe import AugmentationRecipe
 from trainer.distributed import cuda_device_index
 
 if TYPE_CHECKING:
     from pipeline.loader import SLIPLoader
     from pipeline.manifest import Manifest
     from trainer.config import RunConfig
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""                 # result manifest json of a shard build (pipeline/manifest.py)
+    batch_size: int = 64               # per rank and per micro-batch
+    num_threads: int = 4               # DALI CPU threads per rank
+    device: Literal["auto", "cpu", "gpu"] = "auto"   # where DALI augments; auto = gpu when CUDA is up
+    # what augments: the DALI graph (CPU or GPU) or pillow-simd (CPU only: the faster CPU path,
+    # tools/bench/bench_pipeline.py; its batches are copied to the GPU by the trainer)
+    backend: Literal[BACKENDS] = "dali"
+    caption_mode: Literal[CAPTION_MODES] = "random"   # title or description picked at random, as the reference
+    recipe: AugmentationRecipe = field(default_factory=AugmentationRecipe)
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
 def data_placement(data_device: str, backend: str, device: torch.device,

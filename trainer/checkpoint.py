@@ -22,6 +22,7 @@ import random
 import re
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,20 @@ _TEMP_GLOB = ".step_*.pt.tmp*"     # temporary files of atomic_save
 
 class CheckpointError(RuntimeError):
     pass
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500             # also written at the end of the run and on a stop signal
+    keep_every: int = 5000             # keep the latest plus every checkpoint whose step is a multiple
+    resume: str = "auto"               # auto (latest in out_dir if any) | latest | none | a path
+
+    def __post_init__(self):
+        for name in ("every_steps", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = never), got {getattr(self, name)}")
+        if not self.resume:
+            raise ValueError("resume must be auto, latest, none or a checkpoint path")
 
 
 def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:

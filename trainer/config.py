@@ -1,7 +1,8 @@
 """The one typed run configuration: a dataclass tree read from YAML plus `key.sub=value` overrides.
 
-Each component owns its section's dataclass (models, objectives, the augmentation recipe, the
-optimizer, the loop, the debug faults); this module assembles them into `RunConfig`. Every value is
+Each component owns its section's dataclass (models, objectives, the data with its augmentation
+recipe, the optimizer, the loop, checkpoints, evaluation, the debug faults); this module assembles
+them into `RunConfig` and checks the rules that span sections. Every value is
 type-checked against the dataclass annotations (trainer/dataclass_io.py); an unknown key or a wrong
 type is an error naming the YAML file and line (or the override) instead of a silently ignored
 setting. Values a type cannot rule out are checked too (`check_values`): no number is NaN or
@@ -20,15 +21,15 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-from pipeline.augment import BACKENDS, check_backend
+from pipeline.augment import check_backend
 from pipeline.files import atomic_output
-from pipeline.loader import CAPTION_MODES
 from pipeline.regular_files import RefusedFile, read_regular
-from pipeline.recipe import AugmentationRecipe
+from trainer.batches import DataConfig
+from trainer.checkpoint import CheckpointConfig
 from trainer.dataclass_io import ConfigError, from_dict, to_dict
 from trainer.evaluation.config import EvalConfig
 from trainer.loop import TrainConfig
@@ -42,39 +43,6 @@ __all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "DebugConfig", "Eval
            "from_dict", "load_config", "parse_override", "safe_yaml", "save_config", "to_dict"]
 
 MAX_CONFIG_BYTES = 1 << 20       # a run config is a few kB
-
-
-@dataclass
-class DataConfig:
-    manifest: str = ""                 # result manifest json of a shard build (pipeline/manifest.py)
-    batch_size: int = 64               # per rank and per micro-batch
-    num_threads: int = 4               # DALI CPU threads per rank
-    device: Literal["auto", "cpu", "gpu"] = "auto"   # where DALI augments; auto = gpu when CUDA is up
-    # what augments: the DALI graph (CPU or GPU) or pillow-simd (CPU only: the faster CPU path,
-    # tools/bench/bench_pipeline.py; its batches are copied to the GPU by the trainer)
-    backend: Literal[BACKENDS] = "dali"
-    caption_mode: Literal[CAPTION_MODES] = "random"   # title or description picked at random, as the reference
-    recipe: AugmentationRecipe = field(default_factory=AugmentationRecipe)
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        if self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 500             # also written at the end of the run and on a stop signal
-    keep_every: int = 5000             # keep the latest plus every checkpoint whose step is a multiple
-    resume: str = "auto"               # auto (latest in out_dir if any) | latest | none | a path
-
-    def __post_init__(self):
-        for name in ("every_steps", "keep_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 = never), got {getattr(self, name)}")
-        if not self.resume:
-            raise ValueError("resume must be auto, latest, none or a checkpoint path")
 
 
 @dataclass
