@@ -136,6 +136,9 @@ class ObjectiveConfig:
     nclip_teacher_temperature: float = 0.04
     nclip_sharpness_weight: float = 1.0
     nclip_smoothness_weight: float = 1.0
+    # the trainer warns (once per modality) and records an event when the clusters used in a global
+    # batch fall below this fraction of min(K, global batch); 0 turns the warning off
+    nclip_min_usage: float = 0.1
 
     def __post_init__(self):
         objective_parts(self.name)   # raises on an unknown name
@@ -145,6 +148,8 @@ class ObjectiveConfig:
         for f in ("ssl_temperature", "nclip_student_temperature", "nclip_teacher_temperature"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
+        if not 0 <= self.nclip_min_usage <= 1:
+            raise ValueError(f"nclip_min_usage must be in [0, 1], got {self.nclip_min_usage}")
 
 
 def _gather_keep_local(x: torch.Tensor) -> torch.Tensor:
@@ -235,6 +240,11 @@ def _entropy_of_mean(p: torch.Tensor) -> torch.Tensor:
     return -(mean * mean.clamp_min(1e-12).log()).sum()
 
 
+# The objective's per-rank argmax histograms over the K clusters (int64 [K]), by modality: the
+# trainer sums them over a step and a logging window and all-reduces them at log steps only.
+CLUSTER_COUNTS = {"image": "nclip_image_cluster_counts", "text": "nclip_text_cluster_counts"}
+
+
 def nclip_loss(image_logits, text_logits, student_temperature: float = 0.1,
                teacher_temperature: float = 0.04, sharpness_weight: float = 1.0,
                smoothness_weight: float = 1.0) -> dict:
@@ -245,14 +255,30 @@ def nclip_loss(image_logits, text_logits, student_temperature: float = 0.1,
     q_text = F.softmax(lt.detach() / teacher_temperature, dim=-1)
     pred = (-(q_text * log_p_image).sum(-1).mean() - (q_image * log_p_text).sum(-1).mean()) / 2
     p_image, p_text = log_p_image.exp(), log_p_text.exp()
-    sharpness = (-(p_image * log_p_image).sum(-1).mean() - (p_text * log_p_text).sum(-1).mean()) / 2
-    batch_entropy = (_entropy_of_mean(p_image) + _entropy_of_mean(p_text)) / 2
+    sample_entropy_image = -(p_image * log_p_image).sum(-1).mean()
+    sample_entropy_text = -(p_text * log_p_text).sum(-1).mean()
+    sharpness = (sample_entropy_image + sample_entropy_text) / 2
+    batch_entropy_image, batch_entropy_text = _entropy_of_mean(p_image), _entropy_of_mean(p_text)
+    batch_entropy = (batch_entropy_image + batch_entropy_text) / 2
     smoothness = -batch_entropy
     loss = pred + sharpness_weight * sharpness + smoothness_weight * smoothness
-    agree = (li.argmax(-1) == lt.argmax(-1)).float().mean() * 100
+    hard_image, hard_text = li.argmax(-1), lt.argmax(-1)
+    agree = (hard_image == hard_text).float().mean() * 100
     return {"nclip_loss": loss, "nclip_pred": pred.detach(), "nclip_sharpness": sharpness.detach(),
             "nclip_smoothness": smoothness.detach(), "nclip_batch_entropy": batch_entropy.detach(),
-            "nclip_acc": agree}
+            "nclip_acc": agree,
+            # monitoring (docs/NCLIP.md): per modality; the counts are this rank's argmax histogram
+            "nclip_image_batch_entropy": batch_entropy_image.detach(),
+            "nclip_text_batch_entropy": batch_entropy_text.detach(),
+            "nclip_image_sample_entropy": sample_entropy_image.detach(),
+            "nclip_text_sample_entropy": sample_entropy_text.detach(),
+            CLUSTER_COUNTS["image"]: _histogram(hard_image, li.shape[-1]),
+            CLUSTER_COUNTS["text"]: _histogram(hard_text, lt.shape[-1])}
+
+
+def _histogram(index: torch.Tensor, k: int) -> torch.Tensor:
+    """Counts of each of k values; scatter-add, not bincount, which reads the maximum back to the host."""
+    return torch.zeros(k, dtype=torch.int64, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
 class Objective:
