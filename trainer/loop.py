@@ -1,7 +1,7 @@
 """The train step and the loop: accumulation, mixed precision, non-finite skipping, checkpoints.
 
 The loop asks small policies (trainer/policies.py) when to log, checkpoint, evaluate or stop, and
-meters (trainer/metrics.py) for throughput and MFU; the step itself only computes.
+meters (trainer/metrics.py) for throughput, MFU and nCLIP cluster usage; the step itself only computes.
 
 Gradient accumulation: each micro-batch's contrastive loss only sees the negatives of that
 micro-batch (gathered across ranks), so accumulating k micro-batches of size b is NOT the same

@@ -9,11 +9,16 @@ trainer/objectives.py nclip_loss) for a fixed number of steps in two setups, for
 the grid and every seed, and measures the result on held-out pairs:
 - "mlp": synthetic pairs (latent classes seen through two random non-linear maps), small MLP
   encoders trained with the heads, bottleneck 32, K = 512, batch 128, Adam lr 3e-3;
-- "demo": frozen features of the demo data set (its shards' images and captions) from a randomly
-  initialised vit_tiny image and text trunk (seed 0), heads of the vit_tiny preset (hidden 256,
-  bottleneck 64, K = 1024), batch 64, AdamW lr 1e-3. Skipped when no demo build is given.
+- "demo": frozen features of the demo data set (its shards' images and captions): the images as
+  16 x 16 RGB pixels (centred), the captions through a randomly initialised vit_tiny text trunk
+  (seed 0); heads of the vit_tiny preset (hidden 256, bottleneck 64, K = 1024), batch 64, AdamW
+  lr 1e-3. Skipped when no demo build is given. `--demo-images vit` takes the image features from
+  a randomly initialised vit_tiny image trunk instead (setup "demo_vit"; they carry less of the
+  class: 1-NN class accuracy 19% against 40% for the pixels, chance 6%).
 A setting is (student temperature, teacher temperature, sharpness weight, smoothness weight); K is
 varied by `--k-factors` for the best settings only (see docs/NCLIP.md for the grid and its cuts).
+The gate and the ranking are those docs/NCLIP.md states; `--gate-sample-entropy 1` applies the
+amendment made there (the sample-entropy clause dropped).
 
 `trainer`: runs trainer/run.py on the demo build (vit_tiny, CPU) for nCLIP and xCLIP with each given
 setting and collects the cluster-usage metrics the loop logs and the final zero-shot / linear-probe
@@ -70,7 +75,8 @@ class Setting:
 
     @classmethod
     def parse(cls, text: str) -> "Setting":
-        ts, tt, ws, wm = (float(x) for x in text.split(","))
+        """From "TS,TT,WS,WM" or a label "ts=.. tt=.. ws=.. wm=..". """
+        ts, tt, ws, wm = (float(x) for x in re.findall(r"[-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?", text))
         return cls(ts, tt, ws, wm)
 
 
@@ -144,8 +150,10 @@ def read_demo(demo: Path) -> tuple[list[bytes], list[str]]:
 
 
 @torch.no_grad()
-def demo_features(demo: Path, cache: Path) -> Pairs:
-    """Frozen features of the demo pairs from randomly initialised vit_tiny trunks (seed 0)."""
+def demo_features(demo: Path, cache: Path, images_as: str = "pixels") -> Pairs:
+    """Frozen features of the demo pairs: captions through a randomly initialised vit_tiny text trunk
+    (seed 0); images as centred 16 x 16 pixels, or ("vit") through the random vit_tiny image trunk."""
+    cache = cache.with_name(f"{cache.stem}_{images_as}{cache.suffix}")
     if cache.exists():
         return Pairs(**torch.load(cache))
     from PIL import Image
@@ -158,19 +166,25 @@ def demo_features(demo: Path, cache: Path) -> Pairs:
     visual, text = VisionTransformer(cfg).eval(), TextTransformer(cfg).eval()
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
-    def pixels(jpg: bytes) -> torch.Tensor:
-        img = Image.open(io.BytesIO(jpg)).convert("RGB").resize((cfg.image_size, cfg.image_size))
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(cfg.image_size, cfg.image_size, 3)
+    def pixels(jpg: bytes, size: int = cfg.image_size) -> torch.Tensor:
+        img = Image.open(io.BytesIO(jpg)).convert("RGB").resize((size, size), Image.BILINEAR)
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
         return (x.permute(2, 0, 1).float() / 255 - mean) / std
 
     tok = Tokenizer()
     feats_i, feats_t = [], []
     for s in range(0, len(images), 256):
-        feats_i.append(visual(torch.stack([pixels(j) for j in images[s:s + 256]])))
+        if images_as == "vit":
+            feats_i.append(visual(torch.stack([pixels(j) for j in images[s:s + 256]])))
+        else:
+            feats_i.append(torch.stack([pixels(j, 16).flatten() for j in images[s:s + 256]]))
         feats_t.append(text(tok(captions[s:s + 256], context_length=cfg.context_length)))
     # a fixed shuffle, so the held-out split is not one shard's captions
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    pairs = Pairs(torch.cat(feats_i)[order], torch.cat(feats_t)[order],
+    feats_i = torch.cat(feats_i)
+    if images_as != "vit":
+        feats_i = feats_i - feats_i.mean(0)
+    pairs = Pairs(feats_i[order], torch.cat(feats_t)[order],
                   torch.tensor([caption_class(c) for c in captions])[order])
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(asdict(pairs), cache)
@@ -181,6 +195,7 @@ SETUPS = {
     "mlp": Setup("mlp", k=512, batch=128, bottleneck=32, hidden=256, lr=3e-3, steps=300),
     "demo": Setup("demo", k=1024, batch=64, bottleneck=64, hidden=256, lr=1e-3, steps=300),
 }
+SETUPS["demo_vit"] = Setup(**{**asdict(SETUPS["demo"]), "name": "demo_vit"})
 
 
 # ----------------------------------------------------------------------------- heads-only training
@@ -272,7 +287,7 @@ def changes_from_default(s: Setting) -> int:
     return sum(a != b for a, b in zip(asdict(s).values(), asdict(DEFAULT).values()))
 
 
-def summarise(runs: list[dict]) -> list[dict]:
+def summarise(runs: list[dict], gate_sample_entropy: float = GATE_SAMPLE_ENTROPY) -> list[dict]:
     """One row per (setting, K factor): means and worst cases over seeds and setups, gate and rank key."""
     rows: dict[tuple, dict] = {}
     for r in runs:
@@ -289,7 +304,8 @@ def summarise(runs: list[dict]) -> list[dict]:
         row["worst_usage_batch"] = min(r["usage_batch"] for r in rs)
         row["worst_sample_entropy"] = max(r["sample_entropy"] for r in rs)
         row["worst_retrieval"] = min(row[f"{s}_retrieval"] for s in setups)   # min over setups of the seed mean
-        row["gate"] = row["worst_usage_batch"] >= GATE_USAGE and row["worst_sample_entropy"] <= GATE_SAMPLE_ENTROPY
+        row["gate_usage"] = row["worst_usage_batch"] >= GATE_USAGE
+        row["gate"] = row["gate_usage"] and row["worst_sample_entropy"] <= gate_sample_entropy
         row["seeds"] = len(rs) // len(setups)
         table.append(row)
     return table
@@ -310,11 +326,12 @@ def ranked(table: list[dict]) -> list[dict]:
 
 
 def markdown(table: list[dict], setups: list[str]) -> str:
-    cols = ["setting", "K x", "gate"] + [f"{s} {m}" for s in setups
+    cols = ["setting", "K x", "usage gate", "gate"] + [f"{s} {m}" for s in setups
                                          for m in ("usage_batch", "usage_all", "sample_H", "batch_H", "agree", "R@1")]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in sorted(table, key=lambda r: (not r["gate"], -r["worst_retrieval"])):
-        cells = [r["setting"], str(r["k_factor"]), "pass" if r["gate"] else "fail"]
+        cells = [r["setting"], str(r["k_factor"]), "pass" if r["gate_usage"] else "fail",
+                 "pass" if r["gate"] else "fail"]
         for s in setups:
             cells += [f"{r[f'{s}_{m}']:.2f}" for m in ("usage_batch", "usage_all", "sample_entropy",
                                                        "batch_entropy", "agree", "retrieval")]
@@ -328,7 +345,8 @@ def run_heads(args) -> int:
     torch.set_num_threads(args.threads)
     data = {"mlp": (synthetic_pairs(), True)}
     if args.demo and (Path(args.demo) / "shards" / "manifest.json").exists():
-        data["demo"] = (demo_features(Path(args.demo), out / "demo_features.pt"), False)
+        name = "demo_vit" if args.demo_images == "vit" else "demo"
+        data[name] = (demo_features(Path(args.demo), out / "demo_features.pt", args.demo_images), False)
     else:
         print("no demo build given or found: the demo setup is skipped", file=sys.stderr)
     results_path = out / "heads.json"
@@ -354,12 +372,14 @@ def run_heads(args) -> int:
                   f"sample_H {r['sample_entropy']:.2f} R@1 {r['retrieval']:.2f} ({r['seconds']:.1f}s)", flush=True)
 
     sweep(grid(), 1)
-    top = [Setting.parse(r["setting"]) for r in ranked(summarise([r for r in runs if r["k_factor"] == 1]))[:args.k_top]]
+    gate_h = args.gate_sample_entropy
+    top = [Setting.parse(r["setting"])
+           for r in ranked(summarise([r for r in runs if r["k_factor"] == 1], gate_h))[:args.k_top]]
     if DEFAULT not in top:
         top.append(DEFAULT)
     for factor in args.k_factors:
         sweep(top, factor)
-    table = summarise(runs)
+    table = summarise(runs, gate_h)
     (out / "heads.md").write_text(markdown(table, list(data)))
     order = ranked(table)
     print("\nranked (gate passed):")
@@ -386,12 +406,13 @@ def run_trainer(args) -> int:
             continue
         run_dir = out / "runs" / f"{objective}_{text.replace(',', '_')}_s{seed}"
         cmd = [sys.executable, str(ROOT / "trainer" / "run.py"), "--config", str(ROOT / "trainer/configs/demo_clip.yaml"),
-               "--overwrite", f"out_dir={run_dir}", f"objective.name={objective}", f"train.seed={seed}",
+               "--overwrite", "--resume", "none", f"out_dir={run_dir}", f"objective.name={objective}", f"train.seed={seed}",
                f"objective.nclip_student_temperature={s.student_t}", f"objective.nclip_teacher_temperature={s.teacher_t}",
                f"objective.nclip_sharpness_weight={s.sharpness}", f"objective.nclip_smoothness_weight={s.smoothness}",
                f"data.manifest={demo / 'shards' / 'manifest.json'}", f"eval.data={demo / 'eval'}",
                f"optim.epochs={args.epochs}", f"data.batch_size={args.batch}", f"train.log_every={args.log_every}",
-               f"train.torch_threads={args.threads}", "data.num_threads=1", "checkpoint.every_steps=0"]
+               f"train.torch_threads={args.threads}", "data.num_threads=1", "checkpoint.every_steps=0",
+               "eval.tasks=[zeroshot,linear_probe]"]
         t0 = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -446,11 +467,15 @@ def main(argv=None) -> int:
     h = sub.add_parser("heads", help="heads-only sweep on frozen features")
     h.add_argument("--out", required=True)
     h.add_argument("--demo", help="a demo build (tools/build_yfcc15m.py --demo): its shards give the demo setup")
+    h.add_argument("--demo-images", choices=("pixels", "vit"), default="pixels",
+                   help="demo image features: 16 x 16 pixels (setup demo) or a random vit_tiny trunk (demo_vit)")
     h.add_argument("--seeds", type=int, default=3)
     h.add_argument("--k-factors", type=int, nargs="*", default=[4], help="K multipliers tried on the best settings")
     h.add_argument("--k-top", type=int, default=3, help="how many of the best settings the K sweep tries")
     h.add_argument("--threads", type=int, default=1)
     h.add_argument("--quick", action="store_true", help="a third of the steps (a smoke run, not a result)")
+    h.add_argument("--gate-sample-entropy", type=float, default=GATE_SAMPLE_ENTROPY,
+                   help="the gate's bound on the worst sample entropy / ln K (1 turns that clause off)")
     t = sub.add_parser("trainer", help="finalists through trainer/run.py on the demo build")
     t.add_argument("--out", required=True)
     t.add_argument("--demo", required=True)
