@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Plot a training run's metrics.jsonl as PNGs: losses, learning rate, throughput, data-wait.
+"""Plot a training run's metrics.jsonl as PNGs: losses, learning rate, throughput, data-wait, and for
+nCLIP / xCLIP the cluster usage and entropies.
 
     python tools/plot_metrics.py RUN_DIR [--out DIR]     # writes RUN_DIR/plots/*.png by default
 """
@@ -24,7 +25,12 @@ PANELS = {
     "logit_scale": lambda k: k == "logit_scale",
     "grad_norm": lambda k: k == "grad_norm",
     "eval": lambda k: k.startswith("eval/"),
+    # nCLIP collapse monitoring (docs/NCLIP.md): clusters used per global batch and per logging
+    # window, and the batch-mean and per-sample entropies, per modality
+    "nclip_clusters": lambda k: k.startswith("nclip_") and (k.endswith("_clusters_batch") or k.endswith("_clusters_window")),
+    "nclip_entropy": lambda k: k.startswith("nclip_") and k.endswith("_entropy") and k != "nclip_batch_entropy",
 }
+LEGEND_PANELS = ("losses", "eval", "nclip_clusters", "nclip_entropy")
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
@@ -62,7 +68,7 @@ def plot(records: list[dict], out: Path) -> list[Path]:
             label = key if (len(series) == 1 or panel == "throughput") else panel
             ax.set_ylabel({"data_wait": "data-wait %", "images_per_s": "images/s", "step_time": "s/step"}.get(key, label))
             ax.grid(alpha=0.3)
-            if panel in ("losses", "eval"):
+            if panel in LEGEND_PANELS:
                 ax.legend()
         fig.suptitle(panel.replace("_", " "))
         fig.tight_layout()

@@ -1,7 +1,7 @@
 """The train step and the loop: accumulation, mixed precision, non-finite skipping, checkpoints.
 
 The loop asks small policies (trainer/policies.py) when to log, checkpoint, evaluate or stop, and
-meters (trainer/metrics.py) for throughput and MFU; the step itself only computes.
+meters (trainer/metrics.py) for throughput, MFU and nCLIP cluster usage; the step itself only computes.
 
 Gradient accumulation: each micro-batch's contrastive loss only sees the negatives of that
 micro-batch (gathered across ranks), so accumulating k micro-batches of size b is NOT the same
@@ -31,10 +31,12 @@ from trainer import checkpoint as ckpt
 from trainer.batches import endless, to_device
 from trainer.dataclass_io import to_dict
 from trainer.distributed import broadcast_object
-from trainer.metrics import (MetricsLogger, RunningMean, ThroughputMeter, fmt_summary,
+from trainer.metrics import (ClusterUsageMeter, MetricsLogger, RunningMean, ThroughputMeter, fmt_summary,
                              model_flops_utilisation)
+from trainer.objectives import CLUSTER_COUNTS
 from trainer.optim import WarmupCosine
-from trainer.policies import DebugFaults, Every, NonFiniteLossError, NonFinitePolicy, StopSignals, last_good_text
+from trainer.policies import (CollapseWatch, DebugFaults, Every, NonFiniteLossError, NonFinitePolicy, StopSignals,
+                              last_good_text)
 
 if TYPE_CHECKING:
     from trainer.config import RunConfig
@@ -118,6 +120,8 @@ class Trainer:
         self.log_due = Every(cfg.train.log_every)
         self.checkpoint_due = Every(cfg.checkpoint.every_steps)
         self.eval_due = Every(cfg.eval.every_steps if c.evaluate is not None else 0)
+        self.cluster_usage = ClusterUsageMeter(CLUSTER_COUNTS)   # nCLIP only; read at log steps
+        self.collapse_watch = CollapseWatch(cfg.objective.nclip_min_usage)
         self._metrics: MetricsLogger | None = None
         self._metrics_opened = False
         self.step_offset = 0      # steps taken minus the schedule position; non-zero after a converted resume
@@ -240,6 +244,7 @@ class Trainer:
         """Forward/backward over the micro-batches, then step (or skip when non-finite)."""
         c, k = self.c, len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
+        self.cluster_usage.start_step()
         for i, batch in enumerate(micro_batches):
             sync = contextlib.nullcontext()
             if i < k - 1 and hasattr(c.train_model, "no_sync"):
@@ -250,6 +255,7 @@ class Trainer:
                     losses = self.objective(out)
                 loss = losses["loss"].float() / k
                 (c.scaler.scale(loss) if c.scaler is not None else loss).backward()
+            self.cluster_usage.add(losses)
             for name, v in losses.items():
                 if torch.is_tensor(v) and v.numel() == 1:
                     totals[name] = totals.get(name, 0) + v.detach().float() / k
@@ -355,6 +361,11 @@ class Trainer:
         c, cfg, st = self.c, self.cfg, self.state
         window = speed.window()
         rec = self._global_mean(result.values)
+        self.faults.before_usage_read(st.step, self.cluster_usage.step, self.cluster_usage.window)
+        usage = self.cluster_usage.read(c.world_size)
+        for mod, u in usage.items():
+            rec[f"nclip_{mod}_clusters_batch"] = u["clusters_batch"]
+            rec[f"nclip_{mod}_clusters_window"] = u["clusters_window"]
         samples_per_epoch = max(1, c.loader.steps_per_epoch * cfg.data.batch_size * c.world_size)
         rec.update(lr=result.lr, epoch=st.samples_seen / samples_per_epoch, samples_seen=st.samples_seen,
                    **window)
@@ -368,6 +379,8 @@ class Trainer:
         if isinstance(bad, int):
             rec["bad_samples"] = bad
         self.metrics.log(st.step, rec)
+        for mod, message, fraction in self.collapse_watch.check(usage):
+            self.metrics.event(st.step, "nclip_usage", message, modality=mod, fraction=fraction)
         speed.restart()
         return rec["loss"]
 

@@ -13,6 +13,8 @@ import math
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.files import atomic_output
@@ -134,6 +136,47 @@ class ThroughputMeter:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+class ClusterUsageMeter:
+    """nCLIP cluster usage per modality: the argmax histograms the objective returns, summed over the
+    micro-batches of a step and over the logging window on the device, so that no step waits for
+    the host. `read()` is the only synchronisation: at a log step it all-reduces the histograms
+    (the global batch is the union of the ranks' batches, so clusters are counted on the summed
+    histogram, never averaged from per-rank counts) and restarts the window. Collective: every rank
+    calls it at the same steps. Does nothing for objectives without nCLIP."""
+
+    def __init__(self, count_keys: dict[str, str]):
+        self.count_keys = count_keys          # modality -> key of the objective's histogram
+        self.step: dict[str, torch.Tensor] = {}
+        self.window: dict[str, torch.Tensor] = {}
+
+    def start_step(self) -> None:
+        self.step = {}
+
+    def add(self, values: dict) -> None:
+        for mod, key in self.count_keys.items():
+            counts = values.get(key)
+            if counts is None:
+                continue
+            counts = counts.detach()
+            self.step[mod] = self.step[mod] + counts if mod in self.step else counts.clone()
+            self.window[mod] = self.window[mod] + counts if mod in self.window else counts.clone()
+
+    def read(self, world_size: int) -> dict[str, dict[str, float]]:
+        """{modality: {"clusters_batch", "clusters_window", "samples_batch", "k"}} over all ranks."""
+        mods = [m for m in self.count_keys if m in self.step and m in self.window]
+        if not mods:
+            return {}
+        stacked = torch.stack([t for m in mods for t in (self.step[m], self.window[m])])
+        if world_size > 1:
+            dist.all_reduce(stacked)
+        used = (stacked > 0).sum(-1).tolist()
+        samples = stacked.sum(-1).tolist()
+        self.window = {}
+        k = stacked.shape[-1]
+        return {m: {"clusters_batch": used[2 * i], "clusters_window": used[2 * i + 1],
+                    "samples_batch": samples[2 * i], "k": k} for i, m in enumerate(mods)}
 
 
 def model_flops_utilisation(images_per_s: float, flops_per_sample: float, peak_flops: float,

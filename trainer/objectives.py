@@ -47,7 +47,7 @@ nCLIP (Zhou et al., CVPR 2023; no official code: this is OUR reading of the pape
 below except K is our choice). Each modality is mapped to K = 32768 cluster logits (cosine similarity
 to prototypes shared by both modalities, in [-1, 1]; trainer/models.py). With
   p_m = softmax(logits_m / tau_s)                     prediction of modality m, tau_s = 0.1
-  q_m = softmax(stopgrad(logits_m) / tau_t)           sharpened pseudo-label,   tau_t = 0.04
+  q_m = softmax(stopgrad(logits_m) / tau_t)           sharpened pseudo-label,   tau_t = 0.07
 the loss is
   pred       = (H(q_text, p_image) + H(q_image, p_text)) / 2     cross-modal cross-entropy
   sharpness  = (mean_i H(p_image,i) + mean_i H(p_text,i)) / 2    low entropy per sample
@@ -55,14 +55,18 @@ the loss is
                                                        high entropy of the batch-mean assignment;
                                                        the mean runs over the GLOBAL batch
                                                        (differentiable all-reduce)
-  nclip = pred + sharpness_weight * sharpness + smoothness_weight * smoothness,  both weights 1.0.
-Why these defaults: tau_s = 0.1 / tau_t = 0.04 are DINO's student/teacher temperatures, the
-non-contrastive self-distillation nCLIP builds on; with both weights 1 the two regularisers sum to
-minus the mutual information between a sample and its cluster estimated on the global batch
-(the information-maximisation objective of IIC-style clustering), which rewards confident
-assignments that use all clusters, without a free scale to tune. H is the natural-log entropy
-(max ln K = 10.4 for K = 32768).
-"nclip_batch_entropy" reports (H(mean p_image) + H(mean p_text)) / 2: it stays high without collapse.
+  nclip = pred + sharpness_weight * sharpness + smoothness_weight * smoothness
+with sharpness_weight 0.25 and smoothness_weight 2.0. H is the natural-log entropy (max ln K = 10.4
+for K = 32768). Why these defaults: a collapse study (docs/NCLIP.md, tools/bench/nclip_collapse_study.py)
+chose them by a criterion stated before it ran. The first defaults (DINO's temperatures 0.1 / 0.04,
+both weights 1, the information-maximisation form of IIC-style clustering) collapsed to a few
+clusters outside the project's toy and to one cluster in a real demo run; the pseudo-labels were
+too sharp, so agreeing on one cluster was the cheapest way to match the other modality. A teacher
+temperature of 0.07 with the smoothness weight doubled kept the clusters in use in every setup
+tried. This is evidence at small scale, not a guarantee: the trainer logs the cluster usage per
+modality and warns when it falls below `nclip_min_usage` of min(K, global batch) (trainer/loop.py).
+"nclip_batch_entropy" reports (H(mean p_image) + H(mean p_text)) / 2: it stays high without collapse;
+the per-modality terms and the argmax histograms are returned for that monitoring.
 
 xCLIP = CLIP + nclip_weight * nCLIP (nclip_weight 1.0, an equal-weight multi-task sum as in the paper).
 """
@@ -133,9 +137,13 @@ class ObjectiveConfig:
     ssl_temperature: float = 0.1
     nclip_weight: float = 1.0
     nclip_student_temperature: float = 0.1
-    nclip_teacher_temperature: float = 0.04
-    nclip_sharpness_weight: float = 1.0
-    nclip_smoothness_weight: float = 1.0
+    # chosen by the collapse study of docs/NCLIP.md (the first defaults 0.04 / 1.0 / 1.0 collapsed)
+    nclip_teacher_temperature: float = 0.07
+    nclip_sharpness_weight: float = 0.25
+    nclip_smoothness_weight: float = 2.0
+    # the trainer warns (once per modality) and records an event when the clusters used in a global
+    # batch fall below this fraction of min(K, global batch); 0 turns the warning off
+    nclip_min_usage: float = 0.1
 
     def __post_init__(self):
         objective_parts(self.name)   # raises on an unknown name
@@ -145,6 +153,8 @@ class ObjectiveConfig:
         for f in ("ssl_temperature", "nclip_student_temperature", "nclip_teacher_temperature"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
+        if not 0 <= self.nclip_min_usage <= 1:
+            raise ValueError(f"nclip_min_usage must be in [0, 1], got {self.nclip_min_usage}")
 
 
 def _gather_keep_local(x: torch.Tensor) -> torch.Tensor:
@@ -235,9 +245,14 @@ def _entropy_of_mean(p: torch.Tensor) -> torch.Tensor:
     return -(mean * mean.clamp_min(1e-12).log()).sum()
 
 
+# The objective's per-rank argmax histograms over the K clusters (int64 [K]), by modality: the
+# trainer sums them over a step and a logging window and all-reduces them at log steps only.
+CLUSTER_COUNTS = {"image": "nclip_image_cluster_counts", "text": "nclip_text_cluster_counts"}
+
+
 def nclip_loss(image_logits, text_logits, student_temperature: float = 0.1,
-               teacher_temperature: float = 0.04, sharpness_weight: float = 1.0,
-               smoothness_weight: float = 1.0) -> dict:
+               teacher_temperature: float = 0.07, sharpness_weight: float = 0.25,
+               smoothness_weight: float = 2.0) -> dict:
     li, lt = _f32(image_logits), _f32(text_logits)
     log_p_image = F.log_softmax(li / student_temperature, dim=-1)
     log_p_text = F.log_softmax(lt / student_temperature, dim=-1)
@@ -245,14 +260,30 @@ def nclip_loss(image_logits, text_logits, student_temperature: float = 0.1,
     q_text = F.softmax(lt.detach() / teacher_temperature, dim=-1)
     pred = (-(q_text * log_p_image).sum(-1).mean() - (q_image * log_p_text).sum(-1).mean()) / 2
     p_image, p_text = log_p_image.exp(), log_p_text.exp()
-    sharpness = (-(p_image * log_p_image).sum(-1).mean() - (p_text * log_p_text).sum(-1).mean()) / 2
-    batch_entropy = (_entropy_of_mean(p_image) + _entropy_of_mean(p_text)) / 2
+    sample_entropy_image = -(p_image * log_p_image).sum(-1).mean()
+    sample_entropy_text = -(p_text * log_p_text).sum(-1).mean()
+    sharpness = (sample_entropy_image + sample_entropy_text) / 2
+    batch_entropy_image, batch_entropy_text = _entropy_of_mean(p_image), _entropy_of_mean(p_text)
+    batch_entropy = (batch_entropy_image + batch_entropy_text) / 2
     smoothness = -batch_entropy
     loss = pred + sharpness_weight * sharpness + smoothness_weight * smoothness
-    agree = (li.argmax(-1) == lt.argmax(-1)).float().mean() * 100
+    hard_image, hard_text = li.argmax(-1), lt.argmax(-1)
+    agree = (hard_image == hard_text).float().mean() * 100
     return {"nclip_loss": loss, "nclip_pred": pred.detach(), "nclip_sharpness": sharpness.detach(),
             "nclip_smoothness": smoothness.detach(), "nclip_batch_entropy": batch_entropy.detach(),
-            "nclip_acc": agree}
+            "nclip_acc": agree,
+            # monitoring (docs/NCLIP.md): per modality; the counts are this rank's argmax histogram
+            "nclip_image_batch_entropy": batch_entropy_image.detach(),
+            "nclip_text_batch_entropy": batch_entropy_text.detach(),
+            "nclip_image_sample_entropy": sample_entropy_image.detach(),
+            "nclip_text_sample_entropy": sample_entropy_text.detach(),
+            CLUSTER_COUNTS["image"]: _histogram(hard_image, li.shape[-1]),
+            CLUSTER_COUNTS["text"]: _histogram(hard_text, lt.shape[-1])}
+
+
+def _histogram(index: torch.Tensor, k: int) -> torch.Tensor:
+    """Counts of each of k values; scatter-add, not bincount, which reads the maximum back to the host."""
+    return torch.zeros(k, dtype=torch.int64, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
 class Objective:

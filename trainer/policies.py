@@ -45,6 +45,29 @@ class NonFinitePolicy:
                 "(lower the lr, enable optim.grad_clip, or check the data).")
 
 
+@dataclass
+class CollapseWatch:
+    """Warns once per modality when nCLIP's clusters used in a global batch fall below
+    `min_fraction` of min(K, global batch): with K above the batch no batch can use more than the
+    batch size, so a fraction of K alone would mean nothing. 0 turns it off."""
+    min_fraction: float
+    warned: set[str] = field(default_factory=set)
+
+    def check(self, usage: dict[str, dict[str, float]]) -> list[tuple[str, str, float]]:
+        """(modality, message, fraction) for each modality that newly falls below the threshold."""
+        found = []
+        for mod, u in usage.items():
+            bound = min(u["k"], u["samples_batch"])
+            fraction = u["clusters_batch"] / bound if bound else 1.0
+            if self.min_fraction and fraction < self.min_fraction and mod not in self.warned:
+                self.warned.add(mod)
+                found.append((mod, f"nCLIP {mod} clusters are collapsing: {int(u['clusters_batch'])} used in a "
+                                   f"global batch of {int(u['samples_batch'])} (K = {int(u['k'])}), "
+                                   f"{100 * fraction:.1f}% of min(K, batch) < {100 * self.min_fraction:.0f}% "
+                                   "(objective.nclip_min_usage; see docs/NCLIP.md)", fraction))
+        return found
+
+
 class StopSignals:
     """Records SIGTERM / SIGUSR1 (SLURM preemption, scancel): the run checkpoints and exits."""
 
@@ -68,6 +91,7 @@ class DebugConfig:
     inject_nan_at_steps: list[int] = field(default_factory=list)  # loss forced to NaN at these steps
     sigkill_at_step: int | None = None     # SIGKILL self after this step (resume tests)
     save_rank_params: bool = False          # each rank writes its final parameters (sync tests)
+    save_cluster_counts: bool = False       # each rank writes its own nCLIP histograms of every log step (monitoring tests)
 
 
 class NaNLossAtSteps:
@@ -89,6 +113,7 @@ class DebugFaults:
 
     def __init__(self, cfg: DebugConfig, out_dir: str | Path, rank: int):
         self.cfg, self.out_dir, self.rank = cfg, Path(out_dir), rank
+        self.cluster_counts: dict[int, dict] = {}
 
     def wrap_objective(self, objective: Callable[[dict], dict], current_step: Callable[[], int]):
         if not self.cfg.inject_nan_at_steps:
@@ -99,6 +124,14 @@ class DebugFaults:
         if self.cfg.sigkill_at_step is not None and step == self.cfg.sigkill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def before_usage_read(self, step: int, step_counts: dict, window_counts: dict) -> None:
+        """This rank's histograms (step, window) before they are summed over ranks."""
+        if self.cfg.save_cluster_counts:
+            self.cluster_counts[step] = {m: (step_counts[m].cpu().clone(), window_counts[m].cpu().clone())
+                                         for m in step_counts if m in window_counts}
+
     def after_fit(self, model: torch.nn.Module) -> None:
         if self.cfg.save_rank_params:
             torch.save(model.state_dict(), self.out_dir / f"rank{self.rank}_params.pt")
+        if self.cfg.save_cluster_counts:
+            torch.save(self.cluster_counts, self.out_dir / f"rank{self.rank}_cluster_counts.pt")

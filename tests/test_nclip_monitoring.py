@@ -1,0 +1,128 @@
+"""nCLIP collapse monitoring (docs/NCLIP.md): the objective's histograms, the meter that sums them on
+the device and all-reduces them at log steps, the once-per-modality warning, and a real 2-rank gloo
+run whose logged cluster counts are those of the global batch (the union of the ranks' clusters)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from test_trainer import COMMON, events, make_shards, step_records, torchrun
+from trainer.metrics import ClusterUsageMeter
+from trainer.objectives import CLUSTER_COUNTS, ObjectiveConfig, nclip_loss
+from trainer.policies import CollapseWatch
+
+
+def test_loss_reports_histograms_and_entropies_per_modality():
+    g = torch.Generator().manual_seed(0)
+    li, lt = (torch.rand(12, 20, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
+    out = nclip_loss(li, lt)
+    for mod, logits in (("image", li), ("text", lt)):
+        counts = out[CLUSTER_COUNTS[mod]]
+        assert counts.dtype == torch.int64 and counts.shape == (20,)
+        assert torch.equal(counts, torch.bincount(logits.argmax(-1), minlength=20))
+        p = torch.softmax(logits / 0.1, -1)
+        sample = -(p * p.log()).sum(-1).mean()
+        mean = p.mean(0)
+        torch.testing.assert_close(out[f"nclip_{mod}_sample_entropy"], sample)
+        torch.testing.assert_close(out[f"nclip_{mod}_batch_entropy"], -(mean * mean.log()).sum())
+    torch.testing.assert_close(out["nclip_sharpness"],
+                               (out["nclip_image_sample_entropy"] + out["nclip_text_sample_entropy"]) / 2)
+    torch.testing.assert_close(out["nclip_batch_entropy"],
+                               (out["nclip_image_batch_entropy"] + out["nclip_text_batch_entropy"]) / 2)
+
+
+def _counts(*clusters: int, k: int = 8) -> torch.Tensor:
+    return torch.bincount(torch.tensor(clusters), minlength=k)
+
+
+def test_meter_sums_micro_batches_and_the_window():
+    meter = ClusterUsageMeter(CLUSTER_COUNTS)
+    assert meter.read(1) == {}                        # no nCLIP: nothing logged, nothing reduced
+    image, text = CLUSTER_COUNTS["image"], CLUSTER_COUNTS["text"]
+    meter.start_step()
+    meter.add({image: _counts(0, 0, 1), text: _counts(5, 5, 5), "loss": torch.tensor(1.0)})
+    meter.start_step()
+    meter.add({image: _counts(2, 2), text: _counts(5, 6)})   # two micro-batches of one step
+    meter.add({image: _counts(3, 2), text: _counts(5, 5)})
+    got = meter.read(1)
+    assert got["image"] == {"clusters_batch": 2, "clusters_window": 4, "samples_batch": 4, "k": 8}
+    assert got["text"] == {"clusters_batch": 2, "clusters_window": 2, "samples_batch": 4, "k": 8}
+    meter.start_step()
+    meter.add({image: _counts(7), text: _counts(7)})
+    assert meter.read(1)["image"]["clusters_window"] == 1    # the window restarts after a read
+
+
+def test_collapse_watch_uses_min_of_k_and_batch_and_warns_once():
+    watch = CollapseWatch(0.1)
+    # K = 65536, global batch 4096: 300 clusters is 7% of the batch (0.5% of K would mean nothing)
+    usage = {"image": {"clusters_batch": 300, "samples_batch": 4096, "k": 65536},
+             "text": {"clusters_batch": 3000, "samples_batch": 4096, "k": 65536}}
+    found = watch.check(usage)
+    assert [(m, round(f, 4)) for m, _, f in found] == [("image", round(300 / 4096, 4))]
+    assert "300 used" in found[0][1] and "nclip_min_usage" in found[0][1]
+    assert watch.check(usage) == []                   # once per modality
+    # K below the batch: the bound is K (60 of 512 is 11.7%, 40 is 7.8%)
+    assert CollapseWatch(0.1).check({"text": {"clusters_batch": 60, "samples_batch": 4096, "k": 512}}) == []
+    assert len(CollapseWatch(0.1).check({"text": {"clusters_batch": 40, "samples_batch": 4096, "k": 512}})) == 1
+    assert CollapseWatch(0.0).check(usage) == []       # 0 turns it off
+    with pytest.raises(ValueError, match="nclip_min_usage"):
+        ObjectiveConfig(name="nclip", nclip_min_usage=1.5)
+
+
+# ----------------------------------------------------------------------------- a real 2-rank run
+
+STEPS = 4
+NCLIP_RUN = [a for a in COMMON if not a.startswith(("objective.name=", "optim.epochs=", "debug.", "checkpoint.",
+                                                    "train.log_every="))]
+
+
+@pytest.fixture(scope="module")
+def nclip_run(tmp_path_factory):
+    shards = make_shards(tmp_path_factory.mktemp("shards"))
+    out = tmp_path_factory.mktemp("nclip")
+    # every sample its own cluster would be healthy; min_usage 1.0 makes the warning fire for sure
+    proc = torchrun([*NCLIP_RUN, "objective.name=nclip", "data.recipe.num_ssl_views=0", "optim.epochs=2",
+                     "train.log_every=2", "checkpoint.every_steps=0", "objective.nclip_min_usage=1.0",
+                     f"data.manifest={shards}", f"out_dir={out}", "debug.save_cluster_counts=true"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_logged_cluster_counts_are_global(nclip_run):
+    recs = step_records(nclip_run)
+    assert sorted(recs) == [2, 4]
+    ranks = [torch.load(nclip_run / f"rank{r}_cluster_counts.pt") for r in range(2)]
+    saw_different = False
+    for step, rec in recs.items():
+        for mod in ("image", "text"):
+            for key in ("clusters_batch", "clusters_window", "batch_entropy", "sample_entropy"):
+                assert math.isfinite(rec[f"nclip_{mod}_{key}"]), (step, mod, key)
+            for which, key in ((0, "clusters_batch"), (1, "clusters_window")):
+                own = [set(torch.nonzero(r[step][mod][which]).flatten().tolist()) for r in ranks]
+                union = own[0] | own[1]
+                assert rec[f"nclip_{mod}_{key}"] == len(union), (step, mod, key)
+                if not (own[0] <= own[1] or own[1] <= own[0]):   # each rank has clusters the other lacks
+                    saw_different = True      # counted on the summed histogram, never a per-rank figure
+                    assert rec[f"nclip_{mod}_{key}"] > max(len(own[0]), len(own[1]))
+            # the window holds the two steps of the logging window
+            assert ranks[0][step][mod][1].sum() == 2 * 8 and ranks[0][step][mod][0].sum() == 8
+    assert saw_different, "the two ranks saw the same clusters: the test would not tell union from mean"
+    # the warning: once per modality, as an event in metrics.jsonl
+    warned = events(nclip_run, "nclip_usage")
+    assert sorted(e["modality"] for e in warned) == ["image", "text"]
+    assert all(e["step"] == 2 and 0 <= e["fraction"] < 1 for e in warned)
+
+
+def test_plot_metrics_draws_the_nclip_panels(nclip_run):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "tools" / "plot_metrics.py"), str(nclip_run)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("nclip_clusters", "nclip_entropy"):
+        assert (nclip_run / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,494 @@
+#!/usr/bin/env python
+"""Does nCLIP collapse? Heads-only sweeps on frozen features, then finalists through the real trainer.
+
+    python tools/bench/nclip_collapse_study.py heads   --out DIR [--demo DEMO_DIR] [--seeds 3] [--quick]
+    python tools/bench/nclip_collapse_study.py trainer --out DIR --demo DEMO_DIR --setting TS,TT,WS,WM ...
+
+`heads`: trains only the nCLIP heads (trainer/models.py NCLIPHead + shared Prototypes, loss
+trainer/objectives.py nclip_loss) for a fixed number of steps in two setups, for every setting of
+the grid and every seed, and measures the result on held-out pairs:
+- "mlp": synthetic pairs (latent classes seen through two random non-linear maps), small MLP
+  encoders trained with the heads, bottleneck 32, K = 512, batch 128, Adam lr 3e-3;
+- "demo": frozen features of the demo data set (its shards' images and captions): the images as
+  16 x 16 RGB pixels (centred), the captions through a randomly initialised vit_tiny text trunk
+  (seed 0); heads of the vit_tiny preset (hidden 256, bottleneck 64, K = 1024), batch 64, AdamW
+  lr 1e-3. Skipped when no demo build is given. `--demo-images vit` takes the image features from
+  a randomly initialised vit_tiny image trunk instead (setup "demo_vit"; they carry less of the
+  class: 1-NN class accuracy 19% against 40% for the pixels, chance 6%).
+A setting is (student temperature, teacher temperature, sharpness weight, smoothness weight); K is
+varied by `--k-factors` for the best settings only (see docs/NCLIP.md for the grid and its cuts).
+The gate and the ranking are those docs/NCLIP.md states; `--gate-sample-entropy 1` applies the
+amendment made there (the sample-entropy clause dropped).
+
+`trainer`: runs trainer/run.py on the demo build (vit_tiny, CPU) for nCLIP and xCLIP with each given
+setting and collects the cluster-usage metrics the loop logs and the final zero-shot / linear-probe
+results.
+
+Measures (per modality, then the worse of image and text):
+- usage_batch: distinct argmax clusters in a held-out batch of the training batch size, over
+  min(K, batch), averaged over the held-out batches (what the trainer logs as *_clusters_batch);
+- usage_all: distinct clusters over the whole held-out set, over min(K, held-out size);
+- sample_entropy, batch_entropy: mean per-sample entropy of p and entropy of the batch-mean p, over ln K;
+- agree: share of held-out pairs whose image and text fall in the same cluster;
+- retrieval: class-level text retrieval top-1 with the score p_image . p_text (the probability that
+  both land in the same cluster), against the held-out texts.
+Results go to DIR/heads.json (every run) and DIR/heads.md (the table of settings, mean and worst
+case over seeds and setups), DIR/trainer.json / trainer.md for the second stage.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from trainer.models import ModelConfig, NCLIPHead, Prototypes  # noqa: E402
+from trainer.objectives import nclip_loss  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Setting:
+    student_t: float
+    teacher_t: float
+    sharpness: float
+    smoothness: float
+
+    @property
+    def label(self) -> str:
+        return f"ts={self.student_t:g} tt={self.teacher_t:g} ws={self.sharpness:g} wm={self.smoothness:g}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Setting":
+        """From "TS,TT,WS,WM" or a label "ts=.. tt=.. ws=.. wm=..". """
+        ts, tt, ws, wm = (float(x) for x in re.findall(r"[-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?", text))
+        return cls(ts, tt, ws, wm)
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    k: int
+    batch: int
+    bottleneck: int
+    hidden: int
+    lr: float
+    steps: int
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class Pairs:
+    image: torch.Tensor     # [N, D_image] encoder inputs or frozen features
+    text: torch.Tensor      # [N, D_text]
+    label: torch.Tensor     # [N] class (for retrieval); -1 unknown
+
+    def split(self, n_train: int) -> tuple["Pairs", "Pairs"]:
+        a = Pairs(self.image[:n_train], self.text[:n_train], self.label[:n_train])
+        b = Pairs(self.image[n_train:], self.text[n_train:], self.label[n_train:])
+        return a, b
+
+
+def synthetic_pairs(n: int = 5120, classes: int = 64, latent: int = 16, seed: int = 1234) -> Pairs:
+    """Latent class centres plus noise, seen through two fixed random non-linear maps (image 64-d,
+    text 48-d) with independent noise: paired views that share the class and some detail."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, latent, generator=g)
+    label = torch.randint(0, classes, (n,), generator=g)
+    z = centres[label] + 0.5 * torch.randn(n, latent, generator=g)
+
+    def view(dim: int) -> torch.Tensor:
+        w1, w2 = torch.randn(latent, 96, generator=g) / latent ** 0.5, torch.randn(96, dim, generator=g) / 96 ** 0.5
+        return torch.tanh(z @ w1) @ w2 + 0.3 * torch.randn(n, dim, generator=g)
+    return Pairs(view(64), view(48), label)
+
+
+COLOURS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "star", "triangle")
+
+
+def caption_class(caption: str) -> int:
+    words = set(re.findall(r"[a-z]+", caption.lower()))
+    c = [i for i, w in enumerate(COLOURS) if w in words]
+    s = [i for i, w in enumerate(SHAPES) if w in words]
+    return c[0] * len(SHAPES) + s[0] if len(c) == 1 and len(s) == 1 else -1
+
+
+def read_demo(demo: Path) -> tuple[list[bytes], list[str]]:
+    """Every (jpg, caption) of the demo's shards, in shard order (read-only)."""
+    manifest = json.loads((demo / "shards" / "manifest.json").read_text())
+    root = Path(manifest.get("root") or demo / "shards")
+    images, captions = [], []
+    for shard in manifest["shards"]:
+        with tarfile.open(root / shard["path"]) as tar:
+            members: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for m in tar.getmembers():
+                key, _, ext = m.name.rpartition(".")
+                members.setdefault(key, {})[ext] = m
+            for key in sorted(members):
+                parts = members[key]
+                if "jpg" in parts and "txt" in parts:
+                    images.append(tar.extractfile(parts["jpg"]).read())
+                    captions.append(tar.extractfile(parts["txt"]).read().decode("utf-8"))
+    return images, captions
+
+
+@torch.no_grad()
+def demo_features(demo: Path, cache: Path, images_as: str = "pixels") -> Pairs:
+    """Frozen features of the demo pairs: captions through a randomly initialised vit_tiny text trunk
+    (seed 0); images as centred 16 x 16 pixels, or ("vit") through the random vit_tiny image trunk."""
+    cache = cache.with_name(f"{cache.stem}_{images_as}{cache.suffix}")
+    if cache.exists():
+        return Pairs(**torch.load(cache))
+    from PIL import Image
+
+    from pipeline.tokenizer import Tokenizer
+    from trainer.models import TextTransformer, VisionTransformer
+    images, captions = read_demo(demo)
+    cfg = ModelConfig.preset("vit_tiny")
+    torch.manual_seed(0)
+    visual, text = VisionTransformer(cfg).eval(), TextTransformer(cfg).eval()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+    def pixels(jpg: bytes, size: int = cfg.image_size) -> torch.Tensor:
+        img = Image.open(io.BytesIO(jpg)).convert("RGB").resize((size, size), Image.BILINEAR)
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
+        return (x.permute(2, 0, 1).float() / 255 - mean) / std
+
+    tok = Tokenizer()
+    feats_i, feats_t = [], []
+    for s in range(0, len(images), 256):
+        if images_as == "vit":
+            feats_i.append(visual(torch.stack([pixels(j) for j in images[s:s + 256]])))
+        else:
+            feats_i.append(torch.stack([pixels(j, 16).flatten() for j in images[s:s + 256]]))
+        feats_t.append(text(tok(captions[s:s + 256], context_length=cfg.context_length)))
+    # a fixed shuffle, so the held-out split is not one shard's captions
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    feats_i = torch.cat(feats_i)
+    if images_as != "vit":
+        feats_i = feats_i - feats_i.mean(0)
+    pairs = Pairs(feats_i[order], torch.cat(feats_t)[order],
+                  torch.tensor([caption_class(c) for c in captions])[order])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(asdict(pairs), cache)
+    return pairs
+
+
+SETUPS = {
+    "mlp": Setup("mlp", k=512, batch=128, bottleneck=32, hidden=256, lr=3e-3, steps=300),
+    "demo": Setup("demo", k=1024, batch=64, bottleneck=64, hidden=256, lr=1e-3, steps=300),
+}
+SETUPS["demo_vit"] = Setup(**{**asdict(SETUPS["demo"]), "name": "demo_vit"})
+
+
+# ----------------------------------------------------------------------------- heads-only training
+
+class Heads(nn.Module):
+    """Per-modality (optional MLP encoder +) nCLIP head, prototypes shared by both modalities."""
+
+    def __init__(self, d_image: int, d_text: int, setup: Setup, encoders: bool):
+        super().__init__()
+        def encoder(d):
+            return nn.Sequential(nn.Linear(d, 128), nn.GELU(), nn.Linear(128, 128)) if encoders else nn.Identity()
+        width_i, width_t = (128, 128) if encoders else (d_image, d_text)
+        self.enc_i, self.enc_t = encoder(d_image), encoder(d_text)
+        self.head_i = NCLIPHead(width_i, setup.hidden, setup.bottleneck)
+        self.head_t = NCLIPHead(width_t, setup.hidden, setup.bottleneck)
+        self.protos = Prototypes(setup.bottleneck, setup.k)
+
+    def forward(self, image, text):
+        return self.protos(self.head_i(self.enc_i(image))), self.protos(self.head_t(self.enc_t(text)))
+
+
+def train_heads(pairs: Pairs, setup: Setup, setting: Setting, seed: int, encoders: bool) -> Heads:
+    torch.manual_seed(seed)
+    model = Heads(pairs.image.shape[1], pairs.text.shape[1], setup, encoders)
+    opt = (torch.optim.Adam(model.parameters(), lr=setup.lr) if encoders
+           else torch.optim.AdamW(model.parameters(), lr=setup.lr, weight_decay=0.0))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(setup.steps):
+        idx = torch.randint(0, len(pairs.label), (setup.batch,), generator=g)
+        li, lt = model(pairs.image[idx], pairs.text[idx])
+        loss = nclip_loss(li, lt, setting.student_t, setting.teacher_t, setting.sharpness, setting.smoothness)
+        opt.zero_grad(set_to_none=True)
+        loss["nclip_loss"].backward()
+        opt.step()
+    return model
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+@torch.no_grad()
+def measure(model: Heads, held: Pairs, setup: Setup, student_t: float) -> dict[str, float]:
+    """The measures of the module docstring on held-out pairs."""
+    li, lt = model(held.image, held.text)
+    k, b, n = setup.k, setup.batch, len(held.label)
+    ln_k = math.log(k)
+    out: dict[str, float] = {}
+    per_mod = {}
+    for mod, logits in (("image", li), ("text", lt)):
+        p = torch.softmax(logits / student_t, -1)
+        hard = logits.argmax(-1)
+        batches = [slice(s, s + b) for s in range(0, n - b + 1, b)]
+        per_mod[mod] = {
+            "usage_batch": sum(hard[s].unique().numel() for s in batches) / len(batches) / min(k, b),
+            "usage_all": hard.unique().numel() / min(k, n),
+            "sample_entropy": float(_entropy(p).mean()) / ln_k,
+            "batch_entropy": sum(float(_entropy(p[s].mean(0))) for s in batches) / len(batches) / ln_k,
+        }
+        out[f"{mod}_p"], out[f"{mod}_hard"] = p, hard
+    pi, pt = out.pop("image_p"), out.pop("text_p")
+    agree = float((out.pop("image_hard") == out.pop("text_hard")).float().mean())
+    known = held.label >= 0
+    score = pi[known] @ pt[known].t()
+    retrieval = float((held.label[known][score.argmax(-1)] == held.label[known]).float().mean())
+    result = {m: min(per_mod["image"][m], per_mod["text"][m]) for m in ("usage_batch", "usage_all")}
+    result["sample_entropy"] = max(per_mod["image"]["sample_entropy"], per_mod["text"]["sample_entropy"])
+    result["batch_entropy"] = min(per_mod["image"]["batch_entropy"], per_mod["text"]["batch_entropy"])
+    result.update(agree=agree, retrieval=retrieval)
+    return result
+
+
+# ----------------------------------------------------------------------------- the grid and the criterion
+
+TEMPERATURES = ((0.1, 0.04), (0.1, 0.07), (0.2, 0.05))
+SHARPNESS = (0.0, 0.25, 0.5, 1.0)
+SMOOTHNESS = (1.0, 2.0)
+DEFAULT = Setting(0.1, 0.04, 1.0, 1.0)     # the defaults the study questions
+GATE_USAGE = 0.30                          # worst case usage_batch (docs/NCLIP.md: the criterion)
+GATE_SAMPLE_ENTROPY = 0.5                  # worst case sample_entropy / ln K
+TIE = 0.02                                 # retrieval within this of the best counts as a tie
+
+
+def grid() -> list[Setting]:
+    return [Setting(ts, tt, ws, wm) for (ts, tt), ws, wm in itertools.product(TEMPERATURES, SHARPNESS, SMOOTHNESS)]
+
+
+def changes_from_default(s: Setting) -> int:
+    return sum(a != b for a, b in zip(asdict(s).values(), asdict(DEFAULT).values()))
+
+
+def summarise(runs: list[dict], gate_sample_entropy: float = GATE_SAMPLE_ENTROPY) -> list[dict]:
+    """One row per (setting, K factor): means and worst cases over seeds and setups, gate and rank key."""
+    rows: dict[tuple, dict] = {}
+    for r in runs:
+        key = (r["setting"], r["k_factor"])
+        rows.setdefault(key, {"setting": r["setting"], "k_factor": r["k_factor"], "runs": []})["runs"].append(r)
+    table = []
+    for row in rows.values():
+        rs = row.pop("runs")
+        setups = sorted({r["setup"] for r in rs})
+        for m in ("usage_batch", "usage_all", "sample_entropy", "batch_entropy", "agree", "retrieval"):
+            for s in setups:
+                vals = [r[m] for r in rs if r["setup"] == s]
+                row[f"{s}_{m}"] = sum(vals) / len(vals)
+        row["worst_usage_batch"] = min(r["usage_batch"] for r in rs)
+        row["worst_sample_entropy"] = max(r["sample_entropy"] for r in rs)
+        row["worst_retrieval"] = min(row[f"{s}_retrieval"] for s in setups)   # min over setups of the seed mean
+        row["gate_usage"] = row["worst_usage_batch"] >= GATE_USAGE
+        row["gate"] = row["gate_usage"] and row["worst_sample_entropy"] <= gate_sample_entropy
+        row["seeds"] = len(rs) // len(setups)
+        table.append(row)
+    return table
+
+
+def ranked(table: list[dict]) -> list[dict]:
+    """Gated rows first, by worst-case retrieval; within TIE of the best the fewest changes from the
+    defaults, then the higher worst-case usage."""
+    passed = sorted((r for r in table if r["gate"]), key=lambda r: -r["worst_retrieval"])
+    if not passed:
+        return []
+    best = passed[0]["worst_retrieval"]
+    def key(r):
+        tied = r["worst_retrieval"] >= best - TIE
+        return (not tied, changes_from_default(Setting.parse(r["setting"])) if tied else 0,
+                -r["worst_retrieval"] if not tied else -r["worst_usage_batch"])
+    return sorted(passed, key=key)
+
+
+def markdown(table: list[dict], setups: list[str]) -> str:
+    cols = ["setting", "K x", "usage gate", "gate"] + [f"{s} {m}" for s in setups
+                                         for m in ("usage_batch", "usage_all", "sample_H", "batch_H", "agree", "R@1")]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for r in sorted(table, key=lambda r: (not r["gate"], -r["worst_retrieval"])):
+        cells = [r["setting"], str(r["k_factor"]), "pass" if r["gate_usage"] else "fail",
+                 "pass" if r["gate"] else "fail"]
+        for s in setups:
+            cells += [f"{r[f'{s}_{m}']:.2f}" for m in ("usage_batch", "usage_all", "sample_entropy",
+                                                       "batch_entropy", "agree", "retrieval")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_heads(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    data = {"mlp": (synthetic_pairs(), True)}
+    if args.demo and (Path(args.demo) / "shards" / "manifest.json").exists():
+        name = "demo_vit" if args.demo_images == "vit" else "demo"
+        data[name] = (demo_features(Path(args.demo), out / "demo_features.pt", args.demo_images), False)
+    else:
+        print("no demo build given or found: the demo setup is skipped", file=sys.stderr)
+    results_path = out / "heads.json"
+    runs = json.loads(results_path.read_text()) if results_path.exists() else []
+    done = {(r["setting"], r["k_factor"], r["setup"], r["seed"]) for r in runs}
+
+    def sweep(settings: list[Setting], k_factor: int) -> None:
+        for setting, seed, name in itertools.product(settings, range(args.seeds), data):
+            if (setting.label, k_factor, name, seed) in done:
+                continue
+            pairs, encoders = data[name]
+            base = SETUPS[name]
+            setup = Setup(**{**asdict(base), "k": base.k * k_factor,
+                             "steps": base.steps // 3 if args.quick else base.steps})
+            train, held = pairs.split(len(pairs.label) - 1024 if name == "mlp" else len(pairs.label) * 3 // 4)
+            t0 = time.perf_counter()
+            model = train_heads(train, setup, setting, seed, encoders)
+            r = {"setting": setting.label, "k_factor": k_factor, "setup": name, "seed": seed,
+                 **measure(model, held, setup, setting.student_t), "seconds": time.perf_counter() - t0}
+            runs.append(r)
+            results_path.write_text(json.dumps(runs, indent=1))
+            print(f"{name:5s} K={setup.k:5d} seed {seed} {setting.label}: usage_batch {r['usage_batch']:.2f} "
+                  f"sample_H {r['sample_entropy']:.2f} R@1 {r['retrieval']:.2f} ({r['seconds']:.1f}s)", flush=True)
+
+    sweep(grid(), 1)
+    gate_h = args.gate_sample_entropy
+    top = [Setting.parse(r["setting"])
+           for r in ranked(summarise([r for r in runs if r["k_factor"] == 1], gate_h))[:args.k_top]]
+    if DEFAULT not in top:
+        top.append(DEFAULT)
+    for factor in args.k_factors:
+        sweep(top, factor)
+    table = summarise(runs, gate_h)
+    (out / "heads.md").write_text(markdown(table, list(data)))
+    order = ranked(table)
+    print("\nranked (gate passed):")
+    for r in order[:10]:
+        print(f"  {r['setting']} K x{r['k_factor']}: worst R@1 {r['worst_retrieval']:.3f} "
+              f"worst usage {r['worst_usage_batch']:.2f} worst sample_H {r['worst_sample_entropy']:.2f}")
+    (out / "heads_ranked.json").write_text(json.dumps(order, indent=1))
+    return 0
+
+
+# ----------------------------------------------------------------------------- the real trainer
+
+def run_trainer(args) -> int:
+    out = Path(args.out)
+    demo = Path(args.demo)
+    runs = []
+    results_path = out / "trainer.json"
+    if results_path.exists():
+        runs = json.loads(results_path.read_text())
+    done = {(r["setting"], r["objective"], r["seed"]) for r in runs}
+    for text, objective, seed in itertools.product(args.setting, args.objectives, range(args.seeds)):
+        s = Setting.parse(text)
+        if (s.label, objective, seed) in done:
+            continue
+        run_dir = out / "runs" / f"{objective}_{text.replace(',', '_')}_s{seed}"
+        cmd = [sys.executable, str(ROOT / "trainer" / "run.py"), "--config", str(ROOT / "trainer/configs/demo_clip.yaml"),
+               "--overwrite", "--resume", "none", f"out_dir={run_dir}", f"objective.name={objective}", f"train.seed={seed}",
+               f"objective.nclip_student_temperature={s.student_t}", f"objective.nclip_teacher_temperature={s.teacher_t}",
+               f"objective.nclip_sharpness_weight={s.sharpness}", f"objective.nclip_smoothness_weight={s.smoothness}",
+               f"data.manifest={demo / 'shards' / 'manifest.json'}", f"eval.data={demo / 'eval'}",
+               f"optim.epochs={args.epochs}", f"data.batch_size={args.batch}", f"train.log_every={args.log_every}",
+               f"train.torch_threads={args.threads}", "data.num_threads=1", "checkpoint.every_steps=0",
+               "eval.tasks=[zeroshot,linear_probe]"]
+        t0 = time.perf_counter()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
+            return proc.returncode
+        recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in recs if "event" not in r and "nclip_image_clusters_batch" in r]
+        last = steps[-max(1, len(steps) // 5):]        # the last fifth of the logged steps
+        r = {"setting": s.label, "objective": objective, "seed": seed, "seconds": time.perf_counter() - t0,
+             "steps": steps[-1]["step"], "usage_warnings": [e["message"] for e in recs if e.get("event") == "nclip_usage"]}
+        for key in ("clusters_batch", "clusters_window", "batch_entropy", "sample_entropy"):
+            for mod in ("image", "text"):
+                name = f"nclip_{mod}_{key}"
+                r[name] = sum(x[name] for x in last) / len(last)
+                r[f"{name}_min"] = min(x[name] for x in steps)
+        r["usage_fraction"] = min(sum(x[f"nclip_{m}_clusters_batch"] for x in last) / len(last)
+                                  for m in ("image", "text")) / min(s_k(args), args.batch)
+        evals = [x for x in recs if "event" not in x and any(k.startswith("eval/") for k in x)]
+        if evals:
+            r["eval"] = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
+        runs.append(r)
+        results_path.write_text(json.dumps(runs, indent=1))
+        print(json.dumps(r), flush=True)
+    (out / "trainer.md").write_text(trainer_markdown(runs))
+    return 0
+
+
+def s_k(args) -> int:
+    return ModelConfig.preset("vit_tiny").nclip_clusters
+
+
+def trainer_markdown(runs: list[dict]) -> str:
+    cols = ["setting", "objective", "seed", "usage (last fifth)", "img clusters batch", "txt clusters batch",
+            "img clusters window", "img batch H", "img sample H", "txt sample H", "zero-shot top-1", "probe top-1"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for r in runs:
+        ev = r.get("eval", {})
+        zs = next((v for k, v in ev.items() if "zeroshot" in k and "top1" in k), float("nan"))
+        pr = next((v for k, v in ev.items() if "probe" in k and "top1" in k), float("nan"))
+        lines.append("| " + " | ".join([r["setting"], r["objective"], str(r["seed"]), f"{r['usage_fraction']:.2f}",
+                                         f"{r['nclip_image_clusters_batch']:.1f}", f"{r['nclip_text_clusters_batch']:.1f}",
+                                         f"{r['nclip_image_clusters_window']:.1f}", f"{r['nclip_image_batch_entropy']:.2f}",
+                                         f"{r['nclip_image_sample_entropy']:.2f}", f"{r['nclip_text_sample_entropy']:.2f}",
+                                         f"{zs:.3f}", f"{pr:.3f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="stage", required=True)
+    h = sub.add_parser("heads", help="heads-only sweep on frozen features")
+    h.add_argument("--out", required=True)
+    h.add_argument("--demo", help="a demo build (tools/build_yfcc15m.py --demo): its shards give the demo setup")
+    h.add_argument("--demo-images", choices=("pixels", "vit"), default="pixels",
+                   help="demo image features: 16 x 16 pixels (setup demo) or a random vit_tiny trunk (demo_vit)")
+    h.add_argument("--seeds", type=int, default=3)
+    h.add_argument("--k-factors", type=int, nargs="*", default=[4], help="K multipliers tried on the best settings")
+    h.add_argument("--k-top", type=int, default=3, help="how many of the best settings the K sweep tries")
+    h.add_argument("--threads", type=int, default=1)
+    h.add_argument("--quick", action="store_true", help="a third of the steps (a smoke run, not a result)")
+    h.add_argument("--gate-sample-entropy", type=float, default=GATE_SAMPLE_ENTROPY,
+                   help="the gate's bound on the worst sample entropy / ln K (1 turns that clause off)")
+    t = sub.add_parser("trainer", help="finalists through trainer/run.py on the demo build")
+    t.add_argument("--out", required=True)
+    t.add_argument("--demo", required=True)
+    t.add_argument("--setting", nargs="+", required=True, help="TS,TT,WS,WM (student, teacher temperature, weights)")
+    t.add_argument("--objectives", nargs="+", default=["nclip", "xclip"])
+    t.add_argument("--seeds", type=int, default=1)
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--log-every", type=int, default=5)
+    t.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    return run_heads(a) if a.stage == "heads" else run_trainer(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
