@@ -39,7 +39,7 @@ from trainer.config import RunConfig, to_dict
 from trainer.distributed import broadcast_object
 from trainer.run_dir import RunDirLock, move_run_aside, remove_stale_temps
 
-MAY_DIFFER = ("out_dir", "checkpoint", "eval", "debug",
+MAY_DIFFER = ("out_dir", "checkpoint", "eval", "debug", "objective.nclip_min_usage",
               "data.batch_size", "data.num_threads", "data.device", "data.backend",
               "optim.accum_steps", "optim.max_steps",
               "train.precision", "train.compile", "train.torch_threads", "train.log_every", "train.peak_tflops",
