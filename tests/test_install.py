@@ -92,8 +92,10 @@ packages, out = tuple(spec["packages"]), {"scripts": {}}
 def project_modules():
     return {n: getattr(m, "__file__", None) for n, m in list(sys.modules.items()) if n.split(".")[0] in packages}
 
-path0 = sys.path[0]
+saved_path = list(sys.path)
 for script in spec["scripts"]:
+    # a tool may put its checkout on sys.path (gpu_report does, for bare GPU machines): undo it after
+    sys.path[:] = saved_path
     sys.argv, sys.path[0] = [script, "--help"], script.rsplit("/", 1)[0]
     try:
         runpy.run_path(script, run_name="__main__")
@@ -103,7 +105,7 @@ for script in spec["scripts"]:
     except Exception:
         code = traceback.format_exc()
     out["scripts"][script] = {"code": code, "loaded": project_modules()}
-sys.path[0] = path0
+sys.path[:] = saved_path
 
 out["modules"] = {}
 for name in spec["modules"]:
