@@ -8,21 +8,25 @@ of whitespace (including decoded newlines) collapsed to one space.
 """
 from __future__ import annotations
 
+import functools
 import re
+import unicodedata
 from urllib.parse import unquote
-
-import ftfy
-import regex
 
 # the reference's tags, plus line-break tags (which would otherwise glue words together)
 _TAGS = re.compile(r"</?(?:a|b|i)(?:\s[^>]*)?>|</?(?:br|p)\s*/?>", re.IGNORECASE)
 _URLS = re.compile(r"http\S+|www\S+")
 _SPACE = re.compile(r"\s+")
-_CONTROLS = regex.compile(r"[\p{Cc}\p{Cf}]")   # after whitespace is collapsed: what is left goes
-# a character that shows: not whitespace, a control, a format character (zero-width space, joiners,
-# marks of direction), a lone combining mark, unassigned or private, nor one of the blank "letters"
-# (Hangul fillers, the blank Braille pattern)
-_VISIBLE = regex.compile(r"[^\s\p{Z}\p{C}\p{M}\u115F\u1160\u3164\uFFA0\u2800]")
+# the blank "letters" (Hangul fillers, the blank Braille pattern): letters that show nothing
+_BLANK_LETTERS = frozenset("\u115F\u1160\u3164\uFFA0\u2800")
+
+
+@functools.cache
+def _controls():
+    # imported on first use: the loader needs has_visible_text, not ftfy or regex (a bare GPU machine
+    # running tools/gpu_report.py may lack both)
+    import regex
+    return regex.compile(r"[\p{Cc}\p{Cf}]")   # after whitespace is collapsed: what is left goes
 
 
 def clean_caption(raw: str) -> str:
@@ -33,16 +37,22 @@ def clean_caption(raw: str) -> str:
     text = _TAGS.sub(" ", text)
     text = _URLS.sub(" ", text)
     if not text.isascii() or "&" in text or "\x1b" in text:   # ftfy changes nothing else; it is slow
+        import ftfy
         text = ftfy.fix_text(text)
-    text = _CONTROLS.sub("", _SPACE.sub(" ", text))
+    text = _controls().sub("", _SPACE.sub(" ", text))
     text = _SPACE.sub(" ", text).strip()
     return text if has_visible_text(text) else ""
 
 
 def has_visible_text(text: str) -> bool:
     """Whether `text` shows anything: a caption made only of spaces, zero-width or other invisible
-    characters is empty."""
-    return _VISIBLE.search(text) is not None
+    characters is empty. A character shows unless it is whitespace, a separator (Z*), a control,
+    format, unassigned or private character (C*: zero-width space, joiners, marks of direction), a
+    lone combining mark (M*), or a blank letter."""
+    for ch in text:
+        if not (ch.isspace() or ch in _BLANK_LETTERS or unicodedata.category(ch)[0] in "ZCM"):
+            return True
+    return False
 
 
 def join_caption(title: str, description: str) -> str:

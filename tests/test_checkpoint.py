@@ -218,3 +218,49 @@ def test_full_disk_is_one_line_naming_the_directory(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and "No space left on device" in msg and str(tmp_path) in msg
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000001.pt"]   # link removed, old one kept
+
+
+class _RunsCode:
+    """Unpickling this would run a shell command (what a hostile checkpoint does)."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_runs_code_is_refused_in_one_line(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "step_00000001.pt"
+    torch.save({"model": {}, "payload": _RunsCode(marker)}, path)
+    from trainer import checkpoint as ckpt
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_checkpoint(path)
+    message = str(e.value)
+    assert "refused to load" in message and "system" in message and "\n" not in message
+    assert "weights_only" not in message          # never advise switching the protection off
+    assert not marker.exists()
+
+
+def test_init_from_verifies_like_load_model(tmp_path):
+    """model.init_from reads our checkpoints through the same checks: CRC and finite weights."""
+    from trainer.config import load_config, to_dict
+    from trainer.convert import ConversionError, init_from
+    from trainer.models import build_model
+    cfg = load_config(None, ["model.preset=vit_tiny", "data.recipe.image_size=64", "objective.name=clip",
+                             "data.recipe.num_ssl_views=0"])
+    model = build_model(cfg.model, "clip")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    next(v for v in state.values() if v.is_floating_point()).fill_(float("nan"))
+    path = tmp_path / "nan.pt"
+    torch.save({"model": state, "config": to_dict(cfg), "step": 1}, path)
+    with pytest.raises(ConversionError, match="not finite"):
+        init_from(build_model(cfg.model, "clip"), path)
+    good = tmp_path / "good.pt"
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "step": 1}, good)
+    raw = bytearray(good.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 4096] = b"\xff" * 4096
+    good.write_bytes(bytes(raw))
+    with pytest.raises(ConversionError, match="CRC|unreadable|damaged"):
+        init_from(build_model(cfg.model, "clip"), good)

@@ -712,7 +712,7 @@ def main(argv=None) -> int:
                          if r["status"] == "skipped"]
     report["targets"] = targets(report["parts"])
     report["seconds"] = time.perf_counter() - t0
-    (a.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    write_json_atomic(a.out / "report.json", report, indent=1, default=str)
     (a.out / "report.md").write_text(render_markdown(report))
     failed = [n for n, r in report["parts"].items() if r["status"] in ("failed", "timeout")]
     print(f"\n{a.out / 'report.md'}: {len(report['parts']) - len(report['skipped']) - len(failed)} parts ok, "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import random
 import re
 import zipfile
@@ -190,6 +191,11 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
+    except pickle.UnpicklingError as e:   # torch's own message advises weights_only=False: never do that
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"the class or function {found.group(1)}" if found else "objects beyond tensors and containers"
+        raise CheckpointError(f"{path}: refused to load: it needs {what}, which could run arbitrary code; "
+                              "only tensors and plain containers are loaded") from None
     except Exception as e:  # truncated zip, foreign pickle, ...
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from e
 

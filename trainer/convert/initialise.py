@@ -10,10 +10,13 @@ optimizer, the schedule and the data position start fresh.
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
 
+from pipeline.regular_files import is_regular
+from trainer.checkpoint import CheckpointError, verify_checkpoint, weights_finite
 from trainer.convert.converted import Converted, tower_differences
 from trainer.convert.files import load_pickle, load_safetensors
 from trainer.convert.mapping import ConversionError, strip_prefix
@@ -41,6 +44,8 @@ def _ours(path: Path, ckpt: dict) -> Converted:
             raise ConversionError(f"{path}: no run configuration in the checkpoint and no config.yaml beside it")
         run_cfg = load_config(found[0])
     state = strip_prefix(strip_prefix(ckpt["model"], "module."), "_orig_mod.")
+    if not weights_finite(state):
+        raise ConversionError(f"{path}: the checkpoint's weights are not finite (NaN or inf); use an earlier one")
     recipe = run_cfg.data.recipe
     return Converted(run_cfg.model, run_cfg.objective.name, state, tuple(recipe.mean), tuple(recipe.std),
                      f"checkpoint: {path}")
@@ -56,6 +61,11 @@ def read_any(path: str | Path, run_model: ModelConfig) -> Converted | ImageTower
         if (path / "config.json").is_file():
             return read_timm(path)
         raise ConversionError(f"{path}: a folder without {CONFIG_NAME} (OpenCLIP) or config.json (timm)")
+    if path.suffix != ".safetensors" and is_regular(path) and zipfile.is_zipfile(path):
+        try:                     # the CRC of every record, before any weight is used
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            raise ConversionError(str(e)) from None
     obj = load_safetensors(path) if path.suffix == ".safetensors" else load_pickle(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and ("config" in obj or "step" in obj):
         return _ours(path, obj)
