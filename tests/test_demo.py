@@ -2,6 +2,8 @@
 on a small generated data set; it must learn, so a regression that breaks learning fails here."""
 import importlib.util
 import json
+
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +41,7 @@ def test_each_preset_applies_its_own_targets():
     assert [c["met"] for c in demo.check_targets(demo.PRESETS["ci"].targets, rows, stats)][2] is False
 
 
+@pytest.mark.timeout(1200)   # the whole demo, several minutes on 2 cores; more on a loaded machine
 def test_ci_demo_learns(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "tools/demo.py", "--out", str(out), "--size", "ci", "--quiet"],
