@@ -2,11 +2,11 @@
 on a small generated data set; it must learn, so a regression that breaks learning fails here."""
 import importlib.util
 import json
-
-import pytest
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
