@@ -71,10 +71,13 @@ def dali_inputs(plan: BatchPlan, recipe: AugmentationRecipe) -> tuple:
     return tuple(values[n] for n in input_names(recipe))
 
 
+INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
+
 def _view(image, p: dict, recipe: AugmentationRecipe, ssl: bool, dtype):
     size = recipe.image_size
     view = fn.resize(image, size=[size, size], roi_start=p["roi_start"], roi_end=p["roi_end"],
-                     roi_relative=True, antialias=recipe.antialias, interp_type=types.INTERP_LINEAR)
+                     roi_relative=True, antialias=recipe.antialias, interp_type=INTERPOLATION[recipe.interpolation])
     if ssl:
         view = fn.coord_transform(view, MT=p["color"], dtype=types.UINT8)
         view = fn.filter(fn.filter(view, p["blur_h"]), p["blur_v"])
@@ -171,6 +174,9 @@ class DaliAugmenter:
     def __init__(self, recipe: AugmentationRecipe, plans: PlanSource, batch_size: int, num_threads: int = 2,
                  device: str = "cpu", device_id: int | None = None, prefetch: int = 2, fp16: bool = False,
                  hw_decoder_load: float = 0.75, decodes: Callable[[np.ndarray], bool] | None = None):
+        if recipe.rand_augment.num_ops:
+            raise ValueError("RandAugment is applied on the pillow path only so far (data.backend=pillow); "
+                             "the DALI graph does not apply it yet")
         self.recipe, self.plans = recipe, plans
         self.device, self.device_id = device, device_id
         self.output_names = output_names(recipe)
