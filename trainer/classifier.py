@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.convert.converted import tower_differences
-from trainer.convert.mapping import ConversionError
 from trainer.models import ModelConfig, VisionTransformer
 
 
@@ -52,7 +50,10 @@ class ImageClassifier(nn.Module):
 def load_image_tower(model: ImageClassifier, path: str | Path) -> str:
     """Copy the image tower of the checkpoint at `path` into `model.visual`; returns where it came
     from. A tower of another architecture is a ConversionError naming the fields that differ."""
-    from trainer.convert.initialise import read_any   # the converters import the model zoo lazily
+    # imported here: the converters import the run configuration, which imports this module's users
+    from trainer.convert.converted import tower_differences
+    from trainer.convert.initialise import read_any
+    from trainer.convert.mapping import ConversionError
     src = read_any(path, model.cfg)
     diffs = tower_differences(src.model, model.cfg, text=False)
     if diffs:
