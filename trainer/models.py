@@ -200,7 +200,8 @@ class Block(nn.Module):
 
 def drop_path_rates(rate: float, layers: int) -> list[float]:
     """timm / BEiT: rates rising linearly from 0 at the first block to `rate` at the last."""
-    return torch.linspace(0, rate, layers).tolist() if layers > 1 else [0.0] * layers
+    # plain floats: models are also built under torch.device("meta") (FLOP counts, conversion)
+    return [rate * i / (layers - 1) for i in range(layers)] if layers > 1 else [0.0] * layers
 
 
 class Transformer(nn.Module):
