@@ -43,9 +43,15 @@ they are ready for any work queued on the torch stream that was current when the
 and is never written again by later batches; once they are freed, DALI takes the memory back only
 after the GPU work queued before has finished. A batch may therefore be kept across later ones.
 
+Finetuning reads a labelled set (pipeline/labelled.py) instead of a shard set: the same order,
+resume and bad-sample rules, a label instead of a caption, and, when the recipe asks for them,
+RandAugment draws for the first view and erasing / mixing draws for the batch, made after the
+views' draws so that pretraining's stream is unchanged.
+
 Each yielded batch is a dict: the views by name ("clip_image", "ssl_image_1", ...), "text" (int64
 [B, context_length]), "index" (int64 [B] global sample indices), "bad_samples" (samples replaced
-in it), and "label" (int64 [B]) when the plans carry labels. `batch_transform`, if given, is applied
+in it), "label" (int64 [B]) when the plans carry labels, and "erasing" / "mix" (the batch's draws,
+pipeline/batch_mix.py) when the recipe asks for them. `batch_transform`, if given, is applied
 to that dict last, on the training device: the place for batch-level operations that mix samples
 (mixup, cutmix, random erasing in finetuning).
 """
