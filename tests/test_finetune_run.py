@@ -114,3 +114,15 @@ def test_resume_after_sigkill_gives_the_uninterrupted_losses(labelled, pretraine
     assert "resumed from" in resumed.stdout
     loss = lambda out: {r["step"]: r["loss"] for r in _records(out) if "loss" in r}  # noqa: E731
     assert loss(tmp_path / "cut") == loss(tmp_path / "whole")
+
+
+def test_the_training_benchmark_measures_finetuning_against_its_baseline(labelled):
+    proc = subprocess.run([sys.executable, "tools/bench/bench_train.py", "--config", str(CONFIG),
+                           f"data.train={labelled / 'train'}", "data.batch_size=8", "train.torch_threads=1",
+                           "--steps", "1", "--rounds", "1", "--warmup", "1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "vit_tiny classification: batch 8" in proc.stdout
+    assert "(eager attention, fp32)" in proc.stdout and "speed-up ours/baseline:" in proc.stdout
+    assert "end-to-end ours:" in proc.stdout and "data-wait" in proc.stdout and "0 bad samples" in proc.stdout

@@ -133,6 +133,13 @@ class FinetuneParts:
     source: str                 # where the tower came from
 
 
+def group_options(cfg: RunConfig) -> dict:
+    """`build_optimizer` options for a ClassifierForward: BEiT's exclusions and layer-wise decay."""
+    layers = cfg.model.vision_layers
+    return dict(extra_no_decay=tuple(cfg.finetune.no_weight_decay), layer_decay=cfg.finetune.layer_decay,
+                num_layers=layers, layer_id=lambda name: vit_layer_id(name.removeprefix("model."), layers))
+
+
 def build_finetune_parts(cfg: RunConfig, device: torch.device, rank: int = 0) -> FinetuneParts:
     """The model (tower loaded), the training set, the optimizer's group options, the validation
     hook and the on-device batch step of a finetuning run."""
@@ -155,9 +162,7 @@ def build_finetune_parts(cfg: RunConfig, device: torch.device, rank: int = 0) ->
     if rank == 0:
         print(f"finetuning {train.num_classes} classes from {source}; train {len(train)} images"
               + (f", skipped {dict(train.skipped)}" if train.skipped else ""), flush=True)
-    layers = cfg.model.vision_layers
-    groups = dict(extra_no_decay=tuple(cfg.finetune.no_weight_decay), layer_decay=cfg.finetune.layer_decay,
-                  num_layers=layers, layer_id=lambda name: vit_layer_id(name.removeprefix("model."), layers))
+    groups = group_options(cfg)
     recipe = cfg.data.recipe
     hook = None
     if val is not None:
