@@ -36,6 +36,7 @@ def labelled(tmp_path_factory):
             d.mkdir(parents=True)
             for k in range(n):
                 (d / f"{k:03d}.jpg").write_bytes(encode(_image(c, hash((split, c, k)) % 10_000)))
+        (root / split / "class1" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut off")
     return root
 
 
@@ -79,15 +80,20 @@ def test_finetuning_from_a_pretrained_tower_logs_what_the_issue_asks(labelled, p
     assert f"from checkpoint: {pretrained}" in proc.stdout
     records = _records(out)
     steps = [r for r in records if "loss" in r]
-    assert len(steps) == 18                              # 96 images / 16 = 6 steps an epoch, 3 epochs
+    assert len(steps) == 18                              # 97 images / 16 = 6 steps an epoch, 3 epochs
     for key in ("loss", "cls_loss", "train_acc", "lr", "images_per_s", "data_wait"):
         assert all(key in r for r in steps), key
     evals = [r for r in records if "eval/val_top1" in r]
     assert [r["step"] for r in evals] == [6, 12, 18]     # once an epoch (the last one at the end)
     assert all(0 <= r["eval/val_top1"] <= 100 and r["eval/val_images"] == 32 for r in evals)
+    assert all(r["eval/val_bad_images"] == 1 for r in evals)          # the broken one: counted, not fatal
     # the schedule's peak is lr x global batch / 256 (lr_reference_batch), reached at the end of warm-up
     assert max(r["lr"] for r in steps) == pytest.approx(0.004 * 16 / 256, rel=1e-3)
     assert (out / "checkpoints" / "step_00000018.pt").exists()
+    plotted = subprocess.run([sys.executable, "tools/plot_metrics.py", str(out / "metrics.jsonl")],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert plotted.returncode == 0, plotted.stderr
+    assert (out / "plots" / "accuracy.png").exists()          # train top-1 and validation top-1 / top-5
 
 
 def test_a_tower_of_another_size_is_a_one_line_config_error(labelled, pretrained, tmp_path):

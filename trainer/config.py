@@ -230,6 +230,8 @@ def check_consistency(cfg: RunConfig) -> None:
     if is_finetuning(cfg) and not cfg.data.train:
         raise ConfigError("objective classification (finetuning) needs data.train: an ImageFolder directory "
                           "or labelled shards")
+    if is_finetuning(cfg) and cfg.data.recipe.num_ssl_views:
+        raise ConfigError("objective classification (finetuning) trains on one view: set data.recipe.num_ssl_views=0")
     if cfg.data.device != "auto":      # the augmenters' own rule (auto picks a device that fits)
         try:
             check_backend(cfg.data.backend, cfg.data.device)

@@ -22,6 +22,7 @@ parts that differ (`build_finetune_parts`):
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -88,27 +89,29 @@ class MixOnDevice:
 class ValidationHook:
     """top-1 / top-5 of the classifier on the validation set (`Components.evaluate`)."""
 
-    def __init__(self, data: LabelledSet, transform: EvalTransform, batch_size: int, device: torch.device):
+    def __init__(self, data: LabelledSet, transform: EvalTransform, batch_size: int, device: torch.device,
+                 threads: int = 2):
         self.data, self.transform, self.batch_size, self.device = data, transform, batch_size, device
-        self.bad = 0
+        self.threads, self.bad = threads, 0
+
+    def _load(self, i: int) -> torch.Tensor | None:
+        try:
+            img = Image.open(io.BytesIO(self.data.image(i)))
+            img.load()
+            return self.transform(img)
+        except Exception:   # an unreadable validation image (or none at all) is counted, never fatal
+            return None
 
     def _images(self):
-        batch, labels = [], []
-        for i in range(len(self.data)):
-            raw = self.data.image(i)
-            try:
-                img = Image.open(io.BytesIO(raw))
-                img.load()
-            except Exception:   # an unreadable validation image is counted, never fatal
-                self.bad += 1
-                continue
-            batch.append(self.transform(img))
-            labels.append(int(self.data.labels[i]))
-            if len(batch) == self.batch_size:
-                yield torch.stack(batch), torch.tensor(labels)
-                batch, labels = [], []
-        if batch:
-            yield torch.stack(batch), torch.tensor(labels)
+        """Batches of (images, labels), decoded in threads (PIL releases the GIL)."""
+        with ThreadPoolExecutor(self.threads) as pool:
+            for start in range(0, len(self.data), self.batch_size):
+                ids = range(start, min(start + self.batch_size, len(self.data)))
+                pairs = [(x, int(self.data.labels[i])) for i, x in zip(ids, pool.map(self._load, ids))]
+                self.bad += sum(x is None for x, _ in pairs)
+                good = [(x, y) for x, y in pairs if x is not None]
+                if good:
+                    yield torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good])
 
     def __call__(self, model, step: int) -> dict:
         classifier = model.model if isinstance(model, ClassifierForward) else model
@@ -166,7 +169,8 @@ def build_finetune_parts(cfg: RunConfig, device: torch.device, rank: int = 0) ->
     recipe = cfg.data.recipe
     hook = None
     if val is not None:
-        hook = ValidationHook(val, EvalTransform.from_recipe(recipe), cfg.eval.batch_size, device)
+        hook = ValidationHook(val, EvalTransform.from_recipe(recipe), cfg.eval.batch_size, device,
+                              cfg.data.num_threads)
     return FinetuneParts(ClassifierForward(classifier), train, groups, hook,
                          MixOnDevice(train.num_classes, recipe.mix.label_smoothing),
                          cfg.finetune.eval_every_epochs, source)
