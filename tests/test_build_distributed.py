@@ -22,7 +22,6 @@ from test_build import read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).with_name("ray")
-pytest.importorskip("ray", reason="tools/setup_env.sh installs ray (the distributed download engine)")
 
 ROWS, SHARD = 200, 50                 # 4 shards
 FAULTS = {3: "404", 57: "500", 111: "corrupt", 170: "not_image"}     # row -> fault, spread over the shards
