@@ -23,6 +23,7 @@ imported) reach them through the job's `runtime_env`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import sys
 import time
@@ -57,7 +58,8 @@ def _probe(address: str, error) -> None:
 def download_engine(distributor: str, ray_address: str, env: dict[str, str], announce: bool = True,
                     wait_for_cpu_seconds: float = 120.0):
     """Around img2dataset's `download(distributor=...)`: connected to the Ray cluster for "ray",
-    nothing to do for "multiprocessing". Connection and task failures become one-line BuildErrors."""
+    nothing to do for "multiprocessing". Connection and task failures become one-line BuildErrors.
+    `announce`: say where the download runs and pass the workers' output on (the build's progress)."""
     check_distributor(distributor)
     if distributor != "ray":
         yield
@@ -74,7 +76,8 @@ def download_engine(distributor: str, ray_address: str, env: dict[str, str], ann
     if ray_address != "auto":
         _probe(ray_address, BuildError)
     try:
-        ray.init(address=ray_address, runtime_env={"env_vars": env})
+        ray.init(address=ray_address, runtime_env={"env_vars": env}, log_to_driver=announce,
+                 logging_level=logging.INFO if announce else logging.WARNING)
     except ConnectionError as e:
         raise BuildError(f"distributor ray: {str(e).splitlines()[0]} (start one with `ray start --head`; "
                          f"README, 'Many machines')") from None
