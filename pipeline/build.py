@@ -40,19 +40,11 @@ crops 224 px (RandomResizedCrop scale 0.08-1 / 0.5-1) keep enough resolution, wh
 has far fewer pixels to decode than a full 500x375 Flickr "medium" image, and smaller images are
 never upscaled (no wasted bytes, no interpolation blur).
 
-Multi-machine builds: `distributor="pyspark"` (or "ray") runs the same download on a cluster; the
-parquet parts and the shard dir must be on storage all workers see (e.g. NFS, or s3:// paths
-via fsspec). Example, on the Spark driver:
-
-    from pyspark.sql import SparkSession
-    from pipeline.build import BuildConfig, build
-    spark = (SparkSession.builder.config("spark.executor.cores", "16")
-             .config("spark.task.maxFailures", "100").master("spark://head:7077").getOrCreate())
-    build(BuildConfig(metadata="yfcc100m_dataset.bz2", subset="yfcc100m_subset_data.tsv.bz2",
-                      out="/nfs/yfcc15m", distributor="pyspark", processes=1, threads=64))
-
-(`processes` is per executor core there; ray: `ray.init(address="auto")` first, then
-`distributor="ray"`.)
+Multi-machine builds: `distributor="ray"` runs the download as one Ray task per shard on a
+cluster started with `ray start` (pipeline/distributed_download.py; the SLURM recipe is in the
+README and docs/DISTRIBUTED_BUILD.md). Every node must see OUT at the same path on a shared POSIX
+file system (NFS, Lustre, GPFS): the shard checks, the finalize stage and the resume logic read
+local paths, so object-store URLs (s3://...) are not supported as OUT.
 """
 from __future__ import annotations
 
@@ -74,6 +66,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.captions import clean_caption, join_caption, truncate
+from pipeline.distributed_download import check_distributor, download_engine, worker_env
 from pipeline.fetch import DownloadPolicy
 from pipeline.integrity import verification_path, verified_by_build
 from pipeline.manifest import Manifest, ShardEntry, save_manifest
@@ -124,7 +117,8 @@ class BuildConfig:
     max_download_seconds: float = 60.0   # one download in all, redirects included (download_too_slow)
     allow_private_network: bool = False  # fetch from loopback/private/link-local... addresses (never non-http)
     max_image_pixels: int = 89_478_485   # decompression-bomb guard (PIL's default limit), before decode
-    distributor: str = "multiprocessing" # or "pyspark" / "ray" (see module docstring)
+    distributor: str = "multiprocessing" # or "ray" (see module docstring)
+    ray_address: str = "auto"            # distributor ray: "auto" (`ray start` on this machine) or HOST:PORT
     progress: bool = True
 
     def __post_init__(self):
@@ -139,6 +133,7 @@ class BuildConfig:
             raise ValueError(f"max_download_bytes and max_download_seconds must be > 0, got "
                              f"{self.max_download_bytes} and {self.max_download_seconds}")
         format_url(self.url_template, photoid=1, hash="0" * 32, download_url="http://x/y.jpg", ext="jpg")
+        check_distributor(self.distributor)
 
     @property
     def parquet_dir(self) -> Path:
@@ -356,7 +351,8 @@ def download_stage(cfg: BuildConfig, selected: int) -> dict:
         os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
         from img2dataset import download
         from pipeline.img2dataset_guard import guarded_img2dataset
-        with _DownloadProgress(cfg.shard_dir, selected, cfg.progress), guarded_img2dataset(cfg.download_policy()):
+        with download_engine(cfg.distributor, cfg.ray_address, worker_env(cfg.max_image_pixels), cfg.progress), \
+                _DownloadProgress(cfg.shard_dir, selected, cfg.progress), guarded_img2dataset(cfg.download_policy()):
             download(url_list=str(cfg.parquet_dir), input_format="parquet", url_col="url", caption_col="caption",
                      save_additional_columns=EXTRA_COLUMNS, output_format="webdataset",
                      output_folder=str(cfg.shard_dir), number_sample_per_shard=cfg.shard_size,
