@@ -128,7 +128,8 @@ class _Lines:
 
     Empty lines are skipped (their numbers still count); a line longer than `MAX_LINE_BYTES` comes
     as None, its bytes dropped as they arrive. A thread reads and decompresses ahead (bz2 releases
-    the GIL while it works), so decompression overlaps with parsing on the main thread; at most
+    the GIL while it works; pipeline/parallel_bz2.py spreads it over `threads` cores where it can,
+    with the same bytes), so decompression overlaps with parsing on the main thread; at most
     `QUEUED` pieces of at most `PIECE` bytes wait between the two. Whatever the thread raises is
     handed to the consumer: it never waits for a thread that has died."""
 
