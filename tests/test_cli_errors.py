@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,7 @@ def test_every_entry_point_ends_through_the_shared_wrapper():
 
 
 def test_run_main_takes_the_flag_and_keeps_a_bug_traceback(monkeypatch, capsys):
-    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.setenv(cli.DEBUG_ENV, "0")      # off, and restored after the test (run_main sets it)
     seen = []
 
     def bad_input(argv):
@@ -123,7 +124,7 @@ def test_run_main_takes_the_flag_and_keeps_a_bug_traceback(monkeypatch, capsys):
     assert cli.run_main(bad_input, ["a", "--debug", "b"]) == 2
     assert seen[-1] == ["a", "b"] and os.environ[cli.DEBUG_ENV] == "1"      # passed on to child processes
     assert "Traceback" in capsys.readouterr().err
-    monkeypatch.delenv(cli.DEBUG_ENV)
+    monkeypatch.setenv(cli.DEBUG_ENV, "0")
 
     def bug(argv):
         raise KeyError("a bug, not an input error")
@@ -132,7 +133,11 @@ def test_run_main_takes_the_flag_and_keeps_a_bug_traceback(monkeypatch, capsys):
 
 
 def test_another_rank_reports_its_own_failure_after_the_grace(monkeypatch, capsys):
-    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.setenv(cli.DEBUG_ENV, "0")
     monkeypatch.setattr(cli, "OTHER_RANK_GRACE_S", 0.01)
-    assert cli.report(ShardError("y.tar: missing"), 2, "data error", rank=1) == 2
+    handler = signal.getsignal(signal.SIGTERM)      # report() puts SIGTERM back to its default on rank > 0
+    try:
+        assert cli.report(ShardError("y.tar: missing"), 2, "data error", rank=1) == 2
+    finally:
+        signal.signal(signal.SIGTERM, handler)
     assert capsys.readouterr().err == "data error (rank 1): y.tar: missing\n"
