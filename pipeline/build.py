@@ -48,6 +48,7 @@ local paths, so object-store URLs (s3://...) are not supported as OUT.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -120,6 +121,7 @@ class BuildConfig:
     distributor: str = "multiprocessing" # or "ray" (see module docstring)
     ray_address: str = "auto"            # distributor ray: "auto" (`ray start` on this machine) or HOST:PORT
     progress: bool = True
+    scan_threads: int | None = None      # cores decompressing a bz2 metadata file (None: all); same rows either way
 
     def __post_init__(self):
         self.metadata = Path(self.metadata)
@@ -168,15 +170,31 @@ _FIELD = re.compile(r"\{(\w+)(?:\[(-?\d*):(-?\d*)\])?\}")
 
 def format_url(template: str, **fields) -> str:
     """`{name}` or `{name[a:b]}` substituted from fields (str.format cannot slice)."""
-    def sub(m):
-        if m.group(1) not in fields:
-            raise ValueError(f"url template {template!r}: unknown field {m.group(1)!r} (known: {sorted(fields)})")
-        v = str(fields[m.group(1)])
-        if m.group(2) is None and m.group(3) is None and "[" not in m.group(0):
-            return v
+    out = []
+    for literal, name, a, b in _template_parts(template):
+        out.append(literal)
+        if name is None:
+            continue
+        if name not in fields:
+            raise ValueError(f"url template {template!r}: unknown field {name!r} (known: {sorted(fields)})")
+        v = str(fields[name])
+        out.append(v if a is None else v[a[0]:b[0]])
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _template_parts(template: str) -> tuple:
+    """(literal text, field name or None, (start,) or None, (end,) or None) pieces of a URL template,
+    parsed once per template instead of once per row."""
+    parts, pos = [], 0
+    for m in _FIELD.finditer(template):
+        sliced = not (m.group(2) is None and m.group(3) is None and "[" not in m.group(0))
         a, b = m.group(2), m.group(3)
-        return v[int(a) if a else None:int(b) if b else None]
-    return _FIELD.sub(sub, template)
+        parts.append((template[pos:m.start()], m.group(1),
+                      (int(a) if a else None,) if sliced else None, (int(b) if b else None,) if sliced else None))
+        pos = m.end()
+    parts.append((template[pos:], None, None, None))
+    return tuple(parts)
 
 
 def sampled(photoid: int, fraction: float) -> bool:
@@ -223,7 +241,7 @@ def select_stage(cfg: BuildConfig) -> dict:
             for v in columns.values():
                 v.clear()
 
-    for row in read_metadata(cfg.metadata, subset, scan, cfg.progress):
+    for row in read_metadata(cfg.metadata, subset, scan, cfg.progress, threads=cfg.scan_threads):
         if row.is_video:
             scan.add("video", row.where)
             continue

@@ -28,6 +28,7 @@ from pipeline.build import BuildConfig, BuildError, build  # noqa: E402
 from pipeline.distributed_download import DISTRIBUTORS  # noqa: E402
 from pipeline.manifest import ShardError  # noqa: E402
 from pipeline.metadata import InputError  # noqa: E402
+from pipeline.cli import report, run_main  # noqa: E402
 
 # BuildConfig fields exposed as --flags (name -> help)
 OPTIONS = {
@@ -105,13 +106,12 @@ def main(argv=None) -> int:
             if a.metadata is None:
                 raise SystemExit("--metadata is required (or --demo)")
             m = build(config_from_args(a))
-    except (InputError, BuildError, ShardError) as e:    # one line that says what to do, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (InputError, BuildError, ShardError) as e:    # one line that says what to do (pipeline/cli.py)
+        return report(e, 2)
     print(json.dumps({"manifest": str(Path(m.root) / "manifest.json"), "shards": len(m.shards),
                       "samples": m.total_samples}))
     return 0
 
 
 if __name__ == "__main__":   # img2dataset uses multiprocessing "spawn"
-    sys.exit(main())
+    sys.exit(run_main(main))
