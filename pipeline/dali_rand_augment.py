@@ -17,11 +17,12 @@ identity, so the graph needs no conditionals and the operations compose in the d
 | per-channel stretch | on/off (off) | AutoContrast |
 | histogram equalisation | on/off (off) | Equalize |
 
-Every family rounds to whole levels as PIL does on 8-bit images (blends truncate). DALI's affine warp
-has no bicubic mode, so the geometric operations interpolate bilinearly here (bicubic in timm). The matrices are PIL's own
-(`Image.rotate` is an affine transform about the centre), so both paths warp alike; the remaining
-differences are the warp's interpolation and Equalize, whose DALI operator follows OpenCV's formula
-rather than PIL's (tests/test_rand_augment_paths.py measures the agreement per operation).
+Every family rounds to whole levels as PIL does on 8-bit images (blends truncate). DALI's affine
+warp has no bicubic mode, so the geometric operations interpolate bilinearly here (bicubic in timm).
+The matrices are PIL's own (`Image.rotate` is an affine transform about the centre), so both paths
+warp alike; the remaining differences are the warp's interpolation and Equalize, whose DALI
+operator follows OpenCV's formula rather than PIL's (tests/test_rand_augment_paths.py measures the
+agreement per operation).
 """
 from __future__ import annotations
 

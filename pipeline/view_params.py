@@ -123,7 +123,8 @@ def random_resized_crop(rng: np.random.Generator, heights: np.ndarray, widths: n
 
 def sample_view(rng: np.random.Generator, heights: np.ndarray, widths: np.ndarray,
                 recipe: AugmentationRecipe, ssl: bool) -> ViewParams:
-    """The CLIP view (ssl=False: crop, and a flip with `clip_flip_prob`) or one SimCLR view (crop, jitter, grey, blur, flip)."""
+    """The CLIP view (ssl=False: crop, and a flip with `clip_flip_prob`) or one SimCLR view (crop,
+    jitter, grey, blur, flip)."""
     b = len(heights)
     crop = random_resized_crop(rng, heights, widths, recipe.ssl_scale if ssl else recipe.clip_scale, recipe.ratio)
     y0, x0 = crop[:, 0] / heights, crop[:, 1] / widths

@@ -127,7 +127,7 @@ def test_sections_are_owned_by_their_components():
     from trainer.config import RunConfig
     owners = {"model": "trainer.models", "objective": "trainer.objectives", "data": "trainer.batches",
               "optim": "trainer.optim", "train": "trainer.loop", "checkpoint": "trainer.checkpoint",
-              "eval": "trainer.evaluation.config", "debug": "trainer.policies"}
+              "eval": "trainer.evaluation.config", "debug": "trainer.policies", "finetune": "trainer.finetune"}
     sections = {f.name: f.default_factory().__class__ for f in dataclasses.fields(RunConfig)
                 if f.default_factory is not dataclasses.MISSING}
     assert set(sections) == set(owners)

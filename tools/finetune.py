@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.cli import report, run_main
 from trainer import run
 from trainer.config import ConfigError, load_config
 from trainer.finetune import CLASSIFICATION
@@ -35,14 +36,13 @@ def main(argv=None) -> int:
     try:
         name = load_config(args.config, [a for a in rest if "=" in a and not a.startswith("-")]).objective.name
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return report(e, 2, "config error")
     if name != CLASSIFICATION:
-        print(f"config error: {args.config} is a {name} pretraining config; finetuning needs "
-              f"objective.name={CLASSIFICATION} (trainer/configs/finetune_*.yaml)", file=sys.stderr)
-        return 2
+        wrong = ConfigError(f"{args.config} is a {name} pretraining config; finetuning needs "
+                            f"objective.name={CLASSIFICATION} (trainer/configs/finetune_*.yaml)")
+        return report(wrong, 2, "config error")
     return run.main(["--config", args.config, *rest, *overrides])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
