@@ -37,7 +37,9 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
 from pipeline.augment import LATE_DECODE_FAILURE, BadSampleError, PlanSource, undecodable_samples
+from pipeline import dali_rand_augment
 from pipeline.plan import BatchPlan
+from pipeline.rand_augment import fill_colour
 from pipeline.recipe import AugmentationRecipe
 from pipeline.view_params import blur_kernels, color_matrix, view_names
 
@@ -48,6 +50,7 @@ SSL_INPUTS = ("roi_start", "roi_end", "color", "blur_h", "blur_v")
 
 def input_names(recipe: AugmentationRecipe) -> list[str]:
     names = ["encoded"] + [f"clip_{n}" for n in CLIP_INPUTS]
+    names += [f"clip_{n}" for n in dali_rand_augment.input_names(recipe.rand_augment.num_ops)]
     for v in range(1, recipe.num_ssl_views + 1):
         names += [f"ssl{v}_{n}" for n in SSL_INPUTS]
     return names
@@ -61,6 +64,9 @@ def dali_inputs(plan: BatchPlan, recipe: AugmentationRecipe) -> tuple:
     """What the external source hands the graph for `plan`, in the order of `input_names(recipe)`."""
     clip = plan.views["clip_image"]
     values = {"encoded": plan.encoded, "clip_roi_start": clip.roi_start, "clip_roi_end": clip.roi_end}
+    if recipe.rand_augment.num_ops:
+        drawn = dali_rand_augment.graph_inputs(plan.rand_augment, recipe.image_size)
+        values.update({f"clip_{name}": v for name, v in drawn.items()})
     for v in range(1, recipe.num_ssl_views + 1):
         p = plan.views[f"ssl_image_{v}"]
         values[f"ssl{v}_roi_start"], values[f"ssl{v}_roi_end"] = p.roi_start, p.roi_end
@@ -71,13 +77,19 @@ def dali_inputs(plan: BatchPlan, recipe: AugmentationRecipe) -> tuple:
     return tuple(values[n] for n in input_names(recipe))
 
 
+INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
+
 def _view(image, p: dict, recipe: AugmentationRecipe, ssl: bool, dtype):
     size = recipe.image_size
     view = fn.resize(image, size=[size, size], roi_start=p["roi_start"], roi_end=p["roi_end"],
-                     roi_relative=True, antialias=recipe.antialias, interp_type=types.INTERP_LINEAR)
+                     roi_relative=True, antialias=recipe.antialias, interp_type=INTERPOLATION[recipe.interpolation])
     if ssl:
         view = fn.coord_transform(view, MT=p["color"], dtype=types.UINT8)
         view = fn.filter(fn.filter(view, p["blur_h"]), p["blur_v"])
+    elif recipe.rand_augment.num_ops:     # finetuning: after crop and flip, before normalising (as timm)
+        view = dali_rand_augment.apply_graph(fn.cast(view, dtype=types.FLOAT), p, recipe.rand_augment.num_ops,
+                                             size, fill_colour(recipe.mean))
     return fn.crop_mirror_normalize(view, dtype=dtype, output_layout="CHW",
                                     mean=[255 * m for m in recipe.mean], std=[255 * s for s in recipe.std])
 

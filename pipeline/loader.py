@@ -43,9 +43,15 @@ they are ready for any work queued on the torch stream that was current when the
 and is never written again by later batches; once they are freed, DALI takes the memory back only
 after the GPU work queued before has finished. A batch may therefore be kept across later ones.
 
+Finetuning reads a labelled set (pipeline/labelled.py) instead of a shard set: the same order,
+resume and bad-sample rules, a label instead of a caption, and, when the recipe asks for them,
+RandAugment draws for the first view and erasing / mixing draws for the batch, made after the
+views' draws so that pretraining's stream is unchanged.
+
 Each yielded batch is a dict: the views by name ("clip_image", "ssl_image_1", ...), "text" (int64
 [B, context_length]), "index" (int64 [B] global sample indices), "bad_samples" (samples replaced
-in it), and "label" (int64 [B]) when the plans carry labels. `batch_transform`, if given, is applied
+in it), "label" (int64 [B]) when the plans carry labels, and "erasing" / "mix" (the batch's draws,
+pipeline/batch_mix.py) when the recipe asks for them. `batch_transform`, if given, is applied
 to that dict last, on the training device: the place for batch-level operations that mix samples
 (mixup, cutmix, random erasing in finetuning).
 """
@@ -62,10 +68,13 @@ import torch
 from PIL import Image
 
 from pipeline.augment import LATE_DECODE_FAILURE, Augmenter, BadSampleError, check_backend, make_augmenter
+from pipeline.batch_mix import draw_erasing, draw_mix
 from pipeline.captions import has_visible_text
 from pipeline.jpeg_check import jpeg_problem
+from pipeline.labelled import LabelledSet
 from pipeline.manifest import Manifest
 from pipeline.plan import BatchPlan
+from pipeline.rand_augment import draw_rand_augment
 from pipeline.recipe import AugmentationRecipe
 from pipeline.shards import MAX_IMAGE_BYTES, SampleReader, build_sample_table
 from pipeline.view_params import sample_views
@@ -76,7 +85,8 @@ MAX_REPLACEMENT_TRIES = 64
 
 
 class SLIPLoader:
-    def __init__(self, manifest: Manifest, recipe: AugmentationRecipe, batch_size: int, tokenizer: Callable,
+    def __init__(self, manifest: Manifest | LabelledSet, recipe: AugmentationRecipe, batch_size: int,
+                 tokenizer: Callable | None,
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2, device: str = "cpu",
                  device_id: int | None = None, caption_mode: str = "random", prefetch: int = 2,
                  context_length: int = 77, max_image_pixels: int = 40_000_000, fp16: bool = False,
@@ -92,9 +102,12 @@ class SLIPLoader:
         self.caption_mode, self.prefetch, self.context_length = caption_mode, prefetch, context_length
         self.max_image_pixels, self.fp16, self.backend = max_image_pixels, fp16, backend
         self.batch_transform = batch_transform
-        self.table = build_sample_table(manifest)
-        self.reader = SampleReader(self.table)
-        self.num_samples = len(self.table)
+        # pretraining reads a built shard set (image + caption); finetuning a labelled set (image + label)
+        self.labelled = manifest if isinstance(manifest, LabelledSet) else None
+        if self.labelled is None:
+            self.table = build_sample_table(manifest)
+            self.reader = SampleReader(self.table)
+        self.num_samples = len(self.labelled if self.labelled is not None else self.table)
         self.per_rank = self.num_samples // world_size
         self.steps_per_epoch = self.per_rank // batch_size
         # consumer position: the next batch handed out is (epoch, step)
@@ -122,13 +135,18 @@ class SLIPLoader:
 
     def _check_image(self, i: int) -> tuple[bytes | None, tuple[int, int] | str]:
         """Encoded bytes and (height, width), or None and the reason it is unusable."""
-        if i in self.table.recorded_bad:
-            return None, self.table.recorded_bad[i]
-        if i in self._known_bad:
-            return None, self._known_bad[i]
-        if self.table.image[i, 0] >= 0 and self.table.image[i, 1] > MAX_IMAGE_BYTES:
-            return None, "too_large"       # never read
-        data = self.reader.image(i)
+        if self.labelled is not None:
+            data = self.labelled.image(i) if i not in self._known_bad else None
+            if data is None:
+                return None, self._known_bad.get(i, "missing_image")
+        else:
+            if i in self.table.recorded_bad:
+                return None, self.table.recorded_bad[i]
+            if i in self._known_bad:
+                return None, self._known_bad[i]
+            if self.table.image[i, 0] >= 0 and self.table.image[i, 1] > MAX_IMAGE_BYTES:
+                return None, "too_large"       # never read
+            data = self.reader.image(i)
         if data is None:
             return None, "missing_image"
         try:
@@ -177,12 +195,14 @@ class SLIPLoader:
         text = text.decode("utf-8", "replace").strip() if text is not None else ""
         return (text if has_visible_text(text) else "") or title or desc or None
 
-    def _sample(self, i: int, u: float) -> tuple[bytes, tuple[int, int], str] | str:
-        """The sample's image, its size and caption, or the reason it is unusable."""
+    def _sample(self, i: int, u: float) -> tuple[bytes, tuple[int, int], str | int] | str:
+        """The sample's image, its size and caption (its label in a labelled set), or the reason it is unusable."""
         try:
             data, info = self._check_image(i)
             if data is None:
                 return info
+            if self.labelled is not None:
+                return data, info, int(self.labelled.labels[i])
             caption = self._caption(i, u)
         except Exception as e:     # one sample's data never stops training; the kind is counted
             reason = f"sample_error:{type(e).__name__}"
@@ -218,10 +238,20 @@ class SLIPLoader:
             data, sizes[slot], caption = got
             encoded.append(np.frombuffer(data, np.uint8))
             captions.append(caption)
-        tokens = self.tokenizer(captions, context_length=self.context_length)
-        tokens = np.asarray(tokens.numpy() if torch.is_tensor(tokens) else tokens, dtype=np.int64)
+        tokens = labels = None
+        if self.labelled is not None:
+            labels = np.asarray(captions, np.int64)
+        else:
+            tokens = self.tokenizer(captions, context_length=self.context_length)
+            tokens = np.asarray(tokens.numpy() if torch.is_tensor(tokens) else tokens, dtype=np.int64)
         views = sample_views(rng, sizes[:, 0], sizes[:, 1], self.recipe)
-        return BatchPlan(epoch, step, indices, encoded, sizes, tokens, views, bad=bad)
+        # finetuning's draws come after the views' and only when asked for: pretraining's stream is unchanged
+        r, size = self.recipe, self.recipe.image_size
+        rand_augment = draw_rand_augment(rng, r.rand_augment, b) if r.rand_augment.num_ops else None
+        erasing = draw_erasing(rng, r.mix, b, size, size) if r.mix.erasing_prob > 0 else None
+        mix = draw_mix(rng, r.mix, size, size) if r.mix.mixes else None
+        return BatchPlan(epoch, step, indices, encoded, sizes, tokens, views, labels, bad=bad,
+                         rand_augment=rand_augment, erasing=erasing, mix=mix)
 
     def _next_position(self, epoch: int, step: int) -> tuple[int, int]:
         step += 1
@@ -317,17 +347,22 @@ class SLIPLoader:
     def __iter__(self) -> Iterator[dict]:
         """The remaining batches of the current epoch; afterwards the loader is at the next epoch."""
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{self.manifest.source or self.manifest.name}: {self.num_samples} samples make no "
+            name = self.labelled.location if self.labelled is not None else self.manifest.source or self.manifest.name
+            raise ValueError(f"{name}: {self.num_samples} samples make no "
                              f"batch of {self.batch_size} on each of {self.world_size} ranks")
         epoch = self.epoch
         while self.epoch == epoch:
             views, plan = self._run()
             assert (plan.epoch, plan.step) == (self.epoch, self.step), "planner and consumer out of step"
             out = {name: self._to_torch(views[name]) for name in self._augmenter.output_names}
-            out["text"] = torch.from_numpy(plan.tokens)
+            if plan.tokens is not None:
+                out["text"] = torch.from_numpy(plan.tokens)
             out["index"] = torch.from_numpy(plan.indices.copy())
             if plan.labels is not None:
                 out["label"] = torch.from_numpy(plan.labels)
+            for draw in ("erasing", "mix"):      # applied on the training device (pipeline/batch_mix.py)
+                if getattr(plan, draw) is not None:
+                    out[draw] = getattr(plan, draw)
             bad = sum(plan.bad.values())
             out["bad_samples"] = bad
             self.bad_samples += bad

@@ -33,6 +33,7 @@ from PIL import Image, ImageFilter
 
 from pipeline.augment import BadSampleError, PlanSource, undecodable_samples
 from pipeline.plan import BatchPlan
+from pipeline.rand_augment import apply_pil, fill_colour
 from pipeline.recipe import AugmentationRecipe
 from pipeline.view_params import color_matrix, view_names
 
@@ -56,6 +57,8 @@ class PillowAugmenter:
         self.in_flight: collections.deque[tuple[BatchPlan, list[torch.Tensor], list[Future]]] = collections.deque()
         mean, std = np.array(recipe.mean, np.float32) * 255, np.array(recipe.std, np.float32) * 255
         self.scale, self.shift = (1 / std)[:, None, None], (mean / std)[:, None, None]
+        self.resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[recipe.interpolation]
+        self.fill = fill_colour(recipe.mean)
 
     def run(self) -> tuple[dict[str, torch.Tensor], BatchPlan]:
         while len(self.in_flight) <= self.prefetch:    # `prefetch` batches stay in flight while this one is used
@@ -86,10 +89,11 @@ class PillowAugmenter:
         views = [(p.roi_start, p.roi_end, None if name == "clip_image" else color_matrix(p), p.blur_sigma)
                  for name, p in ((n, plan.views[n]) for n in self.output_names)]
         images = [self.buffers.take((b, 3, r.image_size, r.image_size)) for _ in views]
-        futures = [self.pool.submit(self._augment, plan.encoded[i], i, views, images) for i in range(b)]
+        futures = [self.pool.submit(self._augment, plan.encoded[i], i, views, images, plan.rand_augment)
+                   for i in range(b)]
         return plan, images, futures
 
-    def _augment(self, encoded: np.ndarray, i: int, views: list, images: list[torch.Tensor]) -> None:
+    def _augment(self, encoded: np.ndarray, i: int, views: list, images: list[torch.Tensor], rand_augment) -> None:
         s = self.recipe.image_size
         img = Image.open(io.BytesIO(encoded))
         w, h = img.size
@@ -101,18 +105,20 @@ class PillowAugmenter:
             img.draft("RGB", (int(w / shrink) + 1, int(h / shrink) + 1))
         img = img.convert("RGB")
         fx, fy = img.size[0] / w, img.size[1] / h
-        for (x0, y0, x1, y1), (_, _, color, sigma), out in zip(boxes, views, images):
+        for v, ((x0, y0, x1, y1), (_, _, color, sigma), out) in enumerate(zip(boxes, views, images)):
             box = (min(x0, x1) * fx, y0 * fy, max(x0, x1) * fx, y1 * fy)
             if self.recipe.antialias:
-                view = img.resize((s, s), Image.BILINEAR, box=box)
-            else:      # plain bilinear sampling of the window, as DALI's resize with antialias off
-                view = img.transform((s, s), Image.Transform.EXTENT, box, Image.BILINEAR)
+                view = img.resize((s, s), self.resample, box=box)
+            else:      # plain sampling of the window, as DALI's resize with antialias off
+                view = img.transform((s, s), Image.Transform.EXTENT, box, self.resample)
             if color is not None and not np.array_equal(color[i], IDENTITY):
                 view = view.convert("RGB", tuple(color[i].ravel().tolist()))
             if sigma[i] > 0:
                 view = view.filter(ImageFilter.GaussianBlur(float(sigma[i])))
             if x0 > x1:
                 view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if v == 0 and rand_augment is not None:     # timm: after crop and flip, before normalising
+                view = apply_pil(view, rand_augment, i, self.fill)
             dst = out[i].numpy()
             np.multiply(np.asarray(view).transpose(2, 0, 1), self.scale, out=dst, casting="unsafe")
             np.subtract(dst, self.shift, out=dst)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.batch_mix import ErasingDraw, MixDraw
+from pipeline.rand_augment import RandAugmentDraw
 from pipeline.view_params import ViewParams
 
 
@@ -27,6 +29,10 @@ class BatchPlan:
     views: dict[str, ViewParams]         # output name ("clip_image", "ssl_image_1", ...) -> its draws
     labels: np.ndarray | None = None     # int64 [B] class labels (classification); None in pretraining
     bad: collections.Counter = field(default_factory=collections.Counter)   # samples replaced, by reason
+    # finetuning only: RandAugment of the first view; erasing and mixing of the batch (on the device)
+    rand_augment: RandAugmentDraw | None = None
+    erasing: ErasingDraw | None = None
+    mix: MixDraw | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -36,6 +42,11 @@ class BatchPlan:
         take = np.asarray(slots, dtype=np.int64)
         views = {name: dataclasses.replace(p, **{f.name: getattr(p, f.name)[take] for f in dataclasses.fields(p)})
                  for name, p in self.views.items()}
+        ra = self.rand_augment
+        if ra is not None:
+            ra = RandAugmentDraw(ra.op[take], ra.apply[take], ra.argument[take])
+        erasing = None if self.erasing is None else ErasingDraw(self.erasing.boxes[take], self.erasing.noise_seed)
         return BatchPlan(self.epoch, self.step, self.indices[take], [self.encoded[i] for i in slots],
                          self.sizes[take], None if self.tokens is None else self.tokens[take], views,
-                         None if self.labels is None else self.labels[take])
+                         None if self.labels is None else self.labels[take], rand_augment=ra, erasing=erasing,
+                         mix=self.mix)

@@ -6,7 +6,11 @@ GPU and CPU, the pillow path, the previews and the benchmark, so they can never 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.batch_mix import MixRecipe
+from pipeline.rand_augment import RandAugmentRecipe
 
 
 @dataclass
@@ -14,6 +18,7 @@ class AugmentationRecipe:
     image_size: int = 224
     # CLIP view: RandomResizedCrop only.
     clip_scale: tuple[float, float] = (0.5, 1.0)
+    clip_flip_prob: float = 0.0     # the finetuning view is this view with a flip (0.5) and RandAugment
     # SimCLR views: RandomResizedCrop + colour jitter + grayscale + blur + flip.
     num_ssl_views: int = 2          # 0 for a CLIP-only (or nCLIP) run: the graph skips them
     ssl_scale: tuple[float, float] = (0.08, 1.0)
@@ -33,5 +38,10 @@ class AugmentationRecipe:
     # False makes the DALI CPU graph faster at the price of aliasing on downscales, and the pillow
     # path slower (PIL samples without antialiasing only through its generic `transform`).
     antialias: bool = True
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"   # of the crop resize; finetuning: bicubic
+    # Finetuning only (both off in pretraining, where they draw nothing): RandAugment on the first
+    # view (pipeline/rand_augment.py), and erasing / mixup / cutmix on the batch (pipeline/batch_mix.py).
+    rand_augment: RandAugmentRecipe = field(default_factory=lambda: RandAugmentRecipe(num_ops=0))
+    mix: MixRecipe = field(default_factory=lambda: MixRecipe(prob=0.0, erasing_prob=0.0, label_smoothing=0.0))
     # Evaluation transform: Resize(eval_resize) + CenterCrop(image_size).
     eval_resize: int | None = None  # None -> image_size (zero-shot); linear probe uses 256/224 ratio

@@ -123,17 +123,20 @@ def random_resized_crop(rng: np.random.Generator, heights: np.ndarray, widths: n
 
 def sample_view(rng: np.random.Generator, heights: np.ndarray, widths: np.ndarray,
                 recipe: AugmentationRecipe, ssl: bool) -> ViewParams:
-    """The CLIP view (ssl=False: crop only) or one SimCLR view (crop, jitter, grey, blur, flip)."""
+    """The CLIP view (ssl=False: crop, and a flip with `clip_flip_prob`) or one SimCLR view (crop,
+    jitter, grey, blur, flip)."""
     b = len(heights)
     crop = random_resized_crop(rng, heights, widths, recipe.ssl_scale if ssl else recipe.clip_scale, recipe.ratio)
     y0, x0 = crop[:, 0] / heights, crop[:, 1] / widths
     y1, x1 = (crop[:, 0] + crop[:, 2]) / heights, (crop[:, 1] + crop[:, 3]) / widths
     ones, zeros, no = np.ones(b, np.float32), np.zeros(b, np.float32), np.zeros(b, bool)
     if not ssl:
-        start = np.stack([y0, x0], 1).astype(np.float32)
-        end = np.stack([y1, x1], 1).astype(np.float32)
+        # a flip is drawn only when asked for (finetuning), so pretraining's stream is unchanged
+        flip = rng.random(b) < recipe.clip_flip_prob if recipe.clip_flip_prob > 0 else no
+        start = np.stack([y0, np.where(flip, x1, x0)], 1).astype(np.float32)
+        end = np.stack([y1, np.where(flip, x0, x1)], 1).astype(np.float32)
         return ViewParams(start, end, ones, contrast=ones, saturation=ones, hue=zeros, blur_sigma=zeros,
-                          flip=no, jitter=no, gray=no)
+                          flip=flip, jitter=no, gray=no)
     r = recipe
     jitter = rng.random(b) < r.jitter_prob
     bright = rng.uniform(max(0.0, 1 - r.brightness), 1 + r.brightness, b)

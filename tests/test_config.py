@@ -13,7 +13,9 @@ def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     assert cfg.model.image_size == cfg.data.recipe.image_size
-    assert cfg.optim.betas == (0.9, 0.98) and cfg.optim.eps == 1e-8
+    # pretraining: the SLIP reference's AdamW; finetuning: BEiT's
+    betas = (0.9, 0.999) if cfg.objective.name == "classification" else (0.9, 0.98)
+    assert cfg.optim.betas == betas and cfg.optim.eps == 1e-8
 
 
 def test_reference_hyperparameters():
@@ -24,6 +26,22 @@ def test_reference_hyperparameters():
     assert (simclr.optim.lr, simclr.objective.ssl_temperature) == (3.2e-3, 0.1)
     assert slip.model.vision_width == 768 and slip.data.batch_size * 64 == 4096
     assert load_config(d / "slip_vit_s16.yaml").model.vision_heads == 12
+
+
+@pytest.mark.parametrize("size, epochs, warmup, decay, drop_path", [
+    ("s16", 100, 20, 0.65, 0.0), ("b16", 100, 20, 0.65, 0.1), ("l16", 50, 5, 0.75, 0.1)])
+def test_finetuning_configs_are_the_reference_recipe(size, epochs, warmup, decay, drop_path):
+    cfg = load_config(Path(__file__).parents[1] / "trainer" / "configs" / f"finetune_vit_{size}.yaml")
+    o, r = cfg.optim, cfg.data.recipe
+    assert (o.epochs, o.warmup_epochs, cfg.finetune.layer_decay, cfg.model.drop_path) == (epochs, warmup, decay,
+                                                                                            drop_path)
+    assert (o.lr, o.lr_reference_batch, o.weight_decay, o.min_lr, o.warmup_start_lr) == (4e-3, 256, 0.05, 1e-6, 1e-6)
+    assert cfg.data.batch_size * 8 == 1024 and cfg.finetune.no_weight_decay == ("pos_embed", "cls_token")
+    assert (r.clip_scale, r.clip_flip_prob, r.interpolation, r.eval_resize) == ((0.08, 1.0), 0.5, "bicubic", 256)
+    ra, mix = r.rand_augment, r.mix
+    assert (ra.num_ops, ra.prob, ra.magnitude, ra.magnitude_std) == (2, 0.5, 9.0, 0.5)
+    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.prob, mix.switch_prob) == (0.8, 1.0, 1.0, 0.5)
+    assert (mix.label_smoothing, mix.erasing_prob) == (0.1, 0.25)
 
 
 def test_overrides_are_typed(tmp_path):
@@ -109,7 +127,7 @@ def test_sections_are_owned_by_their_components():
     from trainer.config import RunConfig
     owners = {"model": "trainer.models", "objective": "trainer.objectives", "data": "trainer.batches",
               "optim": "trainer.optim", "train": "trainer.loop", "checkpoint": "trainer.checkpoint",
-              "eval": "trainer.evaluation.config", "debug": "trainer.policies"}
+              "eval": "trainer.evaluation.config", "debug": "trainer.policies", "finetune": "trainer.finetune"}
     sections = {f.name: f.default_factory().__class__ for f in dataclasses.fields(RunConfig)
                 if f.default_factory is not dataclasses.MISSING}
     assert set(sections) == set(owners)

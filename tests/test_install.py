@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "trainer", "demokit")
 ENTRY_POINTS = ("tools/build_yfcc15m.py", "trainer/run.py", "tools/evaluate.py", "tools/demo.py",
                 "tools/preview_augmentations.py", "tools/plot_metrics.py", "tools/gpu_report.py",
-                "tools/verify_shards.py", "tools/convert_checkpoint.py")
+                "tools/verify_shards.py", "tools/convert_checkpoint.py", "tools/finetune.py")
 
 
 def _source_files() -> list[str]:

@@ -25,13 +25,15 @@ PANELS = {
     "mfu": lambda k: k == "mfu",
     "logit_scale": lambda k: k == "logit_scale",
     "grad_norm": lambda k: k == "grad_norm",
-    "eval": lambda k: k.startswith("eval/"),
+    "eval": lambda k: k.startswith("eval/") and not k.startswith("eval/val_"),
+    # finetuning: train top-1 (against the mixed targets' largest class) and validation top-1 / top-5
+    "accuracy": lambda k: k in ("train_acc", "eval/val_top1", "eval/val_top5"),
     # nCLIP collapse monitoring (docs/NCLIP.md): clusters used per global batch and per logging
     # window, and the batch-mean and per-sample entropies, per modality
     "nclip_clusters": lambda k: k.startswith("nclip_") and (k.endswith("_clusters_batch") or k.endswith("_clusters_window")),
     "nclip_entropy": lambda k: k.startswith("nclip_") and k.endswith("_entropy") and k != "nclip_batch_entropy",
 }
-LEGEND_PANELS = ("losses", "eval", "nclip_clusters", "nclip_entropy")
+LEGEND_PANELS = ("losses", "eval", "accuracy", "nclip_clusters", "nclip_entropy")
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[str]]:

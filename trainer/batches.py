@@ -13,6 +13,7 @@ from pipeline.recipe import AugmentationRecipe
 from trainer.distributed import cuda_device_index
 
 if TYPE_CHECKING:
+    from pipeline.labelled import LabelledSet
     from pipeline.loader import SLIPLoader
     from pipeline.manifest import Manifest
     from trainer.config import RunConfig
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
 @dataclass
 class DataConfig:
     manifest: str = ""                 # result manifest json of a shard build (pipeline/manifest.py)
+    # finetuning (objective.name=classification): labelled sets, ImageFolder or labelled shards
+    train: str = ""
+    val: str = ""
     batch_size: int = 64               # per rank and per micro-batch
     num_threads: int = 4               # DALI CPU threads per rank
     device: Literal["auto", "cpu", "gpu"] = "auto"   # where DALI augments; auto = gpu when CUDA is up
@@ -49,9 +53,10 @@ def data_placement(data_device: str, backend: str, device: torch.device,
     return "gpu", cuda_device_index(device if device.type == "cuda" else torch.device("cuda"), current)
 
 
-def build_loader(cfg: RunConfig, manifest: Manifest, device: torch.device, rank: int = 0,
+def build_loader(cfg: RunConfig, manifest: Manifest | LabelledSet, device: torch.device, rank: int = 0,
                  world: int = 1) -> SLIPLoader:
-    """This rank's loader; DALI augments on the training device unless told otherwise."""
+    """This rank's loader over a shard set (pretraining) or a labelled set (finetuning); DALI augments
+    on the training device unless told otherwise."""
     from pipeline.loader import SLIPLoader
     from pipeline.tokenizer import Tokenizer
     data_device, device_id = data_placement(cfg.data.device, cfg.data.backend, device)

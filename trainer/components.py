@@ -1,5 +1,6 @@
 """From a run configuration to what the loop needs: process group and device, precision, model,
-objective, loader, optimizer and schedule, DDP / compile wrappers, MFU inputs, the evaluation hook.
+objective, loader, optimizer and schedule, DDP / compile wrappers, MFU inputs, the evaluation hook;
+for a finetuning run the model, data, weight-decay groups and evaluation of trainer/finetune.py.
 (Which checkpoint a run resumes from: trainer/resume.py.)"""
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from trainer.config import ConfigError, RunConfig
 from trainer.convert import ConversionError, init_from
 from trainer.distributed import DistInfo, init_distributed
 from trainer.evaluation import make_train_hook
+from trainer.finetune import build_finetune_parts, is_finetuning
 from trainer.flops import flops_per_sample, peak_flops
 from trainer.loop import Components
 from trainer.models import build_model
@@ -57,33 +59,41 @@ def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components
     scaler = grad_scaler(amp_dtype, device)
 
     seed_everything(cfg.train.seed)      # identical model init on every rank
-    # The global batch per view picks the SimCLR-head norm (SyncBN at reference scale, see models.py).
-    model = build_model(cfg.model, cfg.objective.name, global_batch_size=cfg.data.batch_size * world)
-    if cfg.model.init_from:   # weights only (no random draws); a resumed checkpoint loaded later overrides them
+    finetune = build_finetune_parts(cfg, device, rank) if is_finetuning(cfg) else None
+    if finetune is not None:
+        model, data, group_options = finetune.model, finetune.train, finetune.group_options
+    else:
+        # The global batch per view picks the SimCLR-head norm (SyncBN at reference scale, see models.py).
+        model = build_model(cfg.model, cfg.objective.name, global_batch_size=cfg.data.batch_size * world)
+        if cfg.model.init_from:   # weights only (no random draws); a resumed checkpoint loaded later overrides them
+            try:
+                lines = init_from(model, cfg.model.init_from, cfg)
+            except ConversionError as e:
+                raise ConfigError(f"model.init_from: {e}") from None
+            if rank == 0:
+                print("\n".join(lines), flush=True)
         try:
-            lines = init_from(model, cfg.model.init_from, cfg)
-        except ConversionError as e:
-            raise ConfigError(f"model.init_from: {e}") from None
-        if rank == 0:
-            print("\n".join(lines), flush=True)
+            data = load_manifest(cfg.data.manifest)
+        except ValueError as e:
+            raise ConfigError(f"data.manifest: {e}") from None
+        group_options = {}
     model.to(device)
     objective = build_objective(cfg.objective)
     seed_everything(cfg.train.seed * 1000 + rank)   # per-rank streams from here on
 
-    try:
-        manifest = load_manifest(cfg.data.manifest)
-    except ValueError as e:
-        raise ConfigError(f"data.manifest: {e}") from None
-    loader = build_loader(cfg, manifest, device, rank, world)
+    loader = build_loader(cfg, data, device, rank, world)
     accum = cfg.optim.accum_steps
     steps_per_epoch = loader.steps_per_epoch // accum
     if steps_per_epoch < 1:
-        raise ConfigError(f"{cfg.data.manifest}: {manifest.total_samples} samples make no optimizer step at "
-                          f"batch {cfg.data.batch_size} x {world} ranks x {accum} accumulation")
+        raise ConfigError(f"{cfg.data.train or cfg.data.manifest}: {loader.num_samples} samples make no optimizer "
+                          f"step at batch {cfg.data.batch_size} x {world} ranks x {accum} accumulation")
     total_steps = max(1, int(cfg.optim.epochs * steps_per_epoch))
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = WarmupCosine(optimizer, cfg.optim.lr, int(cfg.optim.warmup_epochs * steps_per_epoch),
-                             total_steps, cfg.optim.warmup_start_lr, cfg.optim.min_lr)
+    optimizer = build_optimizer(model, cfg.optim, **group_options)
+    o = cfg.optim
+    # rates given per a reference global batch scale with the run's (BEiT: lr = base * batch / 256)
+    scale = cfg.data.batch_size * accum * world / o.lr_reference_batch if o.lr_reference_batch else 1.0
+    scheduler = WarmupCosine(optimizer, o.lr * scale, int(o.warmup_epochs * steps_per_epoch),
+                             total_steps, o.warmup_start_lr * scale, o.min_lr * scale)
 
     train_model = model
     if world > 1:
@@ -101,6 +111,9 @@ def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components
                       scheduler=scheduler, loader=loader, device=device, rank=rank, world_size=world,
                       amp_dtype=amp_dtype, scaler=scaler,
                       total_steps=min(total_steps, cfg.optim.max_steps or total_steps),
-                      flops_per_sample=train_flops, peak_flops=peak, evaluate=make_train_hook(cfg),
-                      manifest_sha256=manifest_sha256(cfg.data.manifest))
+                      flops_per_sample=train_flops, peak_flops=peak,
+                      evaluate=finetune.evaluate if finetune else make_train_hook(cfg),
+                      manifest_sha256=None if finetune else manifest_sha256(cfg.data.manifest),
+                      on_device=finetune.on_device if finetune else None,
+                      eval_every_steps=(finetune.eval_every_epochs * steps_per_epoch) if finetune else None)
 

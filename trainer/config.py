@@ -32,6 +32,7 @@ from trainer.batches import DataConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.dataclass_io import ConfigError, from_dict, to_dict
 from trainer.evaluation.config import EvalConfig
+from trainer.finetune import FinetuneConfig, is_finetuning
 from trainer.loop import TrainConfig
 from trainer.models import ModelConfig
 from trainer.objectives import ObjectiveConfig, objective_parts
@@ -56,6 +57,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)   # used when objective.name=classification
 
 
 # ---------------------------------------------------------------- YAML and overrides
@@ -225,6 +227,11 @@ def check_consistency(cfg: RunConfig) -> None:
     ssl_views = objective_parts(cfg.objective.name).ssl_views
     if ssl_views and cfg.data.recipe.num_ssl_views != ssl_views:
         raise ConfigError(f"objective {cfg.objective.name} needs data.recipe.num_ssl_views={ssl_views}")
+    if is_finetuning(cfg) and not cfg.data.train:
+        raise ConfigError("objective classification (finetuning) needs data.train: an ImageFolder directory "
+                          "or labelled shards")
+    if is_finetuning(cfg) and cfg.data.recipe.num_ssl_views:
+        raise ConfigError("objective classification (finetuning) trains on one view: set data.recipe.num_ssl_views=0")
     if cfg.data.device != "auto":      # the augmenters' own rule (auto picks a device that fits)
         try:
             check_backend(cfg.data.backend, cfg.data.device)

@@ -74,6 +74,8 @@ def count_flops(fn, *args) -> int:
 
 
 def flops_per_sample(model_cfg: ModelConfig, objective: str) -> FlopCount:
+    if objective_parts(objective).classify:
+        return _classifier_flops(model_cfg)
     with torch.device("meta"):
         # single_pass_views off so the count does not depend on the concatenation
         model = build_model(replace(model_cfg, single_pass_views=False), objective, global_batch_size=None)
@@ -87,6 +89,16 @@ def flops_per_sample(model_cfg: ModelConfig, objective: str) -> FlopCount:
         text_flops = count_flops(model.text, text) if model.uses_text else 0
     return FlopCount(image_per_view=image_flops, text=text_flops, forward=forward,
                      image_views=objective_parts(objective).image_views)
+
+
+def _classifier_flops(model_cfg: ModelConfig, num_classes: int = 1000) -> FlopCount:
+    from trainer.classifier import ImageClassifier
+    with torch.device("meta"):
+        model = ImageClassifier(model_cfg, num_classes)
+        image = torch.empty(1, 3, model_cfg.image_size, model_cfg.image_size)
+    with torch.no_grad():
+        forward, image_flops = count_flops(model, image), count_flops(model.visual, image)
+    return FlopCount(image_per_view=image_flops, text=0, forward=forward, image_views=1)
 
 
 if __name__ == "__main__":

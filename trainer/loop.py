@@ -87,6 +87,8 @@ class Components:
     peak_flops: float | None = None          # per device
     evaluate: Callable[[nn.Module, int], dict] | None = None
     manifest_sha256: str | None = None       # of the data set's manifest file, stored in checkpoints
+    on_device: Callable[[dict], dict] | None = None   # batch step on the training device (finetuning's mixing)
+    eval_every_steps: int | None = None      # overrides eval.every_steps (finetuning: once an epoch)
 
 
 @dataclass
@@ -119,7 +121,8 @@ class Trainer:
         self.nonfinite = NonFinitePolicy(cfg.train.max_nonfinite)
         self.log_due = Every(cfg.train.log_every)
         self.checkpoint_due = Every(cfg.checkpoint.every_steps)
-        self.eval_due = Every(cfg.eval.every_steps if c.evaluate is not None else 0)
+        eval_every = cfg.eval.every_steps if c.eval_every_steps is None else c.eval_every_steps
+        self.eval_due = Every(eval_every if c.evaluate is not None else 0)
         self.cluster_usage = ClusterUsageMeter(CLUSTER_COUNTS)   # nCLIP only; read at log steps
         self.collapse_watch = CollapseWatch(cfg.objective.nclip_min_usage)
         self._metrics: MetricsLogger | None = None
@@ -309,6 +312,8 @@ class Trainer:
             while st.step < end:
                 with speed.waiting_for_data():
                     micro = [to_device(next(stream), c.device) for _ in range(cfg.optim.accum_steps)]
+                    if c.on_device is not None:
+                        micro = [c.on_device(m) for m in micro]
                 result = self.train_step(micro)
                 st.step += 1
                 st.samples_seen += global_batch

@@ -103,6 +103,9 @@ class ModelConfig:
     # weights to start a new run from (weights only: optimizer, schedule and data position start
     # fresh): one of our checkpoints, a converted one, or a foreign one (trainer/convert/)
     init_from: str = ""
+    # stochastic depth of the image blocks (finetuning; the SLIP reference pretrains without it):
+    # block i of L drops its residual branches per sample with rate drop_path * i / (L - 1)
+    drop_path: float = 0.0
     # execution
     grad_checkpointing: bool = False
     single_pass_views: bool = True
@@ -114,6 +117,8 @@ class ModelConfig:
             raise ValueError("width must be divisible by the number of heads")
         if self.ssl_norm not in SSL_NORMS:
             raise ValueError(f"ssl_norm must be one of {SSL_NORMS}, got {self.ssl_norm!r}")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"drop_path must lie in [0, 1), got {self.drop_path}")
         for name in ("vision_act", "text_act"):
             if getattr(self, name) not in ACTIVATIONS:
                 raise ValueError(f"{name} must be one of {ACTIVATIONS}, got {getattr(self, name)!r}")
@@ -166,27 +171,44 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a residual branch for a random subset of the samples, rescaling the
+    kept ones by 1 / (1 - rate) so the expectation is unchanged; the identity in evaluation."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
 class Block(nn.Module):
     """Pre-LN transformer block."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, act: type[nn.Module], causal: bool,
-                 eps: float):
+                 eps: float, drop_path: float = 0.0):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads, causal)
         self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), act(), nn.Linear(hidden, width))
+        self.drop_path = drop_path
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+def drop_path_rates(rate: float, layers: int) -> list[float]:
+    """timm / BEiT: rates rising linearly from 0 at the first block to `rate` at the last."""
+    # plain floats: models are also built under torch.device("meta") (FLOP counts, conversion)
+    return [rate * i / (layers - 1) for i in range(layers)] if layers > 1 else [0.0] * layers
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, mlp_ratio, act, causal=False, eps=1e-5):
+    def __init__(self, width, layers, heads, mlp_ratio, act, causal=False, eps=1e-5, drop_path=0.0):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, causal, eps) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, causal, eps, rate)
+                                    for rate in drop_path_rates(drop_path, layers))
         self.grad_checkpointing = False
 
     def forward(self, x):
@@ -213,7 +235,7 @@ class VisionTransformer(nn.Module):
         # Identity (no parameters) unless asked for, so the reference layout keeps its state dict
         self.norm_pre = nn.LayerNorm(w, eps=eps) if cfg.vision_ln_pre else nn.Identity()
         self.transformer = Transformer(w, cfg.vision_layers, cfg.vision_heads, cfg.mlp_ratio,
-                                       activation(cfg.vision_act), eps=eps)
+                                       activation(cfg.vision_act), eps=eps, drop_path=cfg.drop_path)
         self.norm = nn.LayerNorm(w, eps=eps)
         # timm-style init
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -89,6 +89,7 @@ class ObjectiveParts:
     clip: bool = False      # image/text projections + logit scale; the CLIP loss
     simclr: bool = False    # SimCLR head over two SSL views; the SimCLR loss
     nclip: bool = False     # nCLIP cluster heads + shared prototypes; the nCLIP loss
+    classify: bool = False  # finetuning: a classifier on one view; cross-entropy against soft targets
 
     @property
     def text(self) -> bool:
@@ -103,7 +104,7 @@ class ObjectiveParts:
     @property
     def image_views(self) -> int:
         """Image views per sample through the trunk: the CLIP view (CLIP, nCLIP) plus the SSL views."""
-        return int(self.clip or self.nclip) + self.ssl_views
+        return int(self.clip or self.nclip or self.classify) + self.ssl_views
 
 
 # The one table of objectives.
@@ -113,6 +114,7 @@ OBJECTIVE_PARTS: dict[str, ObjectiveParts] = {
     "slip": ObjectiveParts(clip=True, simclr=True),
     "nclip": ObjectiveParts(nclip=True),
     "xclip": ObjectiveParts(clip=True, nclip=True),
+    "classification": ObjectiveParts(classify=True),     # finetuning (trainer/finetune.py)
 }
 OBJECTIVES = tuple(OBJECTIVE_PARTS)
 ObjectiveName = Literal[OBJECTIVES]  # the table's keys, as a type the config loader checks
@@ -281,6 +283,14 @@ def nclip_loss(image_logits, text_logits, student_temperature: float = 0.1,
             CLUSTER_COUNTS["text"]: _histogram(hard_text, lt.shape[-1])}
 
 
+def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> dict:
+    """Cross-entropy against soft targets (timm's SoftTargetCrossEntropy: smoothed, mixed labels) and
+    train top-1 against each target's largest class (with mixup, the class holding most of the image)."""
+    logits = _f32(logits)
+    loss = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return {"cls_loss": loss, "train_acc": _accuracy(logits.detach(), target.argmax(-1))}
+
+
 def _histogram(index: torch.Tensor, k: int) -> torch.Tensor:
     """Counts of each of k values; scatter-add, not bincount, which reads the maximum back to the host."""
     return torch.zeros(k, dtype=torch.int64, device=index.device).index_add_(0, index, torch.ones_like(index))
@@ -298,7 +308,7 @@ class Objective:
 
     # model outputs each part reads
     REQUIRED = {"clip": ("image_embed", "text_embed", "logit_scale"), "simclr": ("ssl_embed_1", "ssl_embed_2"),
-                "nclip": ("image_cluster_logits", "text_cluster_logits")}
+                "nclip": ("image_cluster_logits", "text_cluster_logits"), "classify": ("logits", "target")}
 
     def _compute(self, out: dict) -> dict:
         cfg, name = self.cfg, self.cfg.name
@@ -323,6 +333,9 @@ class Objective:
                                     cfg.nclip_student_temperature, cfg.nclip_teacher_temperature,
                                     cfg.nclip_sharpness_weight, cfg.nclip_smoothness_weight))
             loss = loss + (cfg.nclip_weight if parts.clip else 1.0) * terms["nclip_loss"]
+        if parts.classify:
+            terms.update(classification_loss(out["logits"], out["target"]))
+            loss = loss + terms["cls_loss"]
         result = {k: v.detach() for k, v in terms.items()}
         result["loss"] = loss
         return result

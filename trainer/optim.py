@@ -26,6 +26,9 @@ class OptimConfig:
     warmup_epochs: float = 1
     warmup_start_lr: float = 1e-6
     min_lr: float = 1e-5
+    # null: the rates above are used as they are; a number: they are rates for that global batch and
+    # scale linearly with the run's (BEiT finetuning: 256)
+    lr_reference_batch: int | None = None
     grad_clip: float | None = None     # max global grad norm; None = no clipping (norm still logged)
     accum_steps: int = 1               # micro-batches per optimizer step; negatives stay per micro-batch
     max_steps: int | None = None       # stop after this many steps (tests, benchmarks); the schedule
@@ -47,6 +50,8 @@ class OptimConfig:
             raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
+        if self.lr_reference_batch is not None and self.lr_reference_batch < 1:
+            raise ValueError(f"lr_reference_batch must be >= 1 or null, got {self.lr_reference_batch}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null (the whole schedule), got {self.max_steps}")
 

@@ -94,7 +94,8 @@ def main(argv=None) -> int:
             print(f"{cfg.objective.name}: {n_params / 1e6:.1f}M parameters, {c.world_size} rank(s) on {c.device}, "
                   f"global batch {cfg.data.batch_size * cfg.optim.accum_steps * c.world_size}, "
                   f"{trainer.end_step} steps, out {cfg.out_dir}", flush=True)
-            print(_verification_line(cfg.data.manifest), flush=True)
+            if cfg.data.manifest and not cfg.data.train:
+                print(_verification_line(cfg.data.manifest), flush=True)
         trainer.fit()
     except ConfigError as e:
         return _error(rank, e, 2, kind="config error")

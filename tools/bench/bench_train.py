@@ -12,6 +12,11 @@ Two measurements in the same process:
 2. End to end (when data.manifest exists): the real DALI loader feeding the same train step;
    images/s and the share of step time blocked on the loader (data-wait).
 
+A finetuning config (objective `classification`) measures the finetuning step the same way: the
+classifier on one view against soft targets, ours (fused attention, autocast) against the eager
+fp32 baseline; end to end, the labelled loader (`data.train`) with RandAugment and the on-device
+erasing and mixing.
+
 `compute_throughput` and `end_to_end` return their numbers for other tools (tools/gpu_report.py).
 """
 from __future__ import annotations
@@ -27,9 +32,11 @@ from pathlib import Path
 import torch
 
 from trainer.batches import build_loader, endless, to_device
+from trainer.classifier import ImageClassifier
 from trainer.components import autocast_dtype, grad_scaler
 from trainer.config import RunConfig, load_config
 from trainer.distributed import cuda_device_index
+from trainer.finetune import ClassifierForward, MixOnDevice, group_options, is_finetuning
 from trainer.flops import flops_per_sample, peak_flops
 from trainer.loop import Components, Trainer
 from trainer.metrics import model_flops_utilisation
@@ -54,6 +61,9 @@ def synthetic_batch(cfg: RunConfig, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     b, s = cfg.data.batch_size, cfg.model.image_size
     batch = {"clip_image": torch.randn(b, 3, s, s, generator=g)}
+    if is_finetuning(cfg):
+        batch["target"] = torch.randn(b, num_classes(cfg), generator=g).softmax(-1)
+        return {k: v.to(device) for k, v in batch.items()}
     if cfg.data.recipe.num_ssl_views == 2:
         batch["ssl_image_1"] = torch.randn(b, 3, s, s, generator=g)
         batch["ssl_image_2"] = torch.randn(b, 3, s, s, generator=g)
@@ -65,9 +75,20 @@ def synthetic_batch(cfg: RunConfig, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def num_classes(cfg: RunConfig) -> int:
+    """The training set's classes when it is there, else ImageNet's 1000."""
+    if cfg.data.train and Path(cfg.data.train).exists():
+        from pipeline.labelled import open_labelled
+        return open_labelled(cfg.data.train).num_classes
+    return 1000
+
+
 def make_trainer(cfg: RunConfig, device: torch.device, baseline: bool, state: dict | None) -> Trainer:
     model_cfg = replace(cfg.model, single_pass_views=False, grad_checkpointing=False) if baseline else cfg.model
-    model = build_model(model_cfg, cfg.objective.name, global_batch_size=cfg.data.batch_size).to(device)
+    if is_finetuning(cfg):
+        model = ClassifierForward(ImageClassifier(model_cfg, num_classes(cfg))).to(device)
+    else:
+        model = build_model(model_cfg, cfg.objective.name, global_batch_size=cfg.data.batch_size).to(device)
     if state is not None:
         model.load_state_dict(state)
     if baseline:
@@ -76,7 +97,7 @@ def make_trainer(cfg: RunConfig, device: torch.device, baseline: bool, state: di
                 m.forward = types.MethodType(eager_attention, m)
     amp = None if baseline else autocast_dtype(cfg.train.precision, device)
     train_model = torch.compile(model) if cfg.train.compile and not baseline else model
-    opt = build_optimizer(model, cfg.optim)
+    opt = build_optimizer(model, cfg.optim, **(group_options(cfg) if is_finetuning(cfg) else {}))
     c = Components(cfg=cfg, model=model, train_model=train_model, objective=build_objective(cfg.objective),
                    optimizer=opt, scheduler=WarmupCosine(opt, cfg.optim.lr, 0, 10**6), loader=None,
                    device=device, amp_dtype=amp, scaler=grad_scaler(amp, device))
@@ -88,25 +109,31 @@ def timed_steps(trainer: Trainer, batch: dict, n: int) -> list[float]:
     for _ in range(n):
         t0 = time.perf_counter()
         trainer.train_step([batch])
-        if batch["text"].is_cuda:
+        if batch["clip_image"].is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return times
 
 
 def end_to_end(cfg: RunConfig, trainer: Trainer, device: torch.device, steps: int, warmup: int) -> dict:
-    from pipeline.manifest import load_manifest
-    loader = build_loader(cfg, load_manifest(cfg.data.manifest), device)
+    if is_finetuning(cfg):
+        from pipeline.labelled import open_labelled
+        data = open_labelled(cfg.data.train)
+        on_device = MixOnDevice(data.num_classes, cfg.data.recipe.mix.label_smoothing)
+    else:
+        from pipeline.manifest import load_manifest
+        data, on_device = load_manifest(cfg.data.manifest), (lambda batch: batch)
+    loader = build_loader(cfg, data, device)
     stream = endless(loader)
     for _ in range(warmup):
-        trainer.train_step([to_device(next(stream), device)])
+        trainer.train_step([on_device(to_device(next(stream), device))])
     wait = 0.0
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_start = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
-        batch = to_device(next(stream), device)
+        batch = on_device(to_device(next(stream), device))
         wait += time.perf_counter() - t0
         trainer.train_step([batch])
     if device.type == "cuda":
@@ -170,17 +197,20 @@ def main(argv=None) -> int:
     if r["mfu"] is not None:
         print(f"          MFU {100 * r['mfu']:.1f}% (peak {r['peak_flops'] / 1e12:.0f} TFLOP/s)")
     if "speedup" in r:
+        structure = "eager attention, fp32" if is_finetuning(cfg) else \
+            "3 separate encoder passes, eager attention, fp32"
         print(f"compute   baseline: {1 / r['baseline_step_s']:7.3f} steps/s  {r['baseline_images_per_s']:8.1f} images/s  "
-              "(3 separate encoder passes, eager attention, fp32)")
+              f"({structure})")
         print(f"speed-up ours/baseline: {r['speedup']:.2f}x")
     if not a.no_data:
-        if cfg.data.manifest and Path(cfg.data.manifest).exists():
+        source = cfg.data.train if is_finetuning(cfg) else cfg.data.manifest
+        if source and Path(source).exists():
             e2e = end_to_end(cfg, ours, device, a.steps * a.rounds, a.warmup)
             print(f"end-to-end ours:    {e2e['steps_per_s']:7.3f} steps/s  {e2e['images_per_s']:8.1f} images/s  "
                   f"data-wait {100 * e2e['data_wait']:.1f}%  ({cfg.data.backend} {cfg.data.num_threads} threads, "
                   f"{e2e['bad_samples']} bad samples)")
         else:
-            print(f"end-to-end skipped: data.manifest {cfg.data.manifest!r} not found")
+            print(f"end-to-end skipped: {source!r} not found")
     return 0
 
 
