@@ -3,12 +3,18 @@
     python tools/evaluate.py --checkpoint runs/x/checkpoints/step_00001000.pt --data demo_run/data/eval \
         --out runs/x/eval.json
     python tools/evaluate.py --config trainer/configs/demo_slip.yaml --random-init --data DIR --out r.json
+    python tools/evaluate.py --checkpoint X.pt --data /data/glue/STS-B/dev.tsv --tasks sts --out sts.json
+    python tools/evaluate.py --checkpoint X.pt --data /data/glue/SST-2 --tasks text_probe --out sst2.json
 
 The model configuration is `--config` if given, else the one stored in the checkpoint, else the
 run's saved `config.yaml` (next to `checkpoints/`). Images are prepared as the run's recipe says. `--data` is an evaluation directory (train/ + val/ + classnames.json +
 templates.json + val_captions.jsonl, as the demo builds), an ImageFolder directory, or labelled
 webdataset shards (a directory or a glob). Without `--templates` a dataset's own templates.json is
 used, else the SLIP paper's 7 ImageNet templates; ImageNet class names ship in trainer/data/.
+A CLIP-benchmark webdataset folder (`classnames.txt`, `zeroshot_classification_templates.txt`,
+`test/nshards.txt` + shards) is read as it is published. The text tasks (`sts`: a GLUE STS-B TSV;
+`text_probe`: a GLUE single-sentence folder with train.tsv and dev.tsv) judge the text tower alone
+(trainer/evaluation/text.py).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from pipeline.regular_files import is_regular
 from trainer.checkpoint import CheckpointError, load_model
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.evaluation import TASKS, EvalConfig, Evaluator, EvalTransform, LinearProbeConfig, save_results
+from trainer.evaluation.text import TEXT_TASKS, sts, text_probe
 from trainer.models import build_model
 from pipeline.cli import report, run_main
 
@@ -37,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--config", help="run config YAML (default: the run's saved config.yaml)")
     p.add_argument("--data", required=True, help="evaluation dir, ImageFolder dir or shard dir/glob")
     p.add_argument("--out", help="results JSON (default: print only)")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help=f"comma-separated subset of {','.join(TASKS)}, or of the text tasks {','.join(TEXT_TASKS)}")
     p.add_argument("--classnames", help="JSON list of class names (default: the data's classnames.json)")
     p.add_argument("--templates", help="JSON list of prompt templates with {} (default: data's templates.json or ImageNet 7)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
@@ -81,6 +89,8 @@ def evaluate(args) -> int:
     else:
         model, run_cfg = load_model(args.checkpoint, args.config, args.device)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if set(tasks) & set(TEXT_TASKS):
+        return evaluate_text(args, model, run_cfg, tasks, t0)
     cfg = EvalConfig(data=args.data, tasks=tasks, batch_size=args.batch_size or run_cfg.eval.batch_size,
                      classnames=args.classnames, templates=args.templates,
                      probe=LinearProbeConfig(solver=args.probe, epochs=args.probe_epochs, lr=args.probe_lr))
@@ -99,6 +109,36 @@ def evaluate(args) -> int:
     if results["bad_images"]["count"]:
         print(f"warning: {results['bad_images']['count']} unreadable images skipped "
               f"(listed in {args.out or 'the results'})", file=sys.stderr)
+    return 0
+
+
+def evaluate_text(args, model, run_cfg: RunConfig, tasks: tuple[str, ...], t0: float) -> int:
+    """The text tower alone on a GLUE file or folder (trainer/evaluation/text.py)."""
+    if not set(tasks) <= set(TEXT_TASKS):
+        raise ValueError(f"--tasks {','.join(tasks)}: text tasks ({','.join(TEXT_TASKS)}) and image tasks "
+                         "read different data; run them separately")
+    if not getattr(model, "uses_text", False):
+        raise ValueError(f"{run_cfg.objective.name}: the model has no text tower; the text tasks do not apply")
+    model.visual = None          # the image tower is never run: drop it
+    from pipeline.tokenizer import Tokenizer
+    tokenizer, batch = Tokenizer(), args.batch_size or run_cfg.eval.batch_size
+    results: dict = {"data": args.data}
+    if "sts" in tasks:
+        results["sts"] = sts(model, tokenizer, Path(args.data), batch)
+    if "text_probe" in tasks:
+        results["text_probe"] = text_probe(model, tokenizer, Path(args.data), batch,
+                                           LinearProbeConfig(solver=args.probe, epochs=args.probe_epochs,
+                                                             lr=args.probe_lr))
+    results.update(checkpoint="random-init" if args.random_init else str(args.checkpoint),
+                   objective=run_cfg.objective.name, model=run_cfg.model.name, seconds=round(time.time() - t0, 2))
+    if args.out:
+        save_results(results, args.out)
+    short = {}
+    if "sts" in results:
+        short["sts_spearman"] = {f: round(results["sts"][f]["spearman"], 4) for f in ("embed", "eot")}
+    if "text_probe" in results:
+        short["text_probe_top1"] = {f: round(results["text_probe"][f]["top1"], 2) for f in ("embed", "eot")}
+    print(json.dumps({"checkpoint": results["checkpoint"], **short, "out": args.out}, indent=1))
     return 0
 
 

@@ -6,8 +6,14 @@ Readers (each returns `Sample`s; decoding happens later, batch by batch):
 - webdataset tar shards whose samples carry an image (`jpg`/`jpeg`/`png`/`webp`) and an integer
   label (`cls`);
 - `EvalData.open`: the demo's held-out layout (docs/ARCHITECTURE.md "Demo data"),
-  `<dir>/{train,val}/...` plus `classnames.json`, `templates.json` and `val_captions.jsonl`, or a
+  `<dir>/{train,val}/...` plus `classnames.json`, `templates.json` and `val_captions.jsonl`; a
+  CLIP-benchmark webdataset folder as it is published (`classnames.txt`,
+  `zeroshot_classification_templates.txt` with `{c}`, `{split}/nshards.txt` and
+  `{split}/0.tar ...`; `test/` is evaluated, `train/` where present trains the probe); or a
   single labelled set of either kind.
+
+Images decode with PIL; a WebP image (the CLIP benchmark's default member, which the pillow-simd
+built here cannot read) decodes with OpenCV instead.
 
 Images that cannot be read (missing, truncated, not an image) are counted and named in `BadImages`
 and skipped; evaluation continues on the rest. So are samples whose label is not one of the
@@ -26,7 +32,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, features
 from tqdm import tqdm
 
 from pipeline.regular_files import is_regular, read_regular
@@ -37,6 +43,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_LIST_BYTES = 64 << 20      # classnames.json, templates.json, val_captions.jsonl
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+WEBP_IN_PIL = features.check("webp")
+CLIP_BENCHMARK_CLASSES = "classnames.txt"
+CLIP_BENCHMARK_TEMPLATES = "zeroshot_classification_templates.txt"
 
 
 def imagenet_classnames() -> list[str]:
@@ -118,8 +127,25 @@ class BadImages:
         return {"count": len(self.items), "files": self.items}
 
 
+def _is_webp(data: bytes) -> bool:
+    return len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+
+
+def _decode_webp(data: bytes) -> Image.Image:
+    """A WebP image through OpenCV (pillow-simd is built without WebP)."""
+    import cv2
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if pixels is None:
+        raise ValueError("undecodable WebP image")
+    return Image.fromarray(cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB))
+
+
 def _decode(data: bytes | None, path: str | Path | None) -> Image.Image:
-    img = Image.open(io.BytesIO(data) if data is not None else path)
+    if data is None:
+        data = read_regular(Path(path), MAX_IMAGE_BYTES, "an image")
+    if _is_webp(data) and not WEBP_IN_PIL:
+        return _decode_webp(data)
+    img = Image.open(io.BytesIO(data))
     img.load()  # force the full decode here so truncated files fail now
     return img
 
@@ -300,6 +326,34 @@ class EvalData:
 
     @classmethod
     def open(cls, location: str | None, classnames: str | None = None, templates: str | None = None) -> EvalData:
+        if location and is_clip_benchmark(Path(location)):
+            return cls.open_clip_benchmark(Path(location), classnames, templates)
+        return cls._open(location, classnames, templates)
+
+    @classmethod
+    def open_clip_benchmark(cls, root: Path, classnames: str | None = None, templates: str | None = None) -> EvalData:
+        """A CLIP-benchmark webdataset folder, read as published: `test/` evaluated, `train/` (if
+        there) for the probe; its class names and `{c}` templates unless files are given."""
+        bad = BadImages()
+        names = _read_json_list(Path(classnames), "class names") if classnames else \
+            read_lines(root / CLIP_BENCHMARK_CLASSES, "class names")
+        if templates:
+            prompts = _read_json_list(Path(templates), "templates")
+        elif (root / CLIP_BENCHMARK_TEMPLATES).is_file():
+            prompts = [t.replace("{c}", "{}") for t in read_lines(root / CLIP_BENCHMARK_TEMPLATES, "templates")]
+        else:
+            prompts = imagenet_templates()
+        test = LabelledSplit(root / "test", webdataset_samples(split_shards(root / "test"), bad), names)
+        train = None
+        if (root / "train" / "nshards.txt").is_file():
+            train = LabelledSplit(root / "train", webdataset_samples(split_shards(root / "train"), bad), names)
+        for split in (test, train):
+            if split is not None:
+                split.drop_unknown_labels(len(names), bad)
+        return cls(str(root), root, test, train, names, prompts, None, bad)
+
+    @classmethod
+    def _open(cls, location: str | None, classnames: str | None = None, templates: str | None = None) -> EvalData:
         """List `location`; `classnames` / `templates` are JSON list files overriding the data's own
         (absent both: directory names, and the SLIP paper's ImageNet templates)."""
         if not location:
@@ -327,6 +381,37 @@ class EvalData:
         cap = root / "val_captions.jsonl"
         captions = read_captions(cap, root, bad) if cap.is_file() else None
         return cls(str(location), root, test, train, test.classnames, prompts, captions, bad)
+
+
+def is_clip_benchmark(root: Path) -> bool:
+    """A CLIP-benchmark webdataset folder: `test/nshards.txt` (mandatory in that layout) under `root`."""
+    return root.is_dir() and (root / "test" / "nshards.txt").is_file()
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """Non-empty lines of a text file (class names, templates), stripped."""
+    try:
+        text = read_regular(path, MAX_LIST_BYTES, what).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read {what} ({e})") from e
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: no {what}")
+    return lines
+
+
+def split_shards(split: Path) -> list[Path]:
+    """The shards `{split}/nshards.txt` announces, `0.tar` to `N-1.tar`; a missing one is an error naming it."""
+    try:
+        count = int(read_regular(split / "nshards.txt", 64, "a shard count").decode().strip())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{split / 'nshards.txt'}: not a shard count ({e})") from e
+    paths = [split / f"{i}.tar" for i in range(count)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: shard {missing[0].stem} of the {count} that "
+                                f"{split / 'nshards.txt'} announces is missing")
+    return paths
 
 
 # ============================================================================ decoding in batches

@@ -68,4 +68,4 @@ def evaluate(ctx: EvalContext) -> dict:
     return retrieval_recall(image_embed, text_embed, [remap[r] for r, _ in pairs])
 
 
-TASK = Task("retrieval", evaluate, image_embed=True, unavailable=_no_captions)
+TASK = Task("retrieval", evaluate, image_embed=True, text=True, unavailable=_no_captions)

@@ -42,6 +42,9 @@ class Evaluator:
         """Full results (nested dict, JSON-ready). Leaves the model's train/eval mode as it was."""
         selected = [t for name, t in EVALUATORS.items() if name in self.cfg.tasks]
         skipped = {t.name: reason for t in selected if (reason := t.unavailable(self.data)) is not None}
+        if not getattr(model, "uses_text", True):     # SimCLR: image-only tasks; the others do not apply
+            skipped.update({t.name: "not applicable: the model has no text tower" for t in selected
+                            if t.text and t.name not in skipped})
         runnable = [t for t in selected if t.name not in skipped]
         was_training = model.training
         model.eval()

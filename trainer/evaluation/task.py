@@ -46,4 +46,5 @@ class Task:
     run: Callable[[EvalContext], dict]
     image_embed: bool = False          # needs the test split's image embeddings
     trunk_features: bool = False       # needs the test split's pooled trunk features
+    text: bool = False                 # needs the model's text tower (not applicable to SimCLR)
     unavailable: Callable[[EvalData], str | None] = _always_available   # why it cannot run on this data; None = it can

@@ -41,4 +41,4 @@ def evaluate(ctx: EvalContext) -> dict:
     return result
 
 
-TASK = Task("zeroshot", evaluate, image_embed=True)
+TASK = Task("zeroshot", evaluate, image_embed=True, text=True)

@@ -1,0 +1,182 @@
+"""The evaluation battery's inputs: the CLIP-benchmark webdataset layout as published (WebP and JPEG
+members, nshards.txt, `{c}` templates), and models without a text tower (SimCLR)."""
+import io
+import tarfile
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from trainer.evaluation import EvalConfig, Evaluator, EvalTransform
+from trainer.evaluation.data import EvalData
+from trainer.models import ModelConfig, build_model
+
+CLASSES = ["cat", "dog", "bird"]
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _encoded(label: int, seed: int, ext: str) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 60, (40, 48, 3), dtype=np.uint8)
+    img[:, :, label] += 150
+    flags = [cv2.IMWRITE_WEBP_QUALITY, 101] if ext == "webp" else []      # 101: lossless, the benchmark's
+    ok, buf = cv2.imencode(f".{ext}", img, flags)
+    assert ok
+    return buf.tobytes()
+
+
+def _split(root, split: str, shards: int, per_shard: int) -> None:
+    (root / split).mkdir(parents=True)
+    k = 0
+    for s in range(shards):
+        with tarfile.open(root / split / f"{s}.tar", "w") as tar:
+            for _ in range(per_shard):
+                ext = "webp" if k % 2 == 0 else "jpg"
+                _member(tar, f"s{k:07d}.{ext}", _encoded(k % 3, k, ext))
+                _member(tar, f"s{k:07d}.cls", str(k % 3).encode())
+                k += 1
+    (root / split / "nshards.txt").write_text(f"{shards}\n")
+
+
+@pytest.fixture(scope="module")
+def benchmark_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wds_pets")
+    (root / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na blurry photo of a {c}.\n")
+    _split(root, "test", shards=2, per_shard=9)
+    _split(root, "train", shards=1, per_shard=12)
+    return root
+
+
+def test_a_clip_benchmark_folder_is_read_as_published(benchmark_folder):
+    data = EvalData.open(str(benchmark_folder))
+    assert data.classnames == CLASSES
+    assert data.templates == ["a photo of a {}.", "a blurry photo of a {}."]
+    assert len(data.test.samples) == 18 and len(data.train.samples) == 12
+    assert [s.label for s in data.test.samples] == [k % 3 for k in range(18)]
+    assert data.captions is None and not data.bad.items
+
+
+def test_webp_and_jpeg_members_both_decode(benchmark_folder):
+    model = build_model(ModelConfig.preset("vit_tiny"), "clip")
+    cfg = EvalConfig(data=str(benchmark_folder), tasks=("zeroshot", "linear_probe"), batch_size=8)
+    results = Evaluator(cfg, EvalTransform(64), progress=False)(model)
+    assert results["bad_images"]["count"] == 0
+    assert results["zeroshot"]["num_images"] == 18
+    assert results["linear_probe"]["num_images"] == 18
+
+
+def test_a_missing_shard_is_named(benchmark_folder, tmp_path):
+    import shutil
+    root = tmp_path / "copy"
+    shutil.copytree(benchmark_folder, root)
+    (root / "test" / "1.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=r"test/1.tar: shard 1 of the 2"):
+        EvalData.open(str(root))
+
+
+def test_a_simclr_model_gets_the_image_only_tasks(benchmark_folder):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("vit_tiny"), "simclr")
+    cfg = EvalConfig(data=str(benchmark_folder), tasks=("zeroshot", "linear_probe"), batch_size=8)
+    results = Evaluator(cfg, EvalTransform(64), progress=False)(model)
+    assert results["skipped"] == {"zeroshot": "not applicable: the model has no text tower"}
+    assert results["linear_probe"]["num_images"] == 18
+
+
+# ------------------------------------------------------------------ the text tower alone
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from scipy.stats import spearmanr  # noqa: E402
+
+from trainer.evaluation.text import rankdata, spearman  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "the a small large red blue photo of on in with near old new bright dark".split()
+
+
+def test_spearman_with_ties_equals_scipys():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 6, 200).astype(float)           # many ties
+    y = x + rng.normal(0, 2, 200)
+    y[::7] = y[3]                                        # ties in y too
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    assert rankdata(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+def _sentence(rng, key: str) -> str:
+    words = list(rng.choice(WORDS, 6))
+    words.insert(int(rng.integers(0, 7)), key)
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def glue(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glue")
+    rng = np.random.default_rng(1)
+    sts_rows = ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
+    for i in range(60):
+        a = _sentence(rng, "cat")
+        b = a if i % 3 == 0 else _sentence(rng, "dog")
+        sts_rows.append(f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\t{a}\t{b}\t{5.0 if i % 3 == 0 else 1.0}")
+    sts_rows.append("61\tbroken row")
+    (root / "sts.tsv").write_text("\n".join(sts_rows) + "\n")
+    for name, shuffle in (("sst_planted", False), ("sst_shuffled", True)):
+        d = root / name
+        d.mkdir()
+        for split, n in (("train", 240), ("dev", 120)):
+            labels = rng.integers(0, 2, n)
+            sentences = [_sentence(rng, "alpha" if y else "omega") for y in labels]
+            if shuffle:
+                labels = rng.permutation(labels)
+            (d / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in zip(sentences, labels)))
+    return root
+
+
+def evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/evaluate.py", "--random-init", "--config",
+                           "trainer/configs/demo_clip.yaml", "--threads", "1", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_sts_reports_spearman_with_a_bootstrap_interval_for_both_features(glue, tmp_path):
+    proc = evaluate("--data", str(glue / "sts.tsv"), "--tasks", "sts", "--out", str(tmp_path / "sts.json"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "sts.json").read_text())["sts"]
+    assert result["num_pairs"] == 60 and result["malformed_rows"] == 1
+    for feature in ("embed", "eot"):
+        r = result[feature]
+        assert r["ci95"][0] <= r["spearman"] <= r["ci95"][1]
+        assert r["spearman"] > 0.5        # identical pairs (gold 5) have cosine 1: ranked first even untrained
+
+
+def test_a_text_probe_learns_a_planted_signal_and_not_shuffled_labels(glue, tmp_path):
+    top1 = {}
+    for name in ("sst_planted", "sst_shuffled"):
+        out = tmp_path / f"{name}.json"
+        proc = evaluate("--data", str(glue / name), "--tasks", "text_probe", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        top1[name] = json.loads(out.read_text())["text_probe"]["eot"]["top1"]
+    assert top1["sst_planted"] > 90
+    assert 30 < top1["sst_shuffled"] < 70          # chance is 50 on 120 dev sentences
+
+
+def test_text_tasks_on_a_simclr_model_are_one_line(glue, tmp_path):
+    config = tmp_path / "simclr.yaml"
+    config.write_text((ROOT / "trainer" / "configs" / "demo_slip.yaml").read_text().replace("name: slip", "name: simclr"))
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--random-init", "--config", str(config),
+                           "--data", str(glue / "sts.tsv"), "--tasks", "sts"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "simclr: the model has no text tower" in lines[0]
