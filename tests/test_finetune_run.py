@@ -87,6 +87,9 @@ def test_finetuning_from_a_pretrained_tower_logs_what_the_issue_asks(labelled, p
     assert [r["step"] for r in evals] == [6, 12, 18]     # once an epoch (the last one at the end)
     assert all(0 <= r["eval/val_top1"] <= 100 and r["eval/val_images"] == 32 for r in evals)
     assert all(r["eval/val_bad_images"] == 1 for r in evals)          # the broken one: counted, not fatal
+    per_image = json.loads((out / "eval" / "val_step_00000018.json").read_text())["top1_by_image"]
+    assert len(per_image) == 32 and set(per_image.values()) <= {0, 1}  # for a paired test between models
+    assert 100 * sum(per_image.values()) / 32 == pytest.approx(evals[-1]["eval/val_top1"])
     # the schedule's peak is lr x global batch / 256 (lr_reference_batch), reached at the end of warm-up
     assert max(r["lr"] for r in steps) == pytest.approx(0.004 * 16 / 256, rel=1e-3)
     assert (out / "checkpoints" / "step_00000018.pt").exists()

@@ -24,12 +24,14 @@ from __future__ import annotations
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from pipeline.batch_mix import MixDraw, apply_erasing, apply_mix
+from pipeline.files import write_json_atomic
 from pipeline.labelled import LabelledSet, open_labelled
 from trainer.classifier import ImageClassifier, load_image_tower
 from trainer.evaluation.accuracy import classification_metrics
@@ -87,12 +89,14 @@ class MixOnDevice:
 
 
 class ValidationHook:
-    """top-1 / top-5 of the classifier on the validation set (`Components.evaluate`)."""
+    """top-1 / top-5 of the classifier on the validation set (`Components.evaluate`). With `out_dir`,
+    each evaluation also writes `val_step_XXXXXXXX.json` there: the metrics and every image's top-1
+    outcome by name, so two models can be compared on the same images (a paired test)."""
 
     def __init__(self, data: LabelledSet, transform: EvalTransform, batch_size: int, device: torch.device,
-                 threads: int = 2):
+                 threads: int = 2, out_dir: Path | None = None):
         self.data, self.transform, self.batch_size, self.device = data, transform, batch_size, device
-        self.threads, self.bad = threads, 0
+        self.threads, self.bad, self.out_dir = threads, 0, out_dir
 
     def _load(self, i: int) -> torch.Tensor | None:
         try:
@@ -107,22 +111,31 @@ class ValidationHook:
         with ThreadPoolExecutor(self.threads) as pool:
             for start in range(0, len(self.data), self.batch_size):
                 ids = range(start, min(start + self.batch_size, len(self.data)))
-                pairs = [(x, int(self.data.labels[i])) for i, x in zip(ids, pool.map(self._load, ids))]
-                self.bad += sum(x is None for x, _ in pairs)
-                good = [(x, y) for x, y in pairs if x is not None]
+                loaded = list(zip(ids, pool.map(self._load, ids)))
+                self.bad += sum(x is None for _, x in loaded)
+                good = [(i, x) for i, x in loaded if x is not None]
                 if good:
-                    yield torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good])
+                    yield (torch.stack([x for _, x in good]), torch.tensor([int(self.data.labels[i]) for i, _ in good]),
+                           [i for i, _ in good])
 
     def __call__(self, model, step: int) -> dict:
         classifier = model.model if isinstance(model, ClassifierForward) else model
         self.bad = 0
-        logits, labels = [], []
-        for images, y in self._images():
+        logits, labels, seen = [], [], []
+        for images, y, ids in self._images():
             logits.append(classifier(images.to(self.device)).float().cpu())
             labels.append(y)
-        found = classification_metrics(torch.cat(logits), torch.cat(labels), self.data.num_classes)
-        return {"val_top1": found["top1"], "val_top5": found["top5"], "val_images": found["num_images"],
-                "val_bad_images": self.bad}
+            seen += ids
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        found = classification_metrics(logits, labels, self.data.num_classes)
+        metrics = {"val_top1": found["top1"], "val_top5": found["top5"], "val_images": found["num_images"],
+                   "val_bad_images": self.bad}
+        if self.out_dir is not None:
+            correct = (logits.argmax(1) == labels).tolist()
+            write_json_atomic(self.out_dir / f"val_step_{step:08d}.json",
+                              {"step": step, **metrics, "top1_by_image": dict(zip((self.data.names[i] for i in seen),
+                                                                                 map(int, correct)))}, indent=1)
+        return metrics
 
 
 @dataclass
@@ -170,7 +183,7 @@ def build_finetune_parts(cfg: RunConfig, device: torch.device, rank: int = 0) ->
     hook = None
     if val is not None:
         hook = ValidationHook(val, EvalTransform.from_recipe(recipe), cfg.eval.batch_size, device,
-                              cfg.data.num_threads)
+                              cfg.data.num_threads, Path(cfg.out_dir) / "eval")
     return FinetuneParts(ClassifierForward(classifier), train, groups, hook,
                          MixOnDevice(train.num_classes, recipe.mix.label_smoothing),
                          cfg.finetune.eval_every_epochs, source)
