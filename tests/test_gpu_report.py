@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_ONLY = {"train_compiled", "agreement", "hw_decoder", "max_batch", "gpu_tests"}
+GPU_ONLY = {"train_compiled", "agreement", "hw_decoder", "max_batch", "gpu_tests", "dead_peer"}
 CPU_PARTS = {"train", "dali_graph", "end_to_end", "pipeline_bench"}
 
 
