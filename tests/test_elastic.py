@@ -166,12 +166,12 @@ def agent_store():
 @pytest.mark.parametrize("stop", ["kill", "freeze"])
 def test_collective_with_a_dead_or_frozen_peer_raises_within_the_timeout(stop):
     """tools/dead_peer_check.py with gloo (tools/gpu_report.py runs it with NCCL on two GPUs)."""
-    sys.path.insert(0, str(ROOT / "tools"))
+    sys.path.insert(0, str(ROOT / "tools"))       # also for the spawned ranks, which import the tool
     try:
         import dead_peer_check
+        result = dead_peer_check.check("gloo", stop, timeout_s=5.0)
     finally:
         sys.path.remove(str(ROOT / "tools"))
-    result = dead_peer_check.check("gloo", stop, timeout_s=5.0)
     assert result["ok"] and result["outcome"].startswith("raised"), result
     assert result["seconds"] < 20, result        # 5 s timeout; a reset peer fails at once
 
