@@ -118,11 +118,12 @@ def select_parts(names: list[str] | None, full: bool) -> list[Part]:
     return [p for p in PARTS if full or not p.full_only]
 
 
-def skip_reason(part: Part, gpu: bool, deps: dict[str, bool], remaining_s: float, gpus: int = 1) -> str | None:
-    """Why `part` does not run here (None: it runs). `gpus`: how many CUDA devices there are."""
+def skip_reason(part: Part, gpu: bool, deps: dict[str, bool], remaining_s: float,
+                gpus: int | None = None) -> str | None:
+    """Why `part` does not run here (None: it runs). `gpus`: how many CUDA devices there are, if known."""
     if part.gpu_only and not gpu:
         return "no CUDA device"
-    if part.gpu_only and gpus < part.min_gpus:
+    if part.gpu_only and gpus is not None and gpus < part.min_gpus:
         return f"needs {part.min_gpus} CUDA devices, {gpus} here"
     missing = [n for n in part.needs if not deps.get(n)]
     if missing:
