@@ -199,7 +199,8 @@ def test_rank0_only_work_outlasts_the_timeout_and_a_dead_rank0_is_noticed(agent_
     dies = start_group(agent_store, tmp_path, "rank0_dies", timeout_s=3.0)
     try:
         text = wait_file(tmp_path / "rank0_dies_rank1.txt", timeout=120)
-        assert text.startswith("raised after") and "rank 0 stopped responding during a phase rank 0 dies in" in text, text
+        assert text.startswith("raised after"), text
+        assert "rank 0 stopped responding during a phase rank 0 dies in" in text, text
         assert float(text.split()[2]) < 20, text
     finally:
         for p in dies:

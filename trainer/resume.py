@@ -15,7 +15,8 @@ checkpoints is refused: a later plain rerun would resume the old run. Use a new 
 
 The checkpoint's configuration must equal the current one except for the keys of `MAY_DIFFER`:
 how the run executes (batch size, accumulation, precision, compile, threads, the logging,
-evaluation and checkpoint cadences, debug faults, the process-group timeouts; the world size is not configuration either).
+evaluation and checkpoint cadences, debug faults, the process-group timeouts; the world size is
+not configuration either).
 `data.device` and `data.backend` are among them: both augmenters take the same batches and the
 same per-view draws, so moving a run between DALI (CPU or GPU) and pillow changes only the
 rounding of the pixels, like a change of precision.
