@@ -127,7 +127,8 @@ def test_sections_are_owned_by_their_components():
     from trainer.config import RunConfig
     owners = {"model": "trainer.models", "objective": "trainer.objectives", "data": "trainer.batches",
               "optim": "trainer.optim", "train": "trainer.loop", "checkpoint": "trainer.checkpoint",
-              "eval": "trainer.evaluation.config", "debug": "trainer.policies", "finetune": "trainer.finetune"}
+              "eval": "trainer.evaluation.config", "debug": "trainer.policies", "finetune": "trainer.finetune",
+              "dist": "trainer.distributed"}
     sections = {f.name: f.default_factory().__class__ for f in dataclasses.fields(RunConfig)
                 if f.default_factory is not dataclasses.MISSING}
     assert set(sections) == set(owners)
@@ -144,3 +145,14 @@ def test_parse_override_values():
     assert parse_override("a.b=3") == ("a.b", 3)
     assert parse_override("a=1e-4") == ("a", 1e-4)
     assert parse_override("a=runs/x") == ("a", "runs/x")
+
+
+def test_dist_timeouts_are_typed_and_checked():
+    cfg = load_config(None, ["dist.timeout_s=30", "dist.rank0_wait_s=600"])
+    assert (cfg.dist.timeout_s, cfg.dist.rank0_wait_s) == (30.0, 600.0)
+    assert load_config(None, []).dist.timeout_s == 60      # a dead peer ends the group within a minute
+    for bad, says in (("dist.timeout_s=0", "timeout_s must be > 0"),
+                      ("dist.rank0_wait_s=10", "rank0_wait_s must be >= timeout_s"),
+                      ("dist.timeout_s=soon", "dist.timeout_s")):
+        with pytest.raises(ConfigError, match=says):
+            load_config(None, [bad])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_ONLY = {"train_compiled", "agreement", "hw_decoder", "max_batch", "gpu_tests"}
+GPU_ONLY = {"train_compiled", "agreement", "hw_decoder", "max_batch", "gpu_tests", "dead_peer"}
 CPU_PARTS = {"train", "dali_graph", "end_to_end", "pipeline_bench"}
 
 
@@ -90,6 +90,9 @@ def test_part_selection_time_budget_and_full_run():
     train = report_tool.select_parts(["train"], False)[0]
     assert report_tool.skip_reason(train, True, deps, 5).startswith("the run's time budget is spent")
     assert report_tool.skip_reason(train, False, deps, 100) is None          # the CPU smoke run
+    dead_peer = report_tool.select_parts(["dead_peer"], False)[0]     # NCCL needs two devices
+    assert report_tool.skip_reason(dead_peer, True, deps, 100, gpus=1) == "needs 2 CUDA devices, 1 here"
+    assert report_tool.skip_reason(dead_peer, True, deps, 100, gpus=2) is None
     # the default GPU run is sized for a short window; every part is boxed inside it
     assert report_tool.GPU_BUDGET_S <= 240 and report_tool.CPU_BUDGET_S < 120
     assert all(p.seconds <= report_tool.GPU_BUDGET_S for p in report_tool.PARTS)

@@ -21,7 +21,9 @@ runs; a part whose dependencies are missing is skipped, with the reason):
 - hw_decoder: the graph alone at `hw_decoder_load` 0, 0.75 and 1, with the JPEG engine's load where
   `nvidia-smi dmon` reports it: whether the hardware decoder is used;
 - max_batch: the largest per-GPU ViT-B/16 SLIP batch, doubling from 64 then bisecting (bounded);
-- gpu_tests: the tests marked `gpu`.
+- gpu_tests: the tests marked `gpu`;
+- dead_peer: on two or more GPUs, an NCCL all-reduce whose peer was SIGKILLed, and one whose peer
+  is frozen, end within `dist.timeout_s` (tools/dead_peer_check.py; the suite runs it with gloo).
 Inputs are synthetic 500x375 JPEG shards (tools/bench/bench_pipeline.py). Without CUDA the parts
 that can run on the CPU run small (a smoke run, not a measurement: under 2 minutes) and the
 GPU-only parts are listed as skipped.
@@ -70,6 +72,7 @@ class Part:
     gpu_only: bool = True              # False: runs small on a machine without CUDA
     shards: bool = False               # reads the synthetic shards
     full_only: bool = False
+    min_gpus: int = 1
 
 
 # In the order they run: the slow compile last, so that a short window measures everything else.
@@ -85,6 +88,7 @@ PARTS = [
     Part("hw_decoder", "hardware JPEG decoder: hw_decoder_load 0 / 0.75 / 1", 45, ("dali",), shards=True),
     Part("max_batch", "largest per-GPU ViT-B/16 SLIP batch (bounded search)", 45),
     Part("gpu_tests", "the tests marked gpu", 90, ("dali", "pytest")),
+    Part("dead_peer", "NCCL: a collective whose peer died or froze ends within dist.timeout_s", 60, min_gpus=2),
     Part("train_compiled", "SLIP ViT-B/16 training as in train, under torch.compile", 120),
     Part("train_slip_s16", "SLIP ViT-S/16 training, bf16, batch 64", 60, full_only=True),
     Part("train_slip_l16", "SLIP ViT-L/16 training, bf16, batch 64", 90, full_only=True),
@@ -115,10 +119,13 @@ def select_parts(names: list[str] | None, full: bool) -> list[Part]:
     return [p for p in PARTS if full or not p.full_only]
 
 
-def skip_reason(part: Part, gpu: bool, deps: dict[str, bool], remaining_s: float) -> str | None:
-    """Why `part` does not run here (None: it runs)."""
+def skip_reason(part: Part, gpu: bool, deps: dict[str, bool], remaining_s: float,
+                gpus: int | None = None) -> str | None:
+    """Why `part` does not run here (None: it runs). `gpus`: how many CUDA devices there are, if known."""
     if part.gpu_only and not gpu:
         return "no CUDA device"
+    if part.gpu_only and gpus is not None and gpus < part.min_gpus:
+        return f"needs {part.min_gpus} CUDA devices, {gpus} here"
     missing = [n for n in part.needs if not deps.get(n)]
     if missing:
         return "not installed: " + ", ".join(DEPENDENCIES[n] for n in missing)
@@ -497,10 +504,20 @@ def part_gpu_tests(name: str, ctx, rec: Recorder) -> None:
         raise RuntimeError(f"GPU tests failed: {summary}")
 
 
+def part_dead_peer(name: str, ctx, rec: Recorder) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    import dead_peer_check
+    for stop in ("kill", "freeze"):
+        result = dead_peer_check.check("nccl", stop, timeout_s=10.0, start_limit_s=max(10, ctx.seconds / 2 - 15))
+        rec[stop] = result
+        if not result["ok"]:
+            raise RuntimeError(f"NCCL, peer {stop}: {result['outcome']}")
+
+
 PART_FUNCTIONS: dict[str, Callable] = {
     "agreement": part_agreement, "dali_graph": part_dali_graph, "end_to_end": part_end_to_end,
     "pipeline_bench": part_pipeline_bench, "hw_decoder": part_hw_decoder, "max_batch": part_max_batch,
-    "gpu_tests": part_gpu_tests,
+    "gpu_tests": part_gpu_tests, "dead_peer": part_dead_peer,
 }
 
 
@@ -615,6 +632,9 @@ def _summary(name: str, r: dict) -> str:
         return f"largest batch {r['largest_batch']}, first failure {r['first_failure']}"
     if name == "gpu_tests" and "summary" in r:
         return r["summary"]
+    if name == "dead_peer" and r:
+        return "; ".join(f"peer {k}: ended after {fmt(v.get('seconds'))} s ({v.get('outcome', '')[:80]})"
+                         for k, v in r.items())
     return ""
 
 
@@ -699,7 +719,7 @@ def main(argv=None) -> int:
         ctx["manifest"] = str(shards(a.out / f"shards_{report['mode']}", gpu))
     for part in parts:
         remaining = budget - (time.perf_counter() - t0)
-        reason = skip_reason(part, gpu, deps, remaining)
+        reason = skip_reason(part, gpu, deps, remaining, torch.cuda.device_count() if gpu else 0)
         if reason:
             report["parts"][part.name] = {"title": part.title, "status": "skipped", "reason": reason,
                                           "seconds": 0, "results": {}, "error": None}

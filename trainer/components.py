@@ -48,7 +48,7 @@ def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components
     without it the group is joined here (torchrun / SLURM environment), which selects the CUDA device."""
     from pipeline.manifest import load_manifest
 
-    info = info or init_distributed()
+    info = info or init_distributed(cfg.dist)
     rank, world, device = info.rank, info.world_size, info.device
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)

@@ -1,9 +1,9 @@
 """The one typed run configuration: a dataclass tree read from YAML plus `key.sub=value` overrides.
 
 Each component owns its section's dataclass (models, objectives, the data with its augmentation
-recipe, the optimizer, the loop, checkpoints, evaluation, the debug faults); this module assembles
-them into `RunConfig` and checks the rules that span sections. Every value is
-type-checked against the dataclass annotations (trainer/dataclass_io.py); an unknown key or a wrong
+recipe, the optimizer, the loop, checkpoints, evaluation, the debug faults, the process-group
+timeouts); this module assembles them into `RunConfig` and checks the rules that span sections.
+Every value is type-checked against the dataclass annotations (trainer/dataclass_io.py); an unknown key or a wrong
 type is an error naming the YAML file and line (or the override) instead of a silently ignored
 setting. Values a type cannot rule out are checked too (`check_values`): no number is NaN or
 infinite, seeds are non-negative, crop scales are ordered fractions. The resolved configuration
@@ -31,6 +31,7 @@ from pipeline.regular_files import RefusedFile, read_regular
 from trainer.batches import DataConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.dataclass_io import ConfigError, from_dict, to_dict
+from trainer.distributed import DistConfig
 from trainer.evaluation.config import EvalConfig
 from trainer.finetune import FinetuneConfig, is_finetuning
 from trainer.loop import TrainConfig
@@ -39,9 +40,9 @@ from trainer.objectives import ObjectiveConfig, objective_parts
 from trainer.optim import OptimConfig
 from trainer.policies import DebugConfig
 
-__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "DebugConfig", "EvalConfig", "ModelConfig",
-           "ObjectiveConfig", "OptimConfig", "RunConfig", "TrainConfig", "check_consistency", "check_values",
-           "from_dict", "load_config", "parse_override", "safe_yaml", "save_config", "to_dict"]
+__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "DebugConfig", "DistConfig", "EvalConfig",
+           "ModelConfig", "ObjectiveConfig", "OptimConfig", "RunConfig", "TrainConfig", "check_consistency",
+           "check_values", "from_dict", "load_config", "parse_override", "safe_yaml", "save_config", "to_dict"]
 
 MAX_CONFIG_BYTES = 1 << 20       # a run config is a few kB
 
@@ -58,6 +59,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)   # used when objective.name=classification
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # ---------------------------------------------------------------- YAML and overrides

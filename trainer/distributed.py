@@ -9,6 +9,14 @@ The local CUDA device is `local_rank % device_count`: torchrun shows every GPU o
 process (device = local rank), while SLURM with `--gpus-per-task=1` shows each task only its own
 GPU, as device 0, whatever its local rank.
 
+Timeouts (`DistConfig`, the `dist` section of the run config): every collective, the store and
+gloo's connection set-up wait `dist.timeout_s` (60 s) for a peer, so a dead peer ends the group
+within about a minute and torchrun's elastic agent can restart it. Work that only rank 0 does
+(checkpoint writing, evaluation, checking the checkpoint to resume from) is waited for through
+the store with its own limit, `dist.rank0_wait_s`, while rank 0's heartbeat shows it is alive
+(trainer/dist_store.py). Each group's keys live under a prefix no earlier group used, so a
+restarted group never reads a dead group's addresses (see trainer/dist_store.py for why).
+
 Gradient conventions (see trainer/objectives.py): every loss is a mean over the LOCAL batch (or a
 term identical on every rank), DDP averages gradients over ranks, and the differentiable collectives
 below sum the incoming gradient over ranks in backward. Together this reproduces the one-process
@@ -19,9 +27,31 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from trainer.dist_store import Coordinator, PeerLost, fresh_namespace
+
+__all__ = ["DistConfig", "DistInfo", "PeerLost", "all_ranks", "broadcast_object", "cleanup", "init_distributed",
+           "rank0_only"]
+
+
+@dataclass
+class DistConfig:
+    timeout_s: float = 60.0        # a collective, the store or the group set-up waits this long for a peer
+    rank0_wait_s: float = 3600.0   # the other ranks wait this long for rank-0-only work (checkpoint, evaluation)
+
+    def __post_init__(self):
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if not self.rank0_wait_s >= self.timeout_s:
+            raise ValueError(f"rank0_wait_s must be >= timeout_s ({self.timeout_s}), got {self.rank0_wait_s}")
+
+
+_coordinator: Coordinator | None = None
 
 
 @dataclass
@@ -81,10 +111,12 @@ def _slurm_master_addr() -> str:
         raise RuntimeError(f"cannot resolve the first host of {nodelist!r} (set MASTER_ADDR): {e}") from e
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> DistInfo:
+def init_distributed(cfg: DistConfig | None = None, backend: str | None = None) -> DistInfo:
     """Initialise torch.distributed from torchrun or SLURM variables; a no-op for a single process."""
+    global _coordinator
     if dist.is_available() and dist.is_initialized():
         return current()
+    cfg = cfg or DistConfig()
     rank = _env_int("RANK", "SLURM_PROCID")
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS")
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
@@ -99,9 +131,21 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> Dis
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = backend or ("nccl" if cuda else "gloo")
-    from datetime import timedelta
-    dist.init_process_group(backend, rank=rank, world_size=world_size, init_method="env://",
-                            timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=cfg.timeout_s)
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    # torchrun's agent hosts the store (and keeps it across restarts); under srun rank 0 hosts it.
+    # A client retries connecting until the timeout: a store host that starts late is waited for.
+    hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+
+    def connect() -> dist.Store:
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+
+    base = dist.TCPStore(host, port, world_size, is_master=hosts, timeout=timeout, wait_for_workers=False)
+    prefix = fresh_namespace(base, rank, world_size, cfg.timeout_s)
+    store = dist.PrefixStore(prefix, base)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, store=store, timeout=timeout)
+    _coordinator = Coordinator(store, lambda: dist.PrefixStore(prefix, connect()), rank, world_size,
+                               cfg.timeout_s, cfg.rank0_wait_s)
     return DistInfo(rank, world_size, local_rank, backend, device)
 
 
@@ -122,8 +166,24 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank0_only(what: str, fn: Callable[[], Any]) -> Any:
+    """`fn()` on rank 0 only, its (picklable) result on every rank; the other ranks wait with the
+    long limit `dist.rank0_wait_s` while rank 0 is alive (trainer/dist_store.py)."""
+    if _coordinator is None or get_world_size() == 1:
+        return fn()
+    return _coordinator.rank0_only(what, fn)
+
+
+def all_ranks(what: str, fn: Callable[[], Any]) -> Any:
+    """`fn()` on every rank, then wait with the long limit until all have finished."""
+    if _coordinator is None or get_world_size() == 1:
+        return fn()
+    return _coordinator.all_ranks(what, fn)
+
+
 def broadcast_object(obj, src: int = 0):
-    """`obj` of rank `src` on every rank (a picklable value: a decision, a path, an error message)."""
+    """`obj` of rank `src` on every rank (a picklable value: a decision, a path, an error message).
+    A collective under the short timeout: use `rank0_only` when `src` may first work for long."""
     if get_world_size() == 1:
         return obj
     box = [obj]
@@ -132,6 +192,8 @@ def broadcast_object(obj, src: int = 0):
 
 
 def cleanup():
+    global _coordinator
+    _coordinator = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

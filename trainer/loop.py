@@ -30,7 +30,7 @@ from torch import nn
 from trainer import checkpoint as ckpt
 from trainer.batches import endless, to_device
 from trainer.dataclass_io import to_dict
-from trainer.distributed import broadcast_object
+from trainer.distributed import rank0_only
 from trainer.metrics import (ClusterUsageMeter, MetricsLogger, RunningMean, ThroughputMeter, fmt_summary,
                              model_flops_utilisation)
 from trainer.objectives import CLUSTER_COUNTS
@@ -228,13 +228,16 @@ class Trainer:
             raise NonFiniteLossError(f"the weights at step {st.step} are not finite; no checkpoint written. "
                                      f"{last_good_text(self.last_checkpoint)}")
         state = self.state_dict()   # collective: every rank takes part
-        path, error = ckpt.checkpoint_path(self.ckpt_dir, st.step), None
-        if c.rank == 0:
+        path = ckpt.checkpoint_path(self.ckpt_dir, st.step)
+
+        def write() -> str | None:
             try:
                 ckpt.save_checkpoint(state, self.ckpt_dir, st.step, self.cfg.checkpoint.keep_every)
             except ckpt.CheckpointError as e:
-                error = str(e)
-        error = broadcast_object(error)   # also the barrier: no rank runs ahead of the write
+                return str(e)
+            return None
+        # the other ranks wait for the write with dist.rank0_wait_s, not the collectives' short timeout
+        error = rank0_only(f"writing the checkpoint of step {st.step}", write)
         if error is not None:
             raise ckpt.CheckpointError(error)
         self.last_checkpoint = path
@@ -398,9 +401,11 @@ class Trainer:
         return dict(zip(names, vec.tolist()))
 
     def _evaluate(self) -> None:
-        """Rank 0 evaluates the bare model (no collectives inside); the other ranks wait."""
+        """Rank 0 evaluates the bare model (no collectives inside); the other ranks wait for it with
+        dist.rank0_wait_s, not the collectives' short timeout."""
         c = self.c
-        if c.rank == 0:
+
+        def evaluate() -> None:
             was_training = c.model.training
             c.model.eval()
             with torch.no_grad(), torch.autocast(c.device.type, dtype=c.amp_dtype, enabled=c.amp_dtype is not None):
@@ -409,8 +414,7 @@ class Trainer:
             if results:
                 self.metrics.log(self.state.step, {f"eval/{k}": v for k, v in results.items()
                                                    if isinstance(v, (int, float))})
-        if c.world_size > 1:
-            dist.barrier()
+        rank0_only(f"evaluation at step {self.state.step}", evaluate)
 
 
 def _saved_steps_per_epoch(s: dict) -> int | None:

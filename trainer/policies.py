@@ -69,7 +69,10 @@ class CollapseWatch:
 
 
 class StopSignals:
-    """Records SIGTERM / SIGUSR1 (SLURM preemption, scancel): the run checkpoints and exits."""
+    """Records SIGTERM / SIGUSR1 (SLURM preemption, scancel): the run checkpoints at the end of the
+    step and exits. The handler runs only between Python operations: a rank blocked in a collective
+    whose peer is dead sees it when the collective fails, after at most `dist.timeout_s`. A second
+    signal takes the default action at once (torchrun's agent, or a user, insisting)."""
 
     def __init__(self):
         self.received: int | None = None
@@ -79,6 +82,10 @@ class StopSignals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.received = signum
 
     @property
@@ -90,6 +97,7 @@ class StopSignals:
 class DebugConfig:
     inject_nan_at_steps: list[int] = field(default_factory=list)  # loss forced to NaN at these steps
     sigkill_at_step: int | None = None     # SIGKILL self after this step (resume tests)
+    sigkill_rank: int | None = None        # only this rank (None: every rank); under torchrun first attempt only
     save_rank_params: bool = False          # each rank writes its final parameters (sync tests)
     save_cluster_counts: bool = False       # each rank writes its own nCLIP histograms of every log step (monitoring tests)
 
@@ -121,8 +129,13 @@ class DebugFaults:
         return NaNLossAtSteps(objective, self.cfg.inject_nan_at_steps, current_step)
 
     def after_step(self, step: int) -> None:
-        if self.cfg.sigkill_at_step is not None and step == self.cfg.sigkill_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.cfg.sigkill_at_step is None or step != self.cfg.sigkill_at_step:
+            return
+        if self.cfg.sigkill_rank is not None and self.cfg.sigkill_rank != self.rank:
+            return
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            return     # the elastic agent restarted the group: the fault has happened once
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def before_usage_read(self, step: int, step_counts: dict, window_counts: dict) -> None:
         """This rank's histograms (step, window) before they are summed over ranks."""

@@ -15,7 +15,8 @@ checkpoints is refused: a later plain rerun would resume the old run. Use a new 
 
 The checkpoint's configuration must equal the current one except for the keys of `MAY_DIFFER`:
 how the run executes (batch size, accumulation, precision, compile, threads, the logging,
-evaluation and checkpoint cadences, debug faults; the world size is not configuration either).
+evaluation and checkpoint cadences, debug faults, the process-group timeouts; the world size is
+not configuration either).
 `data.device` and `data.backend` are among them: both augmenters take the same batches and the
 same per-view draws, so moving a run between DALI (CPU or GPU) and pillow changes only the
 rounding of the pixels, like a change of precision.
@@ -36,10 +37,10 @@ from pathlib import Path
 from pipeline.regular_files import RefusedFile, open_regular
 from trainer import checkpoint as ckpt
 from trainer.config import RunConfig, to_dict
-from trainer.distributed import broadcast_object
+from trainer.distributed import rank0_only
 from trainer.run_dir import RunDirLock, move_run_aside, remove_stale_temps
 
-MAY_DIFFER = ("out_dir", "checkpoint", "eval", "debug", "objective.nclip_min_usage",
+MAY_DIFFER = ("out_dir", "checkpoint", "eval", "debug", "dist", "objective.nclip_min_usage",
               "data.batch_size", "data.num_threads", "data.device", "data.backend",
               "optim.accum_steps", "optim.max_steps",
               "train.precision", "train.compile", "train.torch_threads", "train.log_every", "train.peak_tflops",
@@ -198,7 +199,9 @@ def settle(cfg: RunConfig, request: ResumeRequest, rank: int) -> tuple[RunDirLoc
     writes and chooses the checkpoint; every rank gets the same choice, or stops with the same error
     (the original exception on rank 0, a ResumeError with its message elsewhere)."""
     lock, choice, error = None, ResumeChoice(), None
-    if rank == 0:
+
+    def decide() -> tuple[str | None, str | None]:   # rank 0 only: verifying a large checkpoint takes a while
+        nonlocal lock, choice, error
         try:
             lock = RunDirLock(cfg.out_dir)
             lock.acquire()
@@ -206,8 +209,8 @@ def settle(cfg: RunConfig, request: ResumeRequest, rank: int) -> tuple[RunDirLoc
             choice = choose_checkpoint(cfg, request)
         except Exception as e:    # every rank must hear of it, or the others wait forever
             error = e
-    path, message = broadcast_object((str(choice.path) if choice.path else None,
-                                      str(error) if error is not None else None))
+        return str(choice.path) if choice.path else None, str(error) if error is not None else None
+    path, message = rank0_only("choosing the checkpoint to resume from", decide)
     if error is not None:
         if lock is not None:
             lock.release()

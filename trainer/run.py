@@ -32,7 +32,7 @@ from pipeline.manifest import ShardError
 from trainer import checkpoint as ckpt
 from trainer.components import build_components
 from trainer.config import ConfigError, load_config, save_config
-from trainer.distributed import cleanup, init_distributed
+from trainer.distributed import all_ranks, cleanup, init_distributed
 from trainer.loop import NonFiniteLossError, Trainer
 from trainer.resume import ResumeError, ResumeRequest, settle
 from trainer.run_dir import RunDirBusy
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         return report(e, 2, "config error")     # before the group exists: the rank comes from the environment
     request = ResumeRequest(cfg.checkpoint.resume, args.overwrite,
                             tuple(k.strip() for k in args.allow_config_change.split(",") if k.strip()))
-    info = init_distributed()   # once: the group and this rank's device
+    info = init_distributed(cfg.dist)   # once: the group and this rank's device
     rank = info.rank
     lock = None
     try:
@@ -83,7 +83,8 @@ def main(argv=None) -> int:
         trainer = Trainer(build_components(cfg, info))
         c = trainer.c
         if choice.path is not None:
-            state = choice.state if choice.state is not None else ckpt.load_checkpoint(choice.path, verify=False)
+            state = all_ranks("loading the checkpoint", lambda: choice.state if choice.state is not None
+                              else ckpt.load_checkpoint(choice.path, verify=False))   # long limit: ranks differ
             trainer.load_state_dict(state, str(choice.path))
             state = choice.state = None    # the optimizer and model hold their copies now
             if rank == 0:
