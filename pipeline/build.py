@@ -6,9 +6,12 @@ Stages (each resumable; kill the build at any point and rerun the same command):
    `OUT/parquet/part-NNNNN.parquet` (rows per part = a multiple of the shard size, so img2dataset
    makes no partial shards mid-way). Marker `OUT/state/select.json` (stats + a settings
    fingerprint) is written last; without it the stage reruns from scratch (it is deterministic).
-2. **download**: img2dataset (parquet in, webdataset out, `incremental_mode="incremental"`: shards
-   whose `NNNNN_stats.json` exists are skipped). Before it runs, every finished shard's tar is
-   checked (complete tar, sample count = stats) and a bad one is deleted so it is redone.
+2. **download**: img2dataset (parquet in, webdataset out) into this run's own directory
+   `OUT/download/gen-<generation>-<token>/`; each shard its workers finish is moved into
+   `OUT/shards/` while the run lives (tar, parquet, then `NNNNN_stats.json`: a stats file in
+   `OUT/shards/` marks an accepted shard). Shards already accepted are skipped; before the run,
+   every accepted shard's tar is checked (complete tar, sample count = stats) and a bad one is
+   deleted so it is redone.
 3. **finalize**: per tar, in a thread pool: its DALI index (wds2idx; an index kept from an earlier
    run is used only if it lists exactly this tar's members), sha256s of tar and index, and a
    decode-verification of every image (pipeline/verify.py; cached in `OUT/state/verified/` by
@@ -32,8 +35,22 @@ At the end, the manifest's verification record (`<name>.verified.json` beside ea
 manifest, pipeline/integrity.py) says the shards were verified now, from the checksums just
 computed.
 
-A kill must take the whole process group (Ctrl-C, a scheduler, `kill -- -PGID`): img2dataset's
-worker processes outlive a SIGKILL of the main process alone and would race the rerun.
+Killed at any point, whatever was killed (the main process alone, one img2dataset worker, the
+whole process group), one rerun of the same command finishes the build with exactly the samples
+of an uninterrupted one, no duplicates. How (pipeline/build_lock.py, pipeline/download_run.py):
+
+- one builder per output directory: a lock file made atomically in `OUT/state/lock/` (a hard
+  link, which also holds on NFS); a second builder refuses with one line naming the first's host
+  and PID. A lock whose process on this host is gone is superseded, never deleted and retaken.
+- fencing: a SIGKILLed main process leaves its img2dataset workers running (they outlive it, as
+  after an OOM kill). They can only write into their own run's download directory, which no
+  later run reads: the rerun deletes it and downloads every shard the killed run had not
+  accepted, even the ones its orphans finished afterwards (as failures, say, once the image
+  server died with it). `stats.download.shards_redone_on_resume` counts these shards, those that
+  an interrupted run had started and a later run downloaded again.
+- a killed worker: multiprocessing would wait forever for its shard; the run notices, stops the
+  download, and ends with one line (`error: img2dataset worker PID ... was killed ...; rerun the
+  same command`), its finished shards kept. Ctrl-C during the download ends the same way.
 
 Resize default: `keep_ratio` with the shorter side at 320 px and `resize_only_if_bigger`: training
 crops 224 px (RandomResizedCrop scale 0.08-1 / 0.5-1) keep enough resolution, while a 320 px JPEG
