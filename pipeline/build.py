@@ -96,7 +96,8 @@ from pipeline.fetch import DownloadPolicy
 from pipeline.integrity import verification_path, verified_by_build
 from pipeline.manifest import Manifest, ShardEntry, save_manifest
 from pipeline.metadata import InputError, ScanStats, SubsetIds, read_metadata
-from pipeline.download_run import DownloadRun, Promoter, ResumeLedger, check_shards, done_ids, stats_files
+from pipeline.download_run import (DownloadRun, Promoter, ResumeLedger, check_shards, done_ids,  # noqa: F401
+                                   remove_incomplete, stats_files)    # check_shards: the tests' API
 from pipeline.files import write_json_atomic
 from pipeline.netpolicy import UrlChecker
 from pipeline.regular_files import is_regular
@@ -296,7 +297,7 @@ def download_stage(cfg: BuildConfig, selected: int, lock: BuildLock) -> dict:
     shutil.rmtree(cfg.shard_dir / "_tmp", ignore_errors=True)      # left by builders before download runs
     ledger = ResumeLedger(cfg.state_dir / "resume.json")
     run = DownloadRun(cfg.out, lock.generation, lock.token)
-    removed = check_shards(cfg.shard_dir)
+    removed = remove_incomplete(cfg.shard_dir)
     done = done_ids(cfg.shard_dir)
     ledger.add_started(removed | (run.earlier_started() - done))     # recorded before the evidence goes
     run.remove_earlier()
@@ -308,7 +309,6 @@ def download_stage(cfg: BuildConfig, selected: int, lock: BuildLock) -> dict:
     promoter = None
     if selected and len(done) < expected:
         promoter = _download(cfg, run, done, expected, ledger, selected)
-    check_shards(cfg.shard_dir)
     finished = len(done_ids(cfg.shard_dir))
     if promoter is not None and promoter.killed_worker is not None:
         pid, sig = promoter.killed_worker
@@ -339,7 +339,8 @@ def _download(cfg: BuildConfig, run: DownloadRun, done: set[str], expected: int,
                         watch_workers=cfg.distributor == "multiprocessing")
     sigint = signal.getsignal(signal.SIGINT)       # img2dataset installs its own and never restores it
     try:
-        with promoter, guarded_img2dataset(cfg.download_policy()):
+        orphans_exit = cfg.distributor == "multiprocessing"      # its workers are this process's children
+        with promoter, guarded_img2dataset(cfg.download_policy(), exit_orphans=orphans_exit):
             download(url_list=str(cfg.parquet_dir), input_format="parquet", url_col="url", caption_col="caption",
                      save_additional_columns=EXTRA_COLUMNS, output_format="webdataset",
                      output_folder=str(run.dir), number_sample_per_shard=cfg.shard_size,

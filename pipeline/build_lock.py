@@ -46,7 +46,8 @@ class Holder:
     since: float
 
     def describe(self) -> str:
-        return f"host {self.host}, PID {self.pid}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(self.since))}"
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.since))
+        return f"host {self.host}, PID {self.pid}, since {since}"
 
 
 def _pid_start(pid: int) -> str | None:
@@ -139,9 +140,9 @@ class BuildLock:
                 top = numbers[-1] if numbers else 0
                 holder = self._read(top) if top else None
                 if holder is not None and _alive(holder):
-                    raise BuildLocked(f"{self.dir.parent.parent} is being built by another builder ({holder.describe()}, "
-                                      f"lock {self._file(top)}); wait for it to end, or if it no longer runs, "
-                                      f"delete that lock file and rerun")
+                    raise BuildLocked(f"{self.dir.parent.parent} is being built by another builder "
+                                      f"({holder.describe()}, lock {self._file(top)}); wait for it to end, or if "
+                                      f"it no longer runs, delete that lock file and rerun")
                 try:
                     os.link(tmp, self._file(top + 1))
                 except FileExistsError:

@@ -67,7 +67,7 @@ def _successes(stats: Path) -> int | None:
         return None
 
 
-def check_shards(shard_dir: Path) -> set[str]:
+def remove_incomplete(shard_dir: Path) -> set[str]:
     """Delete every shard of `shard_dir` that is not complete, so that it is downloaded again: a tar
     without its stats file (a kill during promotion), or a stats file whose tar is truncated or
     holds another count. Returns the ids deleted."""
@@ -82,6 +82,11 @@ def check_shards(shard_dir: Path) -> set[str]:
         for suffix in SHARD_SUFFIXES:
             (shard_dir / f"{sid}{suffix}").unlink(missing_ok=True)
     return redo
+
+
+def check_shards(shard_dir: Path) -> int:
+    """`remove_incomplete`, returning how many shards it deleted."""
+    return len(remove_incomplete(shard_dir))
 
 
 def _shard_ids_in(directory: Path) -> set[str]:

@@ -143,6 +143,19 @@ def writers(out: Path, group: int) -> dict[int, str]:
     return found
 
 
+def group_members(group: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    alive = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and os.getpgid(int(d.name)) == group:
+                if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(int(d.name))
+        except OSError:
+            continue
+    return alive
+
+
 def kill_point(out: Path, proc: subprocess.Popen, workers: int = 1) -> dict[int, str]:
     """Wait until two shards are accepted while `workers` others are being written; returns the writers."""
     def ready():
@@ -169,7 +182,8 @@ def content(manifest) -> list[tuple[str, str]]:
 
 
 def start_times(out: Path) -> dict[str, float]:
-    return {p.name.split("_")[0]: json.loads(p.read_text())["start_time"] for p in (out / "shards").glob("*_stats.json")}
+    return {p.name.split("_")[0]: json.loads(p.read_text())["start_time"]
+            for p in (out / "shards").glob("*_stats.json")}
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +227,8 @@ def check_result(out: Path, reference, kept: set[str], redo: set[str], rerun_sta
 def test_main_process_killed_orphans_outlive_it(source, reference, tmp_path):
     """SIGKILL of the main process alone, the image server dying with it (as the demo's does): one
     orphaned worker finishes a shard of failures before the rerun, another (held stopped) goes on
-    writing during the rerun. Neither can change what the rerun accepts."""
+    writing during the rerun. Neither can change what the rerun accepts, and both exit by
+    themselves after their shard, as does img2dataset's logger process."""
     meta, subset, server = source
     out = tmp_path / "out"
     server.delay(SLOW)
@@ -245,7 +260,8 @@ def test_main_process_killed_orphans_outlive_it(source, reference, tmp_path):
         os.killpg(proc.pid, signal.SIGCONT)
         _, err = rerun.communicate(timeout=TIMEOUT)
         assert rerun.returncode == 0, err[-3000:]
-        time.sleep(1.0)          # whatever the orphans still write lands after the rerun
+        # the orphans finish the shard they were on (into their dead run's directory), then exit
+        wait_for("the orphans to exit", lambda: not group_members(proc.pid), timeout=120)
         check_result(out, reference, kept, redo, t0)
     finally:
         server.delay(0)
