@@ -19,7 +19,8 @@ directory is seeded with a placeholder stats file for every shard already accept
 
 A pool worker killed on its own (the OOM killer picks the largest process) loses its task, and
 multiprocessing's pool then waits for it forever. The promoter watches the pool's processes and,
-when one dies by a signal while shards are still missing, interrupts the download (SIGINT to the
+when one dies by a signal (SIGKILL, SIGSEGV...; not SIGTERM, which the pool itself sends its
+workers when it ends) while shards are still missing, interrupts the download (SIGINT to the
 main thread, which img2dataset handles by ending the pool): the run then ends with a one-line
 error, its finished shards kept, and one rerun downloads the rest.
 """
@@ -222,7 +223,8 @@ class Promoter:
             if code is None:
                 continue
             del self._workers[pid]
-            if code < 0 and self.killed_worker is None:
+            # SIGTERM is how the pool itself ends its workers (at the end, or after Ctrl-C)
+            if code < 0 and code != -signal.SIGTERM and self.killed_worker is None:
                 self.promote_finished()     # shards written before the pool ended its workers are not lost
                 if self.missing() > 0:
                     self.killed_worker = (pid, -code)
