@@ -143,6 +143,13 @@ def writers(out: Path, group: int) -> dict[int, str]:
     return found
 
 
+def size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 1 << 62
+
+
 def group_members(group: int) -> list[int]:
     """Live (not zombie) processes of a process group."""
     alive = []
@@ -235,7 +242,8 @@ def test_main_process_killed_orphans_outlive_it(source, reference, tmp_path):
     try:
         proc = start(source, out, processes=2)
         workers = kill_point(out, proc, workers=2)
-        held, other = sorted(workers)[:2]
+        # the orphan left running is the one with more of its shard to go: its downloads will fail
+        other, held = sorted(list(workers)[:2], key=lambda pid: size(workers[pid]))
         os.kill(held, signal.SIGSTOP)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
