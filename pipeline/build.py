@@ -57,22 +57,15 @@ crops 224 px (RandomResizedCrop scale 0.08-1 / 0.5-1) keep enough resolution, wh
 has far fewer pixels to decode than a full 500x375 Flickr "medium" image, and smaller images are
 never upscaled (no wasted bytes, no interpolation blur).
 
-Multi-machine builds: `distributor="pyspark"` (or "ray") runs the same download on a cluster; the
-parquet parts and the shard dir must be on storage all workers see (e.g. NFS, or s3:// paths
-via fsspec). Example, on the Spark driver:
-
-    from pyspark.sql import SparkSession
-    from pipeline.build import BuildConfig, build
-    spark = (SparkSession.builder.config("spark.executor.cores", "16")
-             .config("spark.task.maxFailures", "100").master("spark://head:7077").getOrCreate())
-    build(BuildConfig(metadata="yfcc100m_dataset.bz2", subset="yfcc100m_subset_data.tsv.bz2",
-                      out="/nfs/yfcc15m", distributor="pyspark", processes=1, threads=64))
-
-(`processes` is per executor core there; ray: `ray.init(address="auto")` first, then
-`distributor="ray"`.)
+Multi-machine builds: `distributor="ray"` runs the download as one Ray task per shard on a
+cluster started with `ray start` (pipeline/distributed_download.py; the SLURM recipe is in the
+README and docs/DISTRIBUTED_BUILD.md). Every node must see OUT at the same path on a shared POSIX
+file system (NFS, Lustre, GPFS): the shard checks, the finalize stage and the resume logic read
+local paths, so object-store URLs (s3://...) are not supported as OUT.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -92,6 +85,7 @@ from tqdm import tqdm
 from pipeline.build_errors import BuildError
 from pipeline.build_lock import BuildLock
 from pipeline.captions import clean_caption, join_caption, truncate
+from pipeline.distributed_download import check_distributor, download_engine, worker_env
 from pipeline.fetch import DownloadPolicy
 from pipeline.integrity import verification_path, verified_by_build
 from pipeline.manifest import Manifest, ShardEntry, save_manifest
@@ -140,8 +134,10 @@ class BuildConfig:
     max_download_seconds: float = 60.0   # one download in all, redirects included (download_too_slow)
     allow_private_network: bool = False  # fetch from loopback/private/link-local... addresses (never non-http)
     max_image_pixels: int = 89_478_485   # decompression-bomb guard (PIL's default limit), before decode
-    distributor: str = "multiprocessing" # or "pyspark" / "ray" (see module docstring)
+    distributor: str = "multiprocessing" # or "ray" (see module docstring)
+    ray_address: str = "auto"            # distributor ray: "auto" (`ray start` on this machine) or HOST:PORT
     progress: bool = True
+    scan_threads: int | None = None      # cores decompressing a bz2 metadata file (None: all); same rows either way
 
     def __post_init__(self):
         self.metadata = Path(self.metadata)
@@ -155,6 +151,7 @@ class BuildConfig:
             raise ValueError(f"max_download_bytes and max_download_seconds must be > 0, got "
                              f"{self.max_download_bytes} and {self.max_download_seconds}")
         format_url(self.url_template, photoid=1, hash="0" * 32, download_url="http://x/y.jpg", ext="jpg")
+        check_distributor(self.distributor)
 
     @property
     def parquet_dir(self) -> Path:
@@ -189,15 +186,31 @@ _FIELD = re.compile(r"\{(\w+)(?:\[(-?\d*):(-?\d*)\])?\}")
 
 def format_url(template: str, **fields) -> str:
     """`{name}` or `{name[a:b]}` substituted from fields (str.format cannot slice)."""
-    def sub(m):
-        if m.group(1) not in fields:
-            raise ValueError(f"url template {template!r}: unknown field {m.group(1)!r} (known: {sorted(fields)})")
-        v = str(fields[m.group(1)])
-        if m.group(2) is None and m.group(3) is None and "[" not in m.group(0):
-            return v
+    out = []
+    for literal, name, a, b in _template_parts(template):
+        out.append(literal)
+        if name is None:
+            continue
+        if name not in fields:
+            raise ValueError(f"url template {template!r}: unknown field {name!r} (known: {sorted(fields)})")
+        v = str(fields[name])
+        out.append(v if a is None else v[a[0]:b[0]])
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _template_parts(template: str) -> tuple:
+    """(literal text, field name or None, (start,) or None, (end,) or None) pieces of a URL template,
+    parsed once per template instead of once per row."""
+    parts, pos = [], 0
+    for m in _FIELD.finditer(template):
+        sliced = not (m.group(2) is None and m.group(3) is None and "[" not in m.group(0))
         a, b = m.group(2), m.group(3)
-        return v[int(a) if a else None:int(b) if b else None]
-    return _FIELD.sub(sub, template)
+        parts.append((template[pos:m.start()], m.group(1),
+                      (int(a) if a else None,) if sliced else None, (int(b) if b else None,) if sliced else None))
+        pos = m.end()
+    parts.append((template[pos:], None, None, None))
+    return tuple(parts)
 
 
 def sampled(photoid: int, fraction: float) -> bool:
@@ -245,7 +258,7 @@ def select_stage(cfg: BuildConfig) -> dict:
             for v in columns.values():
                 v.clear()
 
-    for row in read_metadata(cfg.metadata, subset, scan, cfg.progress):
+    for row in read_metadata(cfg.metadata, subset, scan, cfg.progress, threads=cfg.scan_threads):
         if row.is_video:
             scan.add("video", row.where)
             continue
@@ -340,7 +353,8 @@ def _download(cfg: BuildConfig, run: DownloadRun, done: set[str], expected: int,
     sigint = signal.getsignal(signal.SIGINT)       # img2dataset installs its own and never restores it
     try:
         orphans_exit = cfg.distributor == "multiprocessing"      # its workers are this process's children
-        with promoter, guarded_img2dataset(cfg.download_policy(), exit_orphans=orphans_exit):
+        with download_engine(cfg.distributor, cfg.ray_address, worker_env(cfg.max_image_pixels), cfg.progress), \
+                promoter, guarded_img2dataset(cfg.download_policy(), exit_orphans=orphans_exit):
             download(url_list=str(cfg.parquet_dir), input_format="parquet", url_col="url", caption_col="caption",
                      save_additional_columns=EXTRA_COLUMNS, output_format="webdataset",
                      output_folder=str(run.dir), number_sample_per_shard=cfg.shard_size,

@@ -34,11 +34,16 @@ def clean_caption(raw: str) -> str:
     if not raw:
         return ""
     text = unquote(raw, errors="replace").replace("+", " ")
-    text = _TAGS.sub(" ", text)
-    text = _URLS.sub(" ", text)
+    if "<" in text:           # each pattern needs its first character: skip the regex when absent
+        text = _TAGS.sub(" ", text)
+    if "http" in text or "www" in text:
+        text = _URLS.sub(" ", text)
     if not text.isascii() or "&" in text or "\x1b" in text:   # ftfy changes nothing else; it is slow
         import ftfy
         text = ftfy.fix_text(text)
+    elif text.isprintable():  # printable ASCII (most captions): no control to drop, only spaces to collapse
+        text = (_SPACE.sub(" ", text) if "  " in text else text).strip()
+        return text          # printable ASCII shows something unless it is empty
     text = _controls().sub("", _SPACE.sub(" ", text))
     text = _SPACE.sub(" ", text).strip()
     return text if has_visible_text(text) else ""

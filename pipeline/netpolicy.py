@@ -22,6 +22,7 @@ download time (pipeline/fetch.py) on the address actually connected to and on ev
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from urllib.parse import urlsplit
 
@@ -32,6 +33,7 @@ ADDRESS_REASONS = ("unspecified_address", "loopback_address", "link_local_addres
                    "private_address", "reserved_address")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_PLAIN_ORIGIN = re.compile(r"https?://[a-z0-9.-]+(?=[/?#]|$)")
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 
 
@@ -160,8 +162,23 @@ class UrlChecker:
     def __init__(self, allow_private: bool = False, max_hosts: int = 4096):
         self.allow_private, self.max_hosts = allow_private, max_hosts
         self._hosts: dict[str, str | None] = {}
+        self._origins: dict[str, tuple[str, str] | None] = {}
 
     def __call__(self, url: str) -> tuple[str, str] | None:
+        # A URL starting `http(s)://host` with a plain lower-case host, then /, ?, # or the end, gets
+        # the answer of the first URL with that start: scheme, credentials, host and port all lie in it.
+        m = _PLAIN_ORIGIN.match(url)
+        if m is None:
+            return self._check(url)
+        origin = m.group()
+        if origin in self._origins:
+            return self._origins[origin]
+        answer = self._check(url)
+        if len(self._origins) < self.max_hosts:
+            self._origins[origin] = answer
+        return answer
+
+    def _check(self, url: str) -> tuple[str, str] | None:
         refused = url_reason(url, self.allow_private, resolve_names=False)
         if refused is not None or self.allow_private:
             return refused

@@ -237,8 +237,10 @@ def build_sample_table(manifest: Manifest) -> SampleTable:
         if not is_regular(tar):
             raise ShardError(f"{tar}: shard listed in {manifest.source or manifest.name} is not a regular file")
         if tar.stat().st_size != entry.bytes:
-            raise ShardError(f"{tar}: {tar.stat().st_size} bytes, the manifest says {entry.bytes} "
-                             "(truncated or rewritten since the build; rebuild it)")
+            raise ShardError(f"{tar}: {tar.stat().st_size} bytes, the manifest says {entry.bytes} (truncated or "
+                             f"rewritten since the build): restore the shard from a good copy or rerun the build "
+                             f"that made {manifest.source or manifest.name}, then check the set with "
+                             f"python tools/verify_shards.py {manifest.source or 'MANIFEST'}")
         if idx is not None and idx.is_file():
             raw = read_index(idx, entry.bytes)
             lines = raw.decode("utf-8", "replace").splitlines()

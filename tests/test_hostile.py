@@ -256,8 +256,8 @@ def test_a_failing_reader_thread_hands_its_error_over(tmp_path, monkeypatch):
     path = tmp_path / "m.bz2"
     path.write_bytes(bz2.compress(meta_line(1, 1, "ab", "t", "", "http://x/1.jpg")))
     monkeypatch.setattr(metadata.bz2, "BZ2Decompressor", Exhausted)
-    with pytest.raises(MemoryError, match="simulated"):
-        list(read_metadata(path, None, ScanStats(), progress=False))
+    with pytest.raises(MemoryError, match="simulated"):    # threads=1: the standard library's reader thread
+        list(read_metadata(path, None, ScanStats(), progress=False, threads=1))
 
 
 @pytest.mark.timeout(30)

@@ -75,7 +75,7 @@ def offline_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheelhouse")
-    subprocess.run(["bash", str(ROOT / "tools/make_wheelhouse.sh"), str(out), "--skip", "torch,dali"],
+    subprocess.run(["bash", str(ROOT / "tools/make_wheelhouse.sh"), str(out), "--skip", "torch,dali,ray"],
                    check=True, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable})
     return out
 
@@ -113,7 +113,7 @@ def test_manifest_lists_every_wheel_with_its_size(wheelhouse):
     assert int(rows[-1][0]) == sum(wheels.values()) and rows[-1][1] == "total"
     names = {canonicalize_name(w.split("-")[0]) for w in wheels}
     assert {"slipstream", "pillow-simd", "pillow", "setuptools", "wheel", "pip", "img2dataset"} <= names
-    assert not names & {"torch", "nvidia-dali-cuda130"}, "skipped giants leaked into the wheelhouse"
+    assert not names & {"torch", "nvidia-dali-cuda130", "ray"}, "skipped giants leaked into the wheelhouse"
     # pillow-simd publishes no wheels, so its wheel is a local build
     (simd,) = [w for w in wheels if w.startswith("pillow_simd-")]
     assert simd.endswith("linux_x86_64.whl") and "manylinux" not in simd

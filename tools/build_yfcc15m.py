@@ -26,8 +26,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from pipeline.build import BuildConfig, BuildError, build  # noqa: E402
 from pipeline.build_lock import BuildLock  # noqa: E402
+from pipeline.distributed_download import DISTRIBUTORS  # noqa: E402
 from pipeline.manifest import ShardError  # noqa: E402
 from pipeline.metadata import InputError  # noqa: E402
+from pipeline.cli import report, run_main  # noqa: E402
 
 # BuildConfig fields exposed as --flags (name -> help)
 OPTIONS = {
@@ -40,7 +42,8 @@ OPTIONS = {
     "shard_size": "samples per shard", "timeout": "download timeout (s)", "retries": "download retries",
     "max_image_pixels": "reject images with more pixels (decompression bombs)",
     "max_download_bytes": "a larger download is a failure", "max_download_seconds": "a slower download is a failure",
-    "distributor": "multiprocessing | pyspark | ray",
+    "distributor": "where the downloads run: multiprocessing (this machine) | ray (a cluster, README 'Many machines')",
+    "ray_address": "with --distributor ray: auto (the cluster `ray start` began on this machine) or HOST:PORT",
 }
 
 
@@ -55,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         f = defaults[name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         typ = {"limit": int, "manifest_dir": Path}.get(name, type(default))
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"{help_} (default {default})")
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"{help_} (default {default})",
+                       choices=DISTRIBUTORS if name == "distributor" else None)
     p.add_argument("--no-resize-only-if-bigger", action="store_true", help="also upscale small images")
     p.add_argument("--allow-private-network", action="store_true",
                    help="also fetch from loopback, private, link-local... addresses (never non-http URLs)")
@@ -108,13 +112,12 @@ def main(argv=None) -> int:
             if a.metadata is None:
                 raise SystemExit("--metadata is required (or --demo)")
             m = build(config_from_args(a))
-    except (InputError, BuildError, ShardError) as e:    # one line that says what to do, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (InputError, BuildError, ShardError) as e:    # one line that says what to do (pipeline/cli.py)
+        return report(e, 2)
     print(json.dumps({"manifest": str(Path(m.root) / "manifest.json"), "shards": len(m.shards),
                       "samples": m.total_samples}))
     return 0
 
 
 if __name__ == "__main__":   # img2dataset uses multiprocessing "spawn"
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -22,6 +22,7 @@ from trainer.checkpoint import CheckpointError, load_model
 from trainer.convert import (ConversionError, export_openclip, export_timm, known_models, read_openclip,
                              read_slip_reference)
 from trainer.dataclass_io import ConfigError
+from pipeline.cli import report, run_main
 
 
 def parse_args(argv=None):
@@ -67,11 +68,10 @@ def main(argv=None) -> int:
     try:
         lines = export(args) if args.to else import_(args)
     except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e, 2)
     print("\n".join(lines))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

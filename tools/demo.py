@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trainer.checkpoint import latest_checkpoint
+from pipeline.cli import run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -323,4 +324,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -26,6 +26,7 @@ from trainer.checkpoint import CheckpointError, load_model
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.evaluation import TASKS, EvalConfig, Evaluator, EvalTransform, LinearProbeConfig, save_results
 from trainer.models import build_model
+from pipeline.cli import report, run_main
 
 
 def parse_args(argv=None):
@@ -54,8 +55,7 @@ def main(argv=None) -> int:
     try:
         return evaluate(args)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e, 2)
 
 
 def random_model(run_cfg: RunConfig, seed: int, device: str) -> torch.nn.Module:
@@ -103,4 +103,4 @@ def evaluate(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools" / "bench"))     # bench_pipeline, bench_train (not a package)
 
 from pipeline.files import write_json_atomic  # noqa: E402  (stdlib only: safe on a bare GPU machine)
+from pipeline.cli import run_main  # noqa: E402
 
 CONFIGS = ROOT / "trainer" / "configs"
 VIEWS = ["clip_image", "ssl_image_1", "ssl_image_2"]
@@ -721,4 +722,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -9,15 +9,16 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: tools/make_wheelhouse.sh DIR [--cuda 13|12] [--torch-cpu] [--skip torch,dali]
+usage: tools/make_wheelhouse.sh DIR [--cuda 13|12] [--torch-cpu] [--skip torch,dali,ray]
 
   DIR          new or empty folder that receives the wheels and MANIFEST.txt
   --cuda N     CUDA major version of the DALI wheel: 13 (nvidia-dali-cuda130, default) or 12
   --torch-cpu  take torch's CPU wheel (TORCH_VERSION+cpu) instead of PyPI's CUDA build; that wheel
                lives on PyTorch's own index, so it must be reachable (PIP_EXTRA_INDEX_URL or a mirror),
                otherwise the script says so and takes PyPI's build
-  --skip LIST  leave out torch and/or dali (comma-separated), e.g. when the target's system Python
-               already provides them (tools/setup_env.sh --system-site-packages)
+  --skip LIST  leave out torch, dali and/or ray (comma-separated): torch and dali e.g. when the target's
+               system Python already provides them (tools/setup_env.sh --system-site-packages); ray
+               (a 76 MiB wheel) when no build will run on a cluster (--distributor ray is then unavailable)
 
 environment: PYTHON (interpreter, default python3), TORCH_VERSION (default 2.13.0),
              PILLOW_SIMD_VERSION (default 12.1.1.post0)
@@ -41,9 +42,10 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$out" ] || { usage >&2; exit 2; }
 case "$cuda" in 13|12) ;; *) die "--cuda must be 13 or 12, not '$cuda'" ;; esac
-skip_torch=0 skip_dali=0
+skip_torch=0 skip_dali=0 skip_ray=0
 for s in ${skip//,/ }; do
-  case "$s" in torch) skip_torch=1 ;; dali) skip_dali=1 ;; *) die "--skip takes torch and/or dali, not '$s'" ;; esac
+  case "$s" in torch) skip_torch=1 ;; dali) skip_dali=1 ;; ray) skip_ray=1 ;;
+    *) die "--skip takes torch, dali and/or ray, not '$s'" ;; esac
 done
 
 py=${PYTHON:-python3}
@@ -93,11 +95,11 @@ fi
 
 # Requirements: the project's dependencies with the chosen DALI extra and dev tools, minus what is
 # skipped, plus the build tools that an offline editable install (or any source build) needs.
-"$py" - "$out" "$root/pyproject.toml" "$dali_extra" "$torch_req" "$skip_torch" "$skip_dali" \
+"$py" - "$out" "$root/pyproject.toml" "$dali_extra" "$torch_req" "$skip_torch" "$skip_dali" "$skip_ray" \
   >"$tmp/requirements.txt" <<'PY'
 import email, glob, re, sys, zipfile
 
-out, pyproject, dali_extra, torch_req, skip_torch, skip_dali = sys.argv[1:]
+out, pyproject, dali_extra, torch_req, skip_torch, skip_dali, skip_ray = sys.argv[1:]
 try:
     import tomllib
 except ImportError:  # Python 3.10: pip ships the same parser
@@ -110,7 +112,7 @@ def name_of(req: str) -> str:
 with zipfile.ZipFile(wheel) as zf:
     meta_name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
     meta = email.message_from_bytes(zf.read(meta_name))
-wanted_extras = {dali_extra, "dev"}
+wanted_extras = {dali_extra, "dev"} | ({"ray"} if skip_ray == "0" else set())
 reqs = []
 for line in meta.get_all("Requires-Dist") or []:
     req, _, marker = line.partition(";")

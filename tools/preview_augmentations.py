@@ -26,6 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from pipeline.cli import report, run_main  # noqa: E402
+
 TILE = 192
 PAD = 8
 BG = (250, 250, 250)
@@ -133,8 +135,7 @@ def main(argv=None) -> int:
         loader = SLIPLoader(manifest, recipe, n, tokenizer, seed=seed, num_threads=2,
                             caption_mode=cfg.data.caption_mode, backend=cfg.data.backend)  # the path that will train
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e, 2)
     batch = next(iter(loader))
     params = loader.make_batch(0, 0).views       # the plan's draws behind this very batch
     views = view_names(recipe)
@@ -165,4 +166,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -43,14 +43,18 @@ if [ -n "$wheelhouse" ]; then
   # tools/ and tests/ run from the checkout anyway, and edits to it then reach every node without
   # rebuilding the wheelhouse. Its wheel in the folder, which carries the same version number
   # whatever the code, serves installs without a checkout.
-  "${pip_install[@]}" -e "$root[${DALI_EXTRA:-dali-cuda130},dev]"
+  extras="${DALI_EXTRA:-dali-cuda130},dev"
+  # Ray (the cluster download engine) when the wheelhouse has it (make_wheelhouse.sh --skip ray leaves it out)
+  if compgen -G "$wheelhouse/ray-*.whl" >/dev/null; then extras+=",ray"
+  else echo "setup_env: no ray wheel in $wheelhouse: --distributor ray will not be available"; fi
+  "${pip_install[@]}" -e "$root[$extras]"
   pillow_simd=(pillow-simd)   # the wheel make_wheelhouse.sh built from source
 else
   pip_install=("${pip[@]}" install -q)
   "${pip_install[@]}" --upgrade pip
   # A plain `torch` requirement can pull a multi-GB CUDA build; pin the CPU wheel unless one is present.
   "$venv/bin/python" -c "import torch" 2>/dev/null || "${pip_install[@]}" "torch==${TORCH_VERSION:-2.13.0}"
-  "${pip_install[@]}" -e "$root[${DALI_EXTRA:-dali-cuda130},dev]"
+  "${pip_install[@]}" -e "$root[${DALI_EXTRA:-dali-cuda130},dev,ray]"
   pillow_simd=(--no-binary pillow-simd "pillow-simd==12.1.1.post0")   # no wheels on PyPI
 fi
 if "$venv/bin/python" - <<'PY'

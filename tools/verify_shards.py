@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.integrity import last_verification, verification_path, verify_shards
+from pipeline.cli import report, run_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,8 +35,7 @@ def main(argv=None) -> int:
     try:
         result = verify_shards(a.manifest, workers=a.workers, progress=not a.no_progress)
     except ValueError as e:      # a ShardError (missing shards, a forged entry) or an unreadable manifest
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e, 2)
     for problem in result.problems:
         print(problem)
     status = "all match" if result.ok else f"{len(result.problems)} problem(s)"
@@ -45,4 +45,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

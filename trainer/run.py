@@ -27,6 +27,7 @@ import errno
 import os
 import sys
 
+from pipeline.cli import report, run_main
 from pipeline.manifest import ShardError
 from trainer import checkpoint as ckpt
 from trainer.components import build_components
@@ -59,10 +60,9 @@ def _verification_line(manifest: str) -> str:
     return f"shards last verified {v.verified_at}: {v.shards} shards, {state}"
 
 
-def _error(rank: int, message: str, code: int, kind: str = "error") -> int:
-    if rank == 0:    # every rank stops with the same error; one line says it
-        print(f"{kind}: {message}", file=sys.stderr, flush=True)
-    return code
+def _error(rank: int, error: BaseException, code: int, kind: str = "error", message: str | None = None) -> int:
+    """One line from rank 0 (pipeline/cli.py: another rank's own failure too; the traceback under SLIP_DEBUG=1)."""
+    return report(error, code, kind, rank, message)
 
 
 def main(argv=None) -> int:
@@ -72,8 +72,7 @@ def main(argv=None) -> int:
         if args.resume:
             cfg.checkpoint.resume = args.resume
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return report(e, 2, "config error")     # before the group exists: the rank comes from the environment
     request = ResumeRequest(cfg.checkpoint.resume, args.overwrite,
                             tuple(k.strip() for k in args.allow_config_change.split(",") if k.strip()))
     info = init_distributed()   # once: the group and this rank's device
@@ -98,20 +97,20 @@ def main(argv=None) -> int:
             print(_verification_line(cfg.data.manifest), flush=True)
         trainer.fit()
     except ConfigError as e:
-        return _error(rank, str(e), 2, kind="config error")
+        return _error(rank, e, 2, kind="config error")
     except (ResumeError, RunDirBusy) as e:
-        return _error(rank, str(e), 2)
+        return _error(rank, e, 2)
     except ShardError as e:          # missing shard, size or index mismatch: the data set, not the code
-        return _error(rank, str(e), 2, kind="data error")
+        return _error(rank, e, 2, kind="data error")
     except NonFiniteLossError as e:
-        return _error(rank, str(e), 3)
+        return _error(rank, e, 3)
     except ckpt.CheckpointError as e:
-        return _error(rank, str(e), 4)
+        return _error(rank, e, 4)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        return _error(rank, f"No space left on device writing {e.filename or 'into ' + cfg.out_dir}; free space "
-                            "and rerun the same command to resume from the last checkpoint", 4)
+        return _error(rank, e, 4, message=f"No space left on device writing {e.filename or 'into ' + cfg.out_dir}; "
+                                          "free space and rerun the same command to resume from the last checkpoint")
     finally:
         if lock is not None:
             lock.release()
@@ -120,4 +119,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
