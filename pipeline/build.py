@@ -6,9 +6,12 @@ Stages (each resumable; kill the build at any point and rerun the same command):
    `OUT/parquet/part-NNNNN.parquet` (rows per part = a multiple of the shard size, so img2dataset
    makes no partial shards mid-way). Marker `OUT/state/select.json` (stats + a settings
    fingerprint) is written last; without it the stage reruns from scratch (it is deterministic).
-2. **download**: img2dataset (parquet in, webdataset out, `incremental_mode="incremental"`: shards
-   whose `NNNNN_stats.json` exists are skipped). Before it runs, every finished shard's tar is
-   checked (complete tar, sample count = stats) and a bad one is deleted so it is redone.
+2. **download**: img2dataset (parquet in, webdataset out) into this run's own directory
+   `OUT/download/gen-<generation>-<token>/`; each shard its workers finish is moved into
+   `OUT/shards/` while the run lives (tar, parquet, then `NNNNN_stats.json`: a stats file in
+   `OUT/shards/` marks an accepted shard). Shards already accepted are skipped; before the run,
+   every accepted shard's tar is checked (complete tar, sample count = stats) and a bad one is
+   deleted so it is redone.
 3. **finalize**: per tar, in a thread pool: its DALI index (wds2idx; an index kept from an earlier
    run is used only if it lists exactly this tar's members), sha256s of tar and index, and a
    decode-verification of every image (pipeline/verify.py; cached in `OUT/state/verified/` by
@@ -32,8 +35,22 @@ At the end, the manifest's verification record (`<name>.verified.json` beside ea
 manifest, pipeline/integrity.py) says the shards were verified now, from the checksums just
 computed.
 
-A kill must take the whole process group (Ctrl-C, a scheduler, `kill -- -PGID`): img2dataset's
-worker processes outlive a SIGKILL of the main process alone and would race the rerun.
+Killed at any point, whatever was killed (the main process alone, one img2dataset worker, the
+whole process group), one rerun of the same command finishes the build with exactly the samples
+of an uninterrupted one, no duplicates. How (pipeline/build_lock.py, pipeline/download_run.py):
+
+- one builder per output directory: a lock file made atomically in `OUT/state/lock/` (a hard
+  link, which also holds on NFS); a second builder refuses with one line naming the first's host
+  and PID. A lock whose process on this host is gone is superseded, never deleted and retaken.
+- fencing: a SIGKILLed main process leaves its img2dataset workers running (they outlive it, as
+  after an OOM kill). They can only write into their own run's download directory, which no
+  later run reads: the rerun deletes it and downloads every shard the killed run had not
+  accepted, even the ones its orphans finished afterwards (as failures, say, once the image
+  server died with it). `stats.download.shards_redone_on_resume` counts these shards, those that
+  an interrupted run had started and a later run downloaded again.
+- a killed worker: multiprocessing would wait forever for its shard; the run notices, stops the
+  download, and ends with one line (`error: img2dataset worker PID ... was killed ...; rerun the
+  same command`), its finished shards kept. Ctrl-C during the download ends the same way.
 
 Resize default: `keep_ratio` with the shorter side at 320 px and `resize_only_if_bigger`: training
 crops 224 px (RandomResizedCrop scale 0.08-1 / 0.5-1) keep enough resolution, while a 320 px JPEG
@@ -53,9 +70,8 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
-import tarfile
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -66,25 +82,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipeline.build_errors import BuildError
+from pipeline.build_lock import BuildLock
 from pipeline.captions import clean_caption, join_caption, truncate
 from pipeline.distributed_download import check_distributor, download_engine, worker_env
 from pipeline.fetch import DownloadPolicy
 from pipeline.integrity import verification_path, verified_by_build
 from pipeline.manifest import Manifest, ShardEntry, save_manifest
 from pipeline.metadata import InputError, ScanStats, SubsetIds, read_metadata
+from pipeline.download_run import (DownloadRun, Promoter, ResumeLedger, check_shards, done_ids,  # noqa: F401
+                                   remove_incomplete, stats_files)    # check_shards: the tests' API
 from pipeline.files import write_json_atomic
 from pipeline.netpolicy import UrlChecker
 from pipeline.regular_files import is_regular
-from pipeline.shards import file_sha256, iter_tar_samples, write_index
+from pipeline.shards import file_sha256, write_index
 from pipeline.verify import index_matches, verify_images
 
 MIRROR_TEMPLATE = "https://multimedia-commons.s3-us-west-2.amazonaws.com/data/images/{hash[0:3]}/{hash[3:6]}/{hash}.jpg"
 EXTRA_COLUMNS = ["photoid", "title", "description", "license"]
 VERIFY_VERSION = 1       # bump when the verification rule changes: cached results are then redone
-
-
-class BuildError(RuntimeError):
-    """The build cannot finish as asked (nothing to build, downloads incomplete); the message says why."""
 
 
 PARQUET_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("photoid", pa.int64()),
@@ -221,6 +237,7 @@ def select_stage(cfg: BuildConfig) -> dict:
             raise InputError(f"{cfg.out}: already holds shards built with other selection settings "
                              f"({marker}); use a new --out or delete it")
     shutil.rmtree(cfg.parquet_dir, ignore_errors=True)
+    (cfg.state_dir / "resume.json").unlink(missing_ok=True)      # shard ids of another selection
     cfg.parquet_dir.mkdir(parents=True)
     t0 = time.time()
     scan = ScanStats()
@@ -283,109 +300,76 @@ def select_stage(cfg: BuildConfig) -> dict:
 
 # ---------------------------------------------------------------- stage 2: download
 
-def _stats_files(shard_dir: Path) -> list[Path]:
-    return sorted(p for p in shard_dir.glob("*_stats.json") if p.name.split("_")[0].isdigit())
-
-
-def _tar_samples(tar: Path) -> int | None:
-    """Number of samples with a .jpg in a complete tar, None if the tar is truncated or unreadable."""
-    try:
-        with tarfile.open(tar) as t:
-            return sum(1 for _, parts in iter_tar_samples(t) if "jpg" in parts)
-    except (tarfile.TarError, OSError, EOFError):
-        return None
-
-
-def check_shards(shard_dir: Path) -> int:
-    """Delete every shard that a kill left incomplete, so img2dataset's incremental mode redoes it:
-    a tar without its stats file, or a stats file whose tar is truncated or holds the wrong count."""
-    redo = set()
-    for stats in _stats_files(shard_dir):
-        sid = stats.name.split("_")[0]
-        try:
-            successes = json.loads(stats.read_text())["successes"]
-        except (ValueError, KeyError, OSError):
-            successes = -1
-        if _tar_samples(shard_dir / f"{sid}.tar") != successes:
-            redo.add(sid)
-    done = {p.name.split("_")[0] for p in _stats_files(shard_dir)}
-    redo |= {p.stem for p in shard_dir.glob("*.tar") if p.stem not in done}
-    for sid in redo:
-        for suffix in ("_stats.json", ".tar", ".parquet", ".idx"):
-            (shard_dir / f"{sid}{suffix}").unlink(missing_ok=True)
-    return len(redo)
-
-
-class _DownloadProgress:
-    """A tqdm bar (samples, rate, ETA) fed by the stats files img2dataset writes per finished shard."""
-
-    def __init__(self, shard_dir: Path, total: int, enabled: bool):
-        self.shard_dir, self.seen = shard_dir, set()
-        self.bar = tqdm(total=total, desc="download", unit="img", disable=not enabled, smoothing=0.05)
-        self.bar.update(self._poll())
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _poll(self) -> int:
-        n = 0
-        for p in _stats_files(self.shard_dir):
-            if p.name not in self.seen:
-                try:
-                    n += json.loads(p.read_text())["count"]
-                    self.seen.add(p.name)
-                except (ValueError, KeyError, OSError):
-                    pass
-        return n
-
-    def _run(self):
-        while not self.stop.wait(1.0):
-            self.bar.update(self._poll())
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-        self.bar.update(self._poll())
-        self.bar.close()
-
-
-def download_stage(cfg: BuildConfig, selected: int) -> dict:
+def download_stage(cfg: BuildConfig, selected: int, lock: BuildLock) -> dict:
+    """img2dataset into this run's own directory, finished shards promoted into the shard directory
+    (pipeline/download_run.py). Returns {"shards_redone": ..., "skipped": ...}."""
     cfg.shard_dir.mkdir(parents=True, exist_ok=True)
     # img2dataset's incremental mode reads every *.json in the output folder as a shard's stats
     (cfg.shard_dir / "manifest.json").unlink(missing_ok=True)
     verification_path(cfg.shard_dir / "manifest.json").unlink(missing_ok=True)
-    redone = check_shards(cfg.shard_dir)
+    shutil.rmtree(cfg.shard_dir / "_tmp", ignore_errors=True)      # left by builders before download runs
+    ledger = ResumeLedger(cfg.state_dir / "resume.json")
+    run = DownloadRun(cfg.out, lock.generation, lock.token)
+    removed = remove_incomplete(cfg.shard_dir)
+    done = done_ids(cfg.shard_dir)
+    ledger.add_started(removed | (run.earlier_started() - done))     # recorded before the evidence goes
+    run.remove_earlier()
     expected = -(-selected // cfg.shard_size) if selected else 0
     marker = cfg.state_dir / "download.json"
-    if marker.exists() and redone == 0 and len(_stats_files(cfg.shard_dir)) == expected:
-        return {"shards_redone": 0, "skipped": True}
+    if marker.exists() and not removed and len(done) == expected:
+        return {"shards_redone": len(ledger.redone), "skipped": True}
     marker.unlink(missing_ok=True)
-    if selected:
-        # checked by OpenCV on the image header, before any pixel buffer is allocated
-        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(cfg.max_image_pixels)
-        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-        from img2dataset import download
-        from pipeline.img2dataset_guard import guarded_img2dataset
+    promoter = None
+    if selected and len(done) < expected:
+        promoter = _download(cfg, run, done, expected, ledger, selected)
+    finished = len(done_ids(cfg.shard_dir))
+    if promoter is not None and promoter.killed_worker is not None:
+        pid, sig = promoter.killed_worker
+        raise BuildError(f"img2dataset worker PID {pid} was killed by {signal.Signals(sig).name} (out of memory? "
+                         f"then lower --processes or --threads); {finished} of {expected} shards are finished and "
+                         f"kept; rerun the same command to download the rest")
+    if promoter is not None and promoter.interrupted:
+        raise BuildError(f"the download was interrupted; {finished} of {expected} shards are finished and kept; "
+                         f"rerun the same command to download the rest")
+    if finished != expected:
+        raise BuildError(f"{cfg.shard_dir}: img2dataset finished {finished} of {expected} shards (the others failed: "
+                         f"see its output above); rerun the same command to download the rest")
+    write_json_atomic(marker, {"shards": expected}, indent=1)
+    return {"shards_redone": len(ledger.redone), "skipped": False}
+
+
+def _download(cfg: BuildConfig, run: DownloadRun, done: set[str], expected: int, ledger: ResumeLedger,
+              selected: int) -> Promoter:
+    """One img2dataset call for the shards not done yet; returns its promoter (what it accepted,
+    and whether a worker was killed or the download interrupted)."""
+    # checked by OpenCV on the image header, before any pixel buffer is allocated
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(cfg.max_image_pixels)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset import download
+    from pipeline.img2dataset_guard import guarded_img2dataset
+    run.prepare(done)
+    promoter = Promoter(run, cfg.shard_dir, done, expected, ledger, selected, cfg.progress,
+                        watch_workers=cfg.distributor == "multiprocessing")
+    sigint = signal.getsignal(signal.SIGINT)       # img2dataset installs its own and never restores it
+    try:
+        orphans_exit = cfg.distributor == "multiprocessing"      # its workers are this process's children
         with download_engine(cfg.distributor, cfg.ray_address, worker_env(cfg.max_image_pixels), cfg.progress), \
-                _DownloadProgress(cfg.shard_dir, selected, cfg.progress), guarded_img2dataset(cfg.download_policy()):
+                promoter, guarded_img2dataset(cfg.download_policy(), exit_orphans=orphans_exit):
             download(url_list=str(cfg.parquet_dir), input_format="parquet", url_col="url", caption_col="caption",
                      save_additional_columns=EXTRA_COLUMNS, output_format="webdataset",
-                     output_folder=str(cfg.shard_dir), number_sample_per_shard=cfg.shard_size,
+                     output_folder=str(run.dir), number_sample_per_shard=cfg.shard_size,
                      processes_count=cfg.processes, thread_count=cfg.threads, image_size=cfg.image_size,
                      resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
                      encode_quality=cfg.encode_quality, timeout=cfg.timeout, retries=cfg.retries,
                      max_image_area=float(cfg.max_image_pixels), incremental_mode="incremental",
                      distributor=cfg.distributor, enable_wandb=False, compute_hash="sha256")
-        shutil.rmtree(cfg.shard_dir / "_tmp", ignore_errors=True)
-    left = check_shards(cfg.shard_dir)
-    if left or len(_stats_files(cfg.shard_dir)) != expected:
-        raise BuildError(f"{cfg.shard_dir}: img2dataset finished {len(_stats_files(cfg.shard_dir))} of "
-                         f"{expected} shards ({left} incomplete); rerun the same command to resume")
-    write_json_atomic(marker, {"shards": expected}, indent=1)
-    return {"shards_redone": redone, "skipped": False}
+    except SystemExit:             # img2dataset's SIGINT handler: Ctrl-C, or the promoter after a killed worker
+        promoter.interrupted = True
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+        ledger.add_started(run.started())
+        run.remove()
+    return promoter
 
 
 # ---------------------------------------------------------------- stage 3: finalize
@@ -418,7 +402,8 @@ def verified_shard(cfg: BuildConfig, tar: Path, samples: int) -> ShardEntry:
     if not index_matches(idx, tar):
         idx = write_index(tar, force=True)
         if not index_matches(idx, tar):
-            raise BuildError(f"{idx}: wds2idx's index does not list the members of {tar} as tarfile reads them")
+            raise BuildError(f"{idx}: wds2idx's index does not list the members of {tar} as tarfile reads them; "
+                             f"delete both and rerun the same command to download that shard again")
     sha256 = file_sha256(tar)
     cache = cfg.state_dir / "verified" / f"{tar.stem}.json"
     key = {"sha256": sha256, "max_image_pixels": cfg.max_image_pixels, "version": VERIFY_VERSION}
@@ -438,7 +423,7 @@ def verified_shard(cfg: BuildConfig, tar: Path, samples: int) -> ShardEntry:
 def finalize_stage(cfg: BuildConfig, select_stats: dict, download_info: dict) -> Manifest:
     dl, status, errors = Counter(), Counter(), Counter()
     finished = []
-    for stats_path in _stats_files(cfg.shard_dir):
+    for stats_path in stats_files(cfg.shard_dir):
         s = json.loads(stats_path.read_text())
         for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
             dl[k] += s.get(k, 0)
@@ -495,8 +480,13 @@ def summary_table(m: Manifest) -> str:
 
 
 def build(cfg: BuildConfig) -> Manifest:
-    """Run (or resume) all stages; returns the result manifest."""
+    """Run (or resume) all stages, holding the output directory's lock; returns the result manifest."""
     cfg.out.mkdir(parents=True, exist_ok=True)
+    with BuildLock(cfg.out) as lock:
+        return _build(cfg, lock)
+
+
+def _build(cfg: BuildConfig, lock: BuildLock) -> Manifest:
     select_stats = select_stage(cfg)
     if select_stats["selected"] == 0:
         counts = select_stats["counts"]
@@ -504,7 +494,7 @@ def build(cfg: BuildConfig) -> Manifest:
         raise BuildError(f"no photo selected from {cfg.metadata} ({counts.get('rows_read', 0)} rows read"
                          + (f", {counts.get('subset_rows', 0)} subset ids in {cfg.subset}" if cfg.subset else "")
                          + f"; dropped: {dropped}): nothing to build")
-    download_info = download_stage(cfg, select_stats["selected"])
+    download_info = download_stage(cfg, select_stats["selected"], lock)
     manifest = finalize_stage(cfg, select_stats, download_info)
     if cfg.progress:
         print(summary_table(manifest), file=sys.stderr)

@@ -15,7 +15,7 @@ engines that the test suite runs are accepted (tests/test_build_distributed.py).
 What the workers need (docs/DISTRIBUTED_BUILD.md): the same Python environment with this package
 importable (a worker unpickles pipeline.img2dataset_guard's downloader; Ray puts the driver's
 working directory first on the workers' sys.path, so a shared checkout works as it is), the same
-paths for the parquet parts, the shard folder and its `_tmp` (a shared POSIX file system), and
+paths for the parquet parts and the run's download folder with its `_tmp` (a shared POSIX file system), and
 network access to the image hosts. Workers do not inherit this process's environment; the
 variables the download relies on (`worker_env`: OpenCV's pixel limit is read once, when cv2 is
 imported) reach them through the job's `runtime_env`.

@@ -25,6 +25,7 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from pipeline.build import BuildConfig, BuildError, build  # noqa: E402
+from pipeline.build_lock import BuildLock  # noqa: E402
 from pipeline.distributed_download import DISTRIBUTORS  # noqa: E402
 from pipeline.manifest import ShardError  # noqa: E402
 from pipeline.metadata import InputError  # noqa: E402
@@ -79,6 +80,11 @@ def config_from_args(a: argparse.Namespace, **fixed) -> BuildConfig:
 
 
 def run_demo(a: argparse.Namespace):
+    with BuildLock(a.out):      # before the source data and the server: a second builder refuses first
+        return _run_demo(a)
+
+
+def _run_demo(a: argparse.Namespace):
     from demokit.data import DemoDataConfig, demo_url_template, generate
     from demokit.http_server import ImageServer
     meta, subset = generate(DemoDataConfig(out=a.out, samples=a.demo_samples, eval_per_class=a.demo_eval_per_class,
