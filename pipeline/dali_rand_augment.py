@@ -103,11 +103,15 @@ def apply_graph(x, inputs: dict, num_ops: int, size: int, fill: tuple[int, int, 
     fill_c = np.array(fill, np.float32)
     interior = np.zeros((size, size, 1), np.float32)
     interior[1:-1, 1:-1] = 1       # PIL's 3x3 filters leave the border pixels as they are
-    interior = types.Constant(interior)
     whole = lambda v: dmath.clamp(dmath.floor(v + 0.5), 0.0, 255.0)   # noqa: E731  round to a level
     blend = lambda v: dmath.floor(dmath.clamp(v, 0.0, 255.0))         # noqa: E731  PIL's blend truncates
+    on_gpu = getattr(x, "device", "cpu") == "gpu"
+    interior = types.Constant(interior, device="gpu" if on_gpu else "cpu")
     for s in range(num_ops):
-        p = {name: inputs[f"ra{s}_{name}"] for name in SLOT_INPUTS}
+        # per-sample operands come from the (CPU) external source: arithmetic with GPU data needs
+        # them on the GPU; the warp's matrix is an argument input and stays on the CPU
+        p = {name: inputs[f"ra{s}_{name}"].gpu() if on_gpu and name != "affine" else inputs[f"ra{s}_{name}"]
+             for name in SLOT_INPUTS}
         # warp the image minus the fill colour with zero fill: outside the source is then the fill colour
         x = whole(fn.warp_affine(x - fill_c, matrix=p["affine"], fill_value=0.0, interp_type=types.INTERP_LINEAR,
                                  size=[size, size]) + fill_c)

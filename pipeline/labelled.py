@@ -69,13 +69,18 @@ class LabelledSet:
 
 
 def find_classnames(root: Path) -> list[str] | None:
-    """A `classnames.json` (a JSON list of strings) in `root` or its parent, else None."""
-    for cand in (root / "classnames.json", root.parent / "classnames.json"):
-        if cand.is_file():
+    """A `classnames.json` (a JSON list of strings) or a CLIP-benchmark `classnames.txt` (one a
+    line) in `root` or its parent, else None."""
+    for folder in (root, root.parent):
+        if (folder / "classnames.json").is_file():
+            cand = folder / "classnames.json"
             value = json.loads(read_regular(cand, MAX_CLASSNAMES_BYTES, "class names"))
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{cand}: class names must be a JSON list of strings")
             return value
+        if (folder / "classnames.txt").is_file():
+            text = read_regular(folder / "classnames.txt", MAX_CLASSNAMES_BYTES, "class names").decode("utf-8")
+            return [line.strip() for line in text.splitlines() if line.strip()]
     return None
 
 
@@ -89,8 +94,10 @@ def tar_paths(location: str | Path) -> list[Path]:
     return sorted(Path(x) for x in glob.glob(str(location))) if glob.has_magic(str(location)) else []
 
 
-def open_labelled(location: str | Path, classnames: list[str] | None = None) -> LabelledSet:
-    """The labelled set at `location` (see the module docstring)."""
+def open_labelled(location: str | Path, classnames: list[str] | None = None,
+                  num_classes: int | None = None) -> LabelledSet:
+    """The labelled set at `location` (see the module docstring); labels outside the class names
+    (or outside range(num_classes) where there are none) are left out and counted."""
     tars = tar_paths(location)
     if tars:
         found = _from_tars(str(location), tars)
@@ -99,9 +106,11 @@ def open_labelled(location: str | Path, classnames: list[str] | None = None) -> 
     else:
         raise FileNotFoundError(f"{location}: neither an ImageFolder directory nor labelled .tar shards")
     names = classnames or found.classnames
-    if names is not None:
+    if names is None and tars:      # labelled shards: class names beside them or one level up
+        names = find_classnames(tars[0].parent)
+    if names is not None or num_classes is not None:
         found.classnames = names
-        keep = (found.labels >= 0) & (found.labels < len(names))
+        keep = (found.labels >= 0) & (found.labels < (len(names) if names is not None else num_classes))
         if not keep.all():
             found.skipped["label_not_a_class"] += int((~keep).sum())
             found.labels, found.file_of, found.spans = found.labels[keep], found.file_of[keep], found.spans[keep]

@@ -151,3 +151,13 @@ def test_both_augmenters_give_the_same_finetuning_batches(folder):
     no_ra = next(iter(SLIPLoader(data, _recipe(), 8, None, backend="pillow", seed=9)))["clip_image"]
     effect = (pillow["clip_image"] - no_ra).abs().mean().item()
     assert gap < 0.1 * effect, (gap, effect)
+
+
+def test_labelled_shards_take_class_names_from_a_classnames_txt_beside_them(shards, tmp_path):
+    import shutil
+    root = tmp_path / "dataset"
+    shutil.copytree(shards, root / "train")
+    (root / "classnames.txt").write_text("a\nb\nc\n")
+    found = open_labelled(root / "train")
+    assert found.classnames == ["a", "b", "c"] and found.skipped["label_not_a_class"] == 1
+    assert open_labelled(shards, num_classes=2).labels.max() == 1      # no names: the range given

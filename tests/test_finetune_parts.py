@@ -231,3 +231,43 @@ def test_every_operation_runs_and_the_signed_ones_are_identities_at_zero_strengt
         assert out.size == img.size and out.mode == "RGB"
         if name in SIGNED:
             assert np.array_equal(np.asarray(out), np.asarray(img)), name
+
+
+def test_layer_ids_through_the_finetuning_groups_include_the_openai_stem_norm():
+    from trainer.finetune import ClassifierForward, group_options
+    cfg = RunConfig(model=ModelConfig.preset("vit_tiny", vision_ln_pre=True))
+    cfg.objective.name, cfg.data.train = "classification", "unused"
+    model = ClassifierForward(ImageClassifier(cfg.model, 10))
+    opt = build_optimizer(model, OptimConfig(lr=1.0, weight_decay=0.05), **group_options(cfg))
+    WarmupCosine(opt, 1.0, warmup_steps=0, total_steps=10)
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    decay, layers = cfg.finetune.layer_decay, cfg.model.vision_layers
+    for name, layer in (("model.visual.norm_pre.weight", 0), ("model.visual.cls_token", 0),
+                        ("model.visual.transformer.blocks.2.attn.proj.weight", 3), ("model.head.weight", layers + 1)):
+        assert lr[id(named[name])] == pytest.approx(decay ** (layers + 1 - layer)), name
+
+
+def test_the_finetuning_view_flips_half_the_images_and_crops_8_to_100_percent():
+    from pipeline.recipe import AugmentationRecipe
+    from pipeline.view_params import sample_view
+    recipe = AugmentationRecipe(image_size=64, num_ssl_views=0, clip_scale=(0.08, 1.0), clip_flip_prob=0.5)
+    n = 20000
+    view = sample_view(np.random.default_rng(7), np.full(n, 300), np.full(n, 400), recipe, ssl=False)
+    assert view.flip.mean() == pytest.approx(0.5, abs=0.015)
+    area = view.crop_area_fraction()
+    assert area.min() >= 0.079 and area.max() <= 1.0
+    # area ~ U(0.08, 1) among the tries that fit: large areas at extreme aspects do not fit a 3:4 image,
+    # so the whole range is reached but the mean sits below 0.54
+    assert (area < 0.1).any() and (area > 0.95).any() and 0.35 < area.mean() < 0.55
+    mirrored = view.roi_start[:, 1] > view.roi_end[:, 1]
+    assert np.array_equal(mirrored, view.flip)
+
+
+def test_cutmix_lambda_spans_the_range_and_the_clipped_box_only_raises_it():
+    rng, recipe = np.random.default_rng(8), MixRecipe(switch_prob=1.0)
+    draws = [draw_mix(rng, recipe, 224, 224) for _ in range(3000)]
+    lams = np.array([d.lam for d in draws])
+    # Beta(1, 1) before the correction; a box clipped at the border pastes less, so lambda only grows
+    assert np.histogram(lams, bins=4, range=(0, 1))[0].min() > 30      # small lambdas: big boxes, mostly clipped
+    assert 0.5 < lams.mean() < 0.75

@@ -2,6 +2,7 @@
 ViT, a pretrained tower loaded, validation each epoch, exact resume after SIGKILL, DDP with gloo."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,8 +58,11 @@ def finetune(args: list[str], timeout: int = 300, nproc: int = 1) -> subprocess.
     if nproc == 1:
         cmd = [sys.executable, "tools/finetune.py"]
     else:
+        with socket.socket() as s:        # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", "0", "tools/finetune.py"]
+               "--master_addr", "127.0.0.1", "--master_port", str(port), "tools/finetune.py"]
     return subprocess.run([*cmd, "--config", str(CONFIG), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
 
@@ -135,3 +139,15 @@ def test_the_training_benchmark_measures_finetuning_against_its_baseline(labelle
     assert "vit_tiny classification: batch 8" in proc.stdout
     assert "(eager attention, fp32)" in proc.stdout and "speed-up ours/baseline:" in proc.stdout
     assert "end-to-end ours:" in proc.stdout and "data-wait" in proc.stdout and "0 bad samples" in proc.stdout
+
+
+def test_finetuning_runs_on_two_ranks_with_gloo(labelled, pretrained, tmp_path):
+    out = tmp_path / "ddp"
+    proc = finetune(["--checkpoint", str(pretrained), *_common(labelled, out, "optim.epochs=1", "data.batch_size=8")],
+                    nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout
+    records = _records(out)
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 6 and all(np.isfinite(r["loss"]) for r in steps)   # 97 images / (8 x 2 ranks)
+    assert [r["step"] for r in records if "eval/val_top1" in r] == [6]

@@ -149,6 +149,16 @@ class FinetuneParts:
     source: str                 # where the tower came from
 
 
+def reference_parts_off(cfg: RunConfig) -> list[str]:
+    """The parts of the reference recipe a finetuning config leaves at their pretraining defaults."""
+    r, o = cfg.data.recipe, cfg.optim
+    off = {"RandAugment": not r.rand_augment.num_ops, "mixup/cutmix": not r.mix.mixes,
+           "random erasing": not r.mix.erasing_prob, "label smoothing": not r.mix.label_smoothing,
+           "the flip": not r.clip_flip_prob, "bicubic resizing": r.interpolation != "bicubic",
+           "lr scaling with the batch": o.lr_reference_batch is None}
+    return [name for name, missing in off.items() if missing]
+
+
 def group_options(cfg: RunConfig) -> dict:
     """`build_optimizer` options for a ClassifierForward: BEiT's exclusions and layer-wise decay."""
     layers = cfg.model.vision_layers
@@ -165,7 +175,7 @@ def build_finetune_parts(cfg: RunConfig, device: torch.device, rank: int = 0) ->
         raise ConfigError("a finetuning run needs data.train (an ImageFolder directory or labelled shards)")
     try:
         train = open_labelled(cfg.data.train)
-        val = open_labelled(cfg.data.val, train.classnames) if cfg.data.val else None
+        val = open_labelled(cfg.data.val, train.classnames, train.num_classes) if cfg.data.val else None
     except (OSError, ValueError) as e:
         raise ConfigError(f"data.train / data.val: {e}") from None
     classifier = ImageClassifier(cfg.model, train.num_classes, cfg.finetune.head_init_scale)
@@ -178,6 +188,9 @@ def build_finetune_parts(cfg: RunConfig, device: torch.device, rank: int = 0) ->
     if rank == 0:
         print(f"finetuning {train.num_classes} classes from {source}; train {len(train)} images"
               + (f", skipped {dict(train.skipped)}" if train.skipped else ""), flush=True)
+        if off := reference_parts_off(cfg):
+            print(f"warning: finetuning without {', '.join(off)} (the reference recipe has them: "
+                  "trainer/configs/finetune_vit_*.yaml)", flush=True)
     groups = group_options(cfg)
     recipe = cfg.data.recipe
     hook = None

@@ -96,9 +96,10 @@ def param_groups(model: nn.Module, weight_decay: float, extra_no_decay: tuple[st
 
 
 def vit_layer_id(name: str, num_layers: int) -> int:
-    """Layer id of a SLIPModel image-trunk parameter for layer-wise decay: 0 for the patch and
-    position embeddings and the CLS token, i + 1 for block i, num_layers + 1 for the rest."""
-    if name.startswith(("visual.patch_embed", "visual.pos_embed", "visual.cls_token")):
+    """Layer id of a SLIPModel image-trunk parameter for layer-wise decay: 0 for the stem (patch and
+    position embeddings, CLS token, the LayerNorm before the blocks of OpenAI-style towers), i + 1 for
+    block i, num_layers + 1 for the rest."""
+    if name.startswith(("visual.patch_embed", "visual.pos_embed", "visual.cls_token", "visual.norm_pre")):
         return 0
     block = re.match(r"visual\.transformer\.blocks\.(\d+)\.", name)
     return int(block.group(1)) + 1 if block else num_layers + 1
