@@ -341,7 +341,7 @@ def generate(cfg: DemoDataConfig) -> tuple[Path, Path]:
     out = Path(cfg.out)
     src, ev = out / "source", out / "eval"
     done = src / "done.json"
-    settings = {"design": 2, **{k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}}
+    settings = {"design": 3, **{k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}}
     meta, subset = src / "yfcc100m_dataset.tsv", src / "yfcc100m_subset_data.tsv"
     if done.exists() and json.loads(done.read_text()) == settings:
         return meta, subset
@@ -352,7 +352,9 @@ def generate(cfg: DemoDataConfig) -> tuple[Path, Path]:
         url = f"http://farm1.staticflickr.com/1/{pid}_demo.jpg"
         h = url_hash(url)
         cls, img_seed = rnd.choice(CLASSNAMES), pid + 7919 * cfg.seed
-        title, desc = _captions(rnd, cls, scene(cls, img_seed).color, cfg.noisy_captions)
+        # captions draw from their own stream, so clean and noisy builds hold the same images and bad rows
+        title, desc = _captions(random.Random(f"caption-{cfg.seed}-{i}"), cls, scene(cls, img_seed).color,
+                                cfg.noisy_captions)
         marker, in_subset, missing_image = "0", True, False
         kind = rnd.random()
         if kind < 0.01:
