@@ -28,7 +28,7 @@ def test_each_preset_applies_its_own_targets():
             "random": {"zeroshot_top1": 6.0, "text_to_image_R@10": 4.0}}
     full = demo.check_targets(demo.PRESETS["full"].targets, rows, stats)
     assert [(c["target"], c["met"]) for c in full] == [
-        ("SLIP zero-shot top-1 >= 3x chance", True),
+        ("SLIP zero-shot top-1 >= 3x chance", True), ("CLIP zero-shot top-1 >= 3x chance", False),
         ("SLIP linear probe over the random encoder (points)", False),      # needs 5 points
         ("SLIP linear probe over the random encoder (one-sided z)", True)]
     ci = demo.check_targets(demo.PRESETS["ci"].targets, rows, stats)

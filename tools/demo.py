@@ -59,9 +59,9 @@ class DemoPreset:
 
 
 PRESETS = {
-    # the README's demo: SLIP zero-shot top-1 >= 3x chance, SLIP's probe clearly above the random encoder
+    # the README's demo: SLIP and CLIP zero-shot top-1 >= 3x chance, SLIP's probe clearly above the random encoder
     "full": DemoPreset(build_args=(), train_overrides=(),
-                       targets=LearningTargets(zero_shot_factor=3.0, zero_shot_models=("slip",),
+                       targets=LearningTargets(zero_shot_factor=3.0, zero_shot_models=("slip", "clip"),
                                                probe_margin=5.0, probe_min_z=2.33)),
     # CI-sized: a smaller data set, 3 epochs. Too few held-out images and steps for the probe
     # margin to be significant, so learning is shown by zero-shot and retrieval against chance, with the

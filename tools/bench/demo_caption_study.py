@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Which change moved SLIP against CLIP on the demo: the images or the caption noise?
 
-    python tools/bench/demo_caption_study.py --out DIR [--seeds 0 1] [--epochs 5] [--samples 4000]
+    python tools/bench/demo_caption_study.py --out DIR [--seeds 0 1] [--epochs 5] [--samples 4000] [key=value ...]
 
 The demo data (demokit/data.py) changed two things at once: classes no longer defined by colour,
 and Flickr-noisy captions. This study holds the images fixed and varies the captions: it builds the
@@ -64,11 +64,13 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=4000, help="demo training rows (the demo's: 4000)")
     p.add_argument("--eval-per-class", type=int, default=40, help="held-out images per class (the demo's: 40)")
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="key=value for both methods' training runs (shared settings only)")
     a = p.parse_args(argv)
     demo = _demo_tool()
     py, out = sys.executable, a.out.resolve()
     results: dict = {"settings": {"seeds": a.seeds, "epochs": a.epochs, "samples": a.samples,
-                                  "eval_per_class": a.eval_per_class, "data_seed": a.data_seed}, "runs": {}}
+                                  "eval_per_class": a.eval_per_class, "data_seed": a.data_seed,
+                                  "overrides": a.overrides}, "runs": {}}
     for captions in CAPTIONS:
         data = out / captions / "data"
         build = [py, "tools/build_yfcc15m.py", "--demo", "--out", str(data), "--demo-samples", str(a.samples),
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
                     t_train = run([py, "trainer/run.py", "--config", f"trainer/configs/demo_{method}.yaml",
                                    f"out_dir={run_dir}", f"data.manifest={data / 'shards' / 'manifest.json'}",
                                    f"eval.data={data / 'eval'}", "eval.every_steps=0", f"train.seed={seed}",
-                                   f"optim.epochs={a.epochs}", "checkpoint.every_steps=1000"],
+                                   f"optim.epochs={a.epochs}", "checkpoint.every_steps=1000", *a.overrides],
                                   run_dir.parent / f"train_{method}.log")
                     print(f"[{key}] evaluate ({t_train:.0f}s training)", flush=True)
                     run([py, "tools/evaluate.py", "--checkpoint", str(demo.final_checkpoint(run_dir)),
@@ -129,7 +131,8 @@ def pairs(demo, runs: dict, seeds: list[int]) -> list[dict]:
 def study_markdown(results: dict) -> str:
     st = results["settings"]
     lines = [f"Demo caption study: {st['samples']} training rows, {st['epochs']:g} epochs, held-out "
-             f"{16 * st['eval_per_class']} images, training seeds {', '.join(map(str, st['seeds']))}.", "",
+             f"{16 * st['eval_per_class']} images, training seeds {', '.join(map(str, st['seeds']))}"
+             + (f", both methods with {' '.join(st['overrides'])}" if st.get("overrides") else "") + ".", "",
              "| captions | seed | steps | zero-shot SLIP | CLIP | SLIP-CLIP | McNemar p | probe SLIP | CLIP | SLIP-CLIP | McNemar p |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["pairs"]:
