@@ -2,6 +2,7 @@
 
     python tools/demo.py --out demo_run            # full demo
     python tools/demo.py --out /tmp/ci --size ci   # CI-sized: same stages, small data, few steps
+    python tools/demo.py --out DIR --data-design structure   # the pattern x shape data (docs/DEMO.md)
 
 Stages, each through the real command-line tool (logs in OUT/logs/):
  1. build the demo data set: synthetic YFCC-format metadata, images served over loopback HTTP,
@@ -83,6 +84,7 @@ class DemoRunConfig:
     train_overrides: list[str] = field(default_factory=list)  # key=value for both training runs
     preview_samples: int = 8
     eval_batch_size: int = 128
+    data_design: str = "colour"        # tools/build_yfcc15m.py --demo-design (docs/DEMO.md)
 
 
 class StageFailed(RuntimeError):
@@ -138,7 +140,7 @@ def run_demo(cfg: DemoRunConfig, quiet: bool = False) -> dict:
         print(f"=== [{i}/7] {title}: done in {timings[name]:.0f}s", flush=True)
 
     stage(1, "build", "build the demo data set (loopback HTTP + img2dataset)",
-          [py, "tools/build_yfcc15m.py", "--demo", "--out", str(data), *cfg.build_args])
+          [py, "tools/build_yfcc15m.py", "--demo", "--demo-design", cfg.data_design, "--out", str(data), *cfg.build_args])
     manifest = shards / "manifest.json"
     if not manifest.is_file() or not (eval_dir / "val").is_dir():
         raise StageFailed(f"{data}: the builder did not write {manifest} and {eval_dir}/val")
@@ -295,12 +297,20 @@ def slip_vs_clip_verdict(t: dict) -> str:
     return ("In this run, " + "; ".join(parts) + ".") if parts else ""
 
 
+DATA_LINES = {
+    "colour": "Data (demokit/data_colour.py, the default design): classes are colour x shape (\"red star\"), every "
+              "caption names its class; colour defines half of each class, which SimCLR's colour jitter works "
+              "against (docs/DEMO.md).",
+    "structure": "Data (demokit/data.py, --data-design structure): classes are pattern x shape (\"striped star\"); "
+                 "colour, background, position, size, rotation and clutter vary independently of the class; "
+                 "training captions are Flickr-noisy, the evaluation captions clean (docs/DEMO.md).",
+}
+
+
 def report_markdown(report: dict) -> str:
     t, rows = report["targets"], report["rows"]
     lines = [
-        "Data (demokit/data.py): classes are pattern x shape (\"striped star\"); colour, background, position, "
-        "size, rotation and clutter vary independently of the class; training captions are Flickr-noisy "
-        "(file names, dates, places, unrelated or partial text), the evaluation captions clean.",
+        DATA_LINES[report["config"].get("data_design", "colour")],
         f"Held-out split: {t['num_eval_images']} images, {t['num_classes']} classes, chance top-1 {t['chance_top1']:.1f}%",
         "",
         "| model | zero-shot top-1 | top-5 | linear probe top-1 | text->image R@1 | image->text R@1 | steps | train s |",
@@ -346,10 +356,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("demo_run"))
     p.add_argument("--size", choices=sorted(PRESETS), default="full")
     p.add_argument("--quiet", action="store_true", help="only stage headers and the report on the console")
+    p.add_argument("--data-design", choices=sorted(DATA_LINES), default="colour",
+                   help="the demo data's design (docs/DEMO.md); the presets' targets were set on colour")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for both training runs")
     args = p.parse_args(argv)
     preset = PRESETS[args.size]
-    cfg = DemoRunConfig(out=args.out, preset=args.size, targets=preset.targets, build_args=list(preset.build_args),
+    cfg = DemoRunConfig(out=args.out, preset=args.size, targets=preset.targets, data_design=args.data_design,
+                        build_args=list(preset.build_args),
                         train_overrides=[*preset.train_overrides, *args.overrides])
     try:
         report = run_demo(cfg, quiet=args.quiet)

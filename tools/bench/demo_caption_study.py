@@ -3,8 +3,8 @@
 
     python tools/bench/demo_caption_study.py --out DIR [--seeds 0 1] [--epochs 5] [--samples 4000] [key=value ...]
 
-The demo data (demokit/data.py) changed two things at once: classes no longer defined by colour,
-and Flickr-noisy captions. This study holds the images fixed and varies the captions: it builds the
+The structure design of the demo data (demokit/data.py) changes two things at once against the
+colour design: classes no longer defined by colour, and Flickr-noisy captions. This study holds the images fixed and varies the captions: it builds the
 demo data twice from the same data seed, once with the noisy captions `make demo` uses and once with
 clean ones (`--demo-clean-captions`: every title and description names the class exactly; the same
 images, held-out split and bad rows), then trains SLIP and CLIP on each with the demo configs at
@@ -14,8 +14,8 @@ method's own hyperparameters are touched.
 
 Per (captions, seed) it reports zero-shot and linear-probe top-1 of both, their difference and an
 exact McNemar test on the same images (tools/demo.py `mcnemar`), then the mean difference per
-caption setting. The clean arm against the old demo's numbers shows what the images did; noisy
-against clean shows what the caption noise did. Writes OUT/results.json and OUT/study.md; rerunning
+caption setting. The clean arm against the colour design's numbers (`make demo`) shows what the
+images did; noisy against clean shows what the caption noise did. Writes OUT/results.json and OUT/study.md; rerunning
 skips every run and evaluation already done (delete OUT/<arm>/ to redo it).
 """
 from __future__ import annotations
@@ -73,7 +73,8 @@ def main(argv=None) -> int:
                                   "overrides": a.overrides}, "runs": {}}
     for captions in CAPTIONS:
         data = out / captions / "data"
-        build = [py, "tools/build_yfcc15m.py", "--demo", "--out", str(data), "--demo-samples", str(a.samples),
+        build = [py, "tools/build_yfcc15m.py", "--demo", "--demo-design", "structure", "--out", str(data),
+                 "--demo-samples", str(a.samples),
                  "--demo-eval-per-class", str(a.eval_per_class), "--demo-seed", str(a.data_seed), "--no-progress"]
         if captions == "clean":
             build.append("--demo-clean-captions")
