@@ -57,8 +57,8 @@ def test_slip_vs_clip_is_a_paired_exact_mcnemar_test():
     even = demo.mcnemar("1" * 15 + "0" * 15, "0" * 15 + "1" * 15)
     assert even["p_two_sided"] > 0.5
     verdict = demo.slip_vs_clip_verdict({"slip_vs_clip_zeroshot": m, "slip_vs_clip_probe": even})
-    assert verdict == ("In this run, on zero-shot SLIP is ahead by more than chance on these images; "
-                       "on linear probe this run shows no difference beyond chance.")
+    assert verdict == ("In this run: on zero-shot SLIP is ahead by more than chance on these images; "
+                       "on linear probe no difference beyond chance.")
 
 
 @pytest.mark.timeout(1200)   # the whole demo, several minutes on 2 cores; more on a loaded machine

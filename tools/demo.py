@@ -290,11 +290,11 @@ def slip_vs_clip_verdict(t: dict) -> str:
         if m is None:
             continue
         if m["p_two_sided"] >= 0.05:
-            parts.append(f"on {name} this run shows no difference beyond chance")
+            parts.append(f"on {name} no difference beyond chance")
         else:
             better = "SLIP" if m["only_a_right"] > m["only_b_right"] else "CLIP"
             parts.append(f"on {name} {better} is ahead by more than chance on these images")
-    return ("In this run, " + "; ".join(parts) + ".") if parts else ""
+    return ("In this run: " + "; ".join(parts) + ".") if parts else ""
 
 
 DATA_LINES = {
