@@ -65,7 +65,7 @@ def test_slip_vs_clip_is_a_paired_exact_mcnemar_test():
 def test_ci_demo_learns(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "tools/demo.py", "--out", str(out), "--size", "ci", "--quiet"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, capture_output=True, text=True, timeout=1150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     rows, t = report["rows"], report["targets"]
