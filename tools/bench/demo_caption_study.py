@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Which change moved SLIP against CLIP on the demo: the images or the caption noise?
 
-    python tools/bench/demo_caption_study.py --out DIR [--seeds 0 1] [--epochs 5] [--samples 4000] [key=value ...]
+    python tools/bench/demo_caption_study.py [key=value ...] --out DIR [--seeds 0 1] [--epochs 5] [--samples 4000]
 
-The structure design of the demo data (demokit/data.py) changes two things at once against the
-colour design: classes no longer defined by colour, and Flickr-noisy captions. This study holds the images fixed and varies the captions: it builds the
-demo data twice from the same data seed, once with the noisy captions `make demo` uses and once with
+key=value: shared overrides for both methods' training runs. The structure design of the demo data
+(demokit/data.py) changes two things at once against the colour design: classes no longer defined
+by colour, and Flickr-noisy captions. This study holds the images fixed and varies the captions: it
+builds the structure design twice from the same data seed, once with its noisy captions and once with
 clean ones (`--demo-clean-captions`: every title and description names the class exactly; the same
 images, held-out split and bad rows), then trains SLIP and CLIP on each with the demo configs at
 every training seed (`train.seed`), and evaluates every checkpoint on the same held-out images. Both
@@ -15,8 +16,8 @@ method's own hyperparameters are touched.
 Per (captions, seed) it reports zero-shot and linear-probe top-1 of both, their difference and an
 exact McNemar test on the same images (tools/demo.py `mcnemar`), then the mean difference per
 caption setting. The clean arm against the colour design's numbers (`make demo`) shows what the
-images did; noisy against clean shows what the caption noise did. Writes OUT/results.json and OUT/study.md; rerunning
-skips every run and evaluation already done (delete OUT/<arm>/ to redo it).
+images did; noisy against clean shows what the caption noise did. Writes OUT/results.json and
+OUT/study.md; rerunning skips every run and evaluation already done (delete OUT/<arm>/ to redo it).
 """
 from __future__ import annotations
 
