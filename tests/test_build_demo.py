@@ -1,6 +1,8 @@
-"""The demo data set through the real CLI: generated YFCC-format inputs, loopback server, same pipeline."""
+"""The demo data set through the real CLI: generated YFCC-format inputs, loopback server, same pipeline;
+and the data design's promises: colour does not define a class, structure survives 64 px training."""
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -10,20 +12,80 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from demokit.data import CLASSNAMES, COLORS, SHAPES, draw
+from demokit.data import (CLASSNAMES, COLORS, PARTS, PATTERNS, SHAPES, SYNONYMS, TITLE_SHARES, _size, render,
+                          scene)
+from demokit import data_colour
 from pipeline.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
+# any word that names the object, even loosely: class words, near-synonyms, parts
+_OBJECT_WORDS = {*PATTERNS, *SHAPES, *(w for v in SYNONYMS.values() for w in v), *(w for v in PARTS.values() for w in v)}
+OBJECT_WORD = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _OBJECT_WORDS), key=len, reverse=True)) + r")\b", re.I)
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+CAMERA_NAME = re.compile(r"^(IMG_|DSC_?|DSCN|P10|_MG_|100_)\d+(\.JPG)?$")
+
+
+def test_demo_cli_builds_structure_set(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "tools/build_yfcc15m.py", "--demo", "--demo-design", "structure", "--out", str(out),
+           "--demo-samples", "240", "--demo-eval-per-class", "2", "--shard-size", "100", "--no-progress"]
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = load_manifest(out / "shards" / "manifest.json")
+    assert m.name == "demo" and load_manifest(out / "manifests" / "demo.json").total_samples == m.total_samples
+    c = m.stats["select"]["counts"]
+    for reason in ("malformed", "non_utf8", "duplicate_subset_id", "missing_from_metadata"):
+        assert c[reason] >= 1, reason
+    assert 200 <= m.total_samples <= 240 and len(m.shards) == 3 and all(p.exists() for p in m.index_paths())
+    # captions cleaned of HTML and URLs, and Flickr-noisy: many say nothing about the object
+    fields, cameras, n = [], 0, 0
+    for tar in m.shard_paths():
+        with tarfile.open(tar) as t:
+            members = {x.name: x for x in t}
+            for name in members:
+                if not name.endswith(".json"):
+                    continue
+                meta = json.loads(t.extractfile(members[name]).read())
+                txt = t.extractfile(members[name[:-4] + "txt"]).read().decode()
+                assert txt and not re.search(r"<|>|http|www\.|&amp;|\n", txt), txt
+                title, desc = meta.get("title") or "", meta.get("description") or ""
+                assert title or desc
+                fields += [x for x in (title, desc) if x]
+                cameras += bool(CAMERA_NAME.match(title))
+                n += 1
+    assert n == m.total_samples
+    naming = sum(bool(OBJECT_WORD.search(f)) for f in fields) / len(fields)
+    assert 0.45 <= naming <= 0.8, naming                     # about 60% of fields name the object
+    assert abs(cameras / n - TITLE_SHARES["camera"]) < 0.1, cameras / n
+    # the held-out labelled split, with clean captions that name the class and the object's colour
+    ev = out / "eval"
+    assert json.loads((ev / "classnames.json").read_text()) == CLASSNAMES == sorted(CLASSNAMES)
+    assert len(CLASSNAMES) == 16
+    assert all("{}" in t for t in json.loads((ev / "templates.json").read_text()))
+    for split in ("train", "val"):
+        assert sorted(p.name for p in (ev / split).iterdir()) == CLASSNAMES
+        assert all(len(list((ev / split / cn).glob("*.jpg"))) == 2 for cn in CLASSNAMES)
+    caps = [json.loads(line) for line in (ev / "val_captions.jsonl").read_text().splitlines()]
+    assert len(caps) == 32 and all((ev / c["file"]).is_file() for c in caps)
+    for c in caps:
+        cls = Path(c["file"]).parent.name
+        assert cls in c["caption"] and any(re.search(rf"\b{col}\b", c["caption"]) for col in COLORS), c
+    # rerunning the same command is a no-op that keeps the shards
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_manifest(out / "shards" / "manifest.json").shards == m.shards
 
 
 def dominant_class_color(img: Image.Image) -> str:
     """The demo colour whose pixels (saturated, close to it) are most numerous."""
     a = np.asarray(img.convert("RGB"), dtype=np.int32)
-    counts = {c: int((np.abs(a - np.array(rgb)).sum(-1) < 90).sum()) for c, rgb in COLORS.items()}
+    counts = {c: int((np.abs(a - np.array(rgb)).sum(-1) < 90).sum()) for c, rgb in data_colour.COLORS.items()}
     return max(counts, key=counts.get)
 
 
-def test_demo_cli_builds_learnable_set(tmp_path):
+def test_demo_cli_builds_colour_set(tmp_path):
+    """The default design (demokit/data_colour.py): colour x shape, every caption names its class."""
     out = tmp_path / "demo"
     cmd = [sys.executable, "tools/build_yfcc15m.py", "--demo", "--out", str(out), "--demo-samples", "240",
            "--demo-eval-per-class", "2", "--shard-size", "100", "--no-progress"]
@@ -37,7 +99,7 @@ def test_demo_cli_builds_learnable_set(tmp_path):
         assert c[reason] >= 1, reason
     assert 200 <= m.total_samples <= 240 and len(m.shards) == 3 and all(p.exists() for p in m.index_paths())
     # every caption names the colour and shape that its image shows, cleaned of HTML and URLs
-    words = re.compile(rf"\b({'|'.join(COLORS)})\b.*|.*\b({'|'.join(SHAPES)})\b", re.I)
+    words = re.compile(rf"\b({'|'.join(data_colour.COLORS)})\b.*|.*\b({'|'.join(data_colour.SHAPES)})\b", re.I)
     n = 0
     for tar in m.shard_paths():
         with tarfile.open(tar) as t:
@@ -47,19 +109,19 @@ def test_demo_cli_builds_learnable_set(tmp_path):
                     continue
                 txt = t.extractfile(members[name]).read().decode()
                 assert words.match(txt) and not re.search(r"<|>|http|www\.|&amp;|\n", txt), txt
-                color = next(c for c in COLORS if re.search(rf"\b{c}\b", txt, re.I))
+                color = next(c for c in data_colour.COLORS if re.search(rf"\b{c}\b", txt, re.I))
                 img = Image.open(t.extractfile(members[name[:-3] + "jpg"]))
                 assert dominant_class_color(img) == color, (name, txt)
                 n += 1
     assert n == m.total_samples
     # the held-out labelled split
     ev = out / "eval"
-    assert json.loads((ev / "classnames.json").read_text()) == CLASSNAMES == sorted(CLASSNAMES)
-    assert len(CLASSNAMES) == 16
+    assert json.loads((ev / "classnames.json").read_text()) == data_colour.CLASSNAMES == sorted(data_colour.CLASSNAMES)
+    assert len(data_colour.CLASSNAMES) == 16
     assert all("{}" in t for t in json.loads((ev / "templates.json").read_text()))
     for split in ("train", "val"):
-        assert sorted(p.name for p in (ev / split).iterdir()) == CLASSNAMES
-        assert all(len(list((ev / split / cn).glob("*.jpg"))) == 2 for cn in CLASSNAMES)
+        assert sorted(p.name for p in (ev / split).iterdir()) == data_colour.CLASSNAMES
+        assert all(len(list((ev / split / cn).glob("*.jpg"))) == 2 for cn in data_colour.CLASSNAMES)
     caps = [json.loads(line) for line in (ev / "val_captions.jsonl").read_text().splitlines()]
     assert len(caps) == 32 and all((ev / c["file"]).is_file() for c in caps)
     for c in caps:
@@ -72,11 +134,62 @@ def test_demo_cli_builds_learnable_set(tmp_path):
     assert load_manifest(out / "shards" / "manifest.json").shards == m.shards
 
 
+def _at_training_size(img: Image.Image, mask: np.ndarray, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The coarsest view training sees: the whole image, short side `size` (antialiased), and the pixels
+    that lie wholly inside the object."""
+    s = size / min(img.size)
+    wh = (max(size, round(img.width * s)), max(size, round(img.height * s)))
+    small = np.asarray(img.resize(wh, Image.BILINEAR), dtype=np.float32)
+    inside = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(wh, Image.BILINEAR)) >= 250
+    return small, inside
+
+
+def test_colour_does_not_define_the_class():
+    """A nearest-centroid classifier on colour (the object's mean colour and the image's) stays near chance,
+    while a structure statistic (luminance spread inside the object) separates plain from patterned."""
+    def features(split: int):
+        colour, spread, labels = [], [], []
+        for ci, cls in enumerate(CLASSNAMES):
+            for k in range(12):
+                seed = split * 100_000 + ci * 100 + k
+                w, h = _size(random.Random(seed))
+                img, mask = render(scene(cls, seed), w, h)
+                a, inside = _at_training_size(img, mask)
+                colour.append(np.concatenate([a[inside].mean(0), a.reshape(-1, 3).mean(0)]))
+                spread.append((a[inside] @ LUMA).std())
+                labels.append(ci)
+        return np.array(colour), np.array(spread), np.array(labels)
+
+    def nearest_centroid(train_x, train_y, test_x, test_y):
+        cents = np.stack([train_x[train_y == c].mean(0) for c in range(len(CLASSNAMES))])
+        pred = ((test_x[:, None, :] - cents[None]) ** 2).sum(-1).argmin(1)
+        return (pred == test_y).mean()
+
+    (c_tr, s_tr, y_tr), (c_te, s_te, y_te) = features(0), features(1)
+    chance = 1 / len(CLASSNAMES)
+    acc = nearest_centroid(c_tr, y_tr, c_te, y_te)
+    assert acc < 2 * chance, acc          # colour says (almost) nothing about the class
+    plain = np.array([CLASSNAMES[y].startswith("plain") for y in y_te])
+    assert s_te[plain].max() < 5 < 15 < s_te[~plain].min(), (s_te[plain].max(), s_te[~plain].min())
+
+
+def test_structure_survives_training_resolution():
+    """Every pattern keeps its contrast at the coarsest training view (short side 64 px), for every size,
+    shape and colour drawn; plain objects stay flat."""
+    for cls in CLASSNAMES:
+        for seed in range(20):
+            w, h = _size(random.Random(seed))
+            img, mask = render(scene(cls, seed), w, h)
+            a, inside = _at_training_size(img.convert("L").convert("RGB"), mask)
+            assert inside.sum() >= 150, (cls, seed)          # the object is big enough to see
+            spread = a[inside][:, 0].std()
+            if cls.startswith("plain"):
+                assert spread < 5, (cls, seed, spread)
+            else:
+                assert spread > 15, (cls, seed, spread)
+
+
 def test_shapes_are_distinguishable():
-    """Same colour, different shapes: the images differ in the shape's filled area profile."""
-    import io
-    areas = {}
-    for s in SHAPES:
-        a = np.asarray(Image.open(io.BytesIO(draw("red", s, 200, 200, seed=3))), dtype=np.int32)
-        areas[s] = int((np.abs(a - np.array(COLORS["red"])).sum(-1) < 90).sum())
-    assert len(set(areas.values())) == 4 and areas["star"] < areas["square"], areas
+    """Same scene, different shapes: the object's area differs (the circle's is the largest)."""
+    areas = {s: int(render(scene(f"plain {s}", 3), 200, 200)[1].sum()) for s in SHAPES}
+    assert len(set(areas.values())) == 4 and max(areas, key=areas.get) == "circle", areas

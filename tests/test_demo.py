@@ -28,7 +28,7 @@ def test_each_preset_applies_its_own_targets():
             "random": {"zeroshot_top1": 6.0, "text_to_image_R@10": 4.0}}
     full = demo.check_targets(demo.PRESETS["full"].targets, rows, stats)
     assert [(c["target"], c["met"]) for c in full] == [
-        ("SLIP zero-shot top-1 >= 3x chance", True),
+        ("SLIP zero-shot top-1 >= 3x chance", True), ("CLIP zero-shot top-1 >= 3x chance", False),
         ("SLIP linear probe over the random encoder (points)", False),      # needs 5 points
         ("SLIP linear probe over the random encoder (one-sided z)", True)]
     ci = demo.check_targets(demo.PRESETS["ci"].targets, rows, stats)
@@ -41,11 +41,31 @@ def test_each_preset_applies_its_own_targets():
     assert [c["met"] for c in demo.check_targets(demo.PRESETS["ci"].targets, rows, stats)][2] is False
 
 
+def test_slip_vs_clip_is_a_paired_exact_mcnemar_test():
+    demo = _demo_tool()
+    # 20 images both get right, 9 only SLIP, 1 only CLIP, 10 neither: only the 10 discordant ones count,
+    # p = 2 * P(X <= 1), X ~ Binomial(10, 1/2) = 2 * 11 / 1024
+    slip = "1" * 20 + "1" * 9 + "0" * 1 + "0" * 10
+    clip = "1" * 20 + "0" * 9 + "1" * 1 + "0" * 10
+    m = demo.mcnemar(slip, clip)
+    assert (m["only_a_right"], m["only_b_right"], m["n_images"]) == (9, 1, 40)
+    assert m["p_two_sided"] == pytest.approx(22 / 1024)
+    assert demo.mcnemar(clip, slip)["p_two_sided"] == m["p_two_sided"]           # symmetric
+    assert demo.mcnemar(slip, slip) == {"n_images": 40, "only_a_right": 0, "only_b_right": 0, "p_two_sided": 1.0}
+    assert demo.mcnemar(slip, clip[:-1]) is None and demo.mcnemar(None, clip) is None   # not the same images
+    # same accuracies, different images: the unpaired test cannot see this; the paired one does
+    even = demo.mcnemar("1" * 15 + "0" * 15, "0" * 15 + "1" * 15)
+    assert even["p_two_sided"] > 0.5
+    verdict = demo.slip_vs_clip_verdict({"slip_vs_clip_zeroshot": m, "slip_vs_clip_probe": even})
+    assert verdict == ("In this run: on zero-shot SLIP is ahead by more than chance on these images; "
+                       "on linear probe no difference beyond chance.")
+
+
 @pytest.mark.timeout(1200)   # the whole demo, several minutes on 2 cores; more on a loaded machine
 def test_ci_demo_learns(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "tools/demo.py", "--out", str(out), "--size", "ci", "--quiet"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, capture_output=True, text=True, timeout=1150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     rows, t = report["rows"], report["targets"]

@@ -105,9 +105,12 @@ def test_zero_shot_probe_retrieval_exact(tmp_path):
     assert zs["top5"] == pytest.approx(100 * 19 / 20)
     assert zs["mean_per_class"] == pytest.approx(100 * (3 / 5 + 5) / 6)
     assert zs["chance_top1"] == pytest.approx(100 / 6)
+    # per image, in the split's order: what a paired (McNemar) comparison of two models needs
+    assert len(zs["top1_correct"]) == 20 and zs["top1_correct"].count("1") == 18
     lp = results["linear_probe"]
     assert lp["num_train"] == 24 and lp["train_top1"] == 100.0
     assert lp["top1"] == pytest.approx(100 * 18 / 20)     # the two mislabelled images follow their looks
+    assert lp["top1_correct"] == zs["top1_correct"]       # the same two images are wrong
     r = results["retrieval"]
     assert r["num_images"] == 6 and r["num_captions"] == 6
     assert all(r[f"{d}_R@{k}"] == 100.0 for d in ("image_to_text", "text_to_image") for k in (1, 5, 10))

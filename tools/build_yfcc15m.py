@@ -68,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--demo-samples", type=int, default=4000)
     g.add_argument("--demo-eval-per-class", type=int, default=40)
     g.add_argument("--demo-seed", type=int, default=0)
+    g.add_argument("--demo-design", choices=("colour", "structure"), default="colour",
+                   help="colour: colour x shape classes, exact captions (default); structure: pattern x shape "
+                        "classes, colour a nuisance, Flickr-noisy captions (docs/DEMO.md)")
+    g.add_argument("--demo-clean-captions", action="store_true",
+                   help="every demo title and description names the class exactly (the caption-noise study's control)")
     return p.parse_args(argv)
 
 
@@ -88,7 +93,8 @@ def _run_demo(a: argparse.Namespace):
     from demokit.data import DemoDataConfig, demo_url_template, generate
     from demokit.http_server import ImageServer
     meta, subset = generate(DemoDataConfig(out=a.out, samples=a.demo_samples, eval_per_class=a.demo_eval_per_class,
-                                           seed=a.demo_seed))
+                                           seed=a.demo_seed, noisy_captions=not a.demo_clean_captions,
+                                           design=a.demo_design))
     port_file = a.out / "source" / "server_port"
     try:   # same port as last time, so a resumed build keeps the same URLs (and shards)
         server = ImageServer(a.out / "source" / "images", port=int(port_file.read_text()))

@@ -6,7 +6,8 @@ import torch
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """top-1, top-5 (top-k for fewer classes) and mean per-class accuracy, in percent."""
+    """top-1, top-5 (top-k for fewer classes) and mean per-class accuracy, in percent, and which images
+    were right at top-1 ("top1_correct": one '1' or '0' per image)."""
     n = len(labels)
     if n == 0:
         return {"top1": float("nan"), "top5": float("nan"), "mean_per_class": float("nan"), "num_images": 0}
@@ -15,5 +16,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     correct1 = topk[:, 0] == labels
     correct5 = (topk == labels[:, None]).any(dim=1)
     per_class = [correct1[labels == c].float().mean().item() for c in range(num_classes) if (labels == c).any()]
+    # per image, in the split's order: two models on the same images can be compared pairwise (McNemar)
+    bits = "".join("1" if c else "0" for c in correct1.tolist())
     return {"top1": 100.0 * correct1.float().mean().item(), "top5": 100.0 * correct5.float().mean().item(),
-            "mean_per_class": 100.0 * float(np.mean(per_class)), "num_images": n}
+            "mean_per_class": 100.0 * float(np.mean(per_class)), "num_images": n, "top1_correct": bits}
