@@ -8,7 +8,7 @@ from model_testing import EOT, random_batch
 from trainer.flops import count_flops, flops_per_sample
 from trainer.dataclass_io import from_dict
 from trainer.models import ModelConfig, SyncBatchNorm1d, build_model, resolve_ssl_norm
-from trainer.objectives import OBJECTIVES, ObjectiveConfig, build_objective
+from trainer.objectives import PRETRAINING_OBJECTIVES as OBJECTIVES, ObjectiveConfig, build_objective
 
 TINY = ModelConfig.preset("vit_tiny")
 

@@ -7,7 +7,7 @@ import torch
 
 from trainer.config import OptimConfig
 from trainer.models import ModelConfig, build_model
-from trainer.objectives import OBJECTIVES
+from trainer.objectives import PRETRAINING_OBJECTIVES as OBJECTIVES
 from trainer.optim import WarmupCosine, build_optimizer, no_weight_decay, param_groups, vit_layer_id
 
 

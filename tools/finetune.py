@@ -23,15 +23,11 @@ from trainer.finetune import CLASSIFICATION
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                add_help=False)
+                                epilog="Other options (--resume, --overwrite, --allow-config-change) and key=value "
+                                       "overrides are trainer/run.py's.")
     p.add_argument("--checkpoint", help="pretrained checkpoint whose image tower is finetuned (default: random init)")
     p.add_argument("--config", required=True, help="finetuning config (trainer/configs/finetune_*.yaml)")
-    p.add_argument("-h", "--help", action="store_true")
     args, rest = p.parse_known_args(argv)
-    if args.help:
-        p.print_help()
-        print("\nOther options and key=value overrides are trainer/run.py's:")
-        return run.main(["--help"])
     overrides = [f"finetune.checkpoint={args.checkpoint}"] if args.checkpoint else []
     try:
         name = load_config(args.config, [a for a in rest if "=" in a and not a.startswith("-")]).objective.name

@@ -367,6 +367,9 @@ class SLIPModel(nn.Module):
     def __init__(self, cfg: ModelConfig, objective: str, ssl_norm: str = "ln"):
         super().__init__()
         parts = objective_parts(objective)
+        if parts.classify:
+            raise ValueError(f"objective {objective!r} is finetuning: its model is trainer/classifier.py's "
+                             "ImageClassifier (trainer/finetune.py builds it)")
         self.cfg, self.objective = cfg, objective
         self.uses_clip, self.uses_ssl, self.uses_nclip = parts.clip, parts.simclr, parts.nclip
         self.uses_text = parts.text

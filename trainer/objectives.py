@@ -117,6 +117,7 @@ OBJECTIVE_PARTS: dict[str, ObjectiveParts] = {
     "classification": ObjectiveParts(classify=True),     # finetuning (trainer/finetune.py)
 }
 OBJECTIVES = tuple(OBJECTIVE_PARTS)
+PRETRAINING_OBJECTIVES = tuple(name for name, parts in OBJECTIVE_PARTS.items() if not parts.classify)
 ObjectiveName = Literal[OBJECTIVES]  # the table's keys, as a type the config loader checks
 
 
