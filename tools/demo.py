@@ -55,7 +55,9 @@ class LearningTargets:
     # cannot be noise of one small split. None: not a target.
     probe_margin: float | None = None
     probe_min_z: float | None = None
-    # finetuned SLIP tower ahead of the finetuned random-init tower by an exact McNemar test at p < this
+    # finetuned SLIP tower ahead of the finetuned random-init tower by an exact McNemar test at p < this.
+    # No preset sets it yet: at the demo's budgets the pretrained towers' lead after finetuning is not
+    # stable (p from 0.0003 to 0.9 across seeds and split sizes; docs/FINETUNE.md).
     finetune_max_p: float | None = None
 
 
@@ -71,15 +73,15 @@ PRESETS = {
     # the README's demo: SLIP and CLIP zero-shot top-1 >= 3x chance, SLIP's probe clearly above the random encoder
     "full": DemoPreset(build_args=(), train_overrides=(),
                        targets=LearningTargets(zero_shot_factor=3.0, zero_shot_models=("slip", "clip"),
-                                               probe_margin=5.0, probe_min_z=2.33, finetune_max_p=0.01)),
+                                               probe_margin=5.0, probe_min_z=2.33)),
     # CI-sized: a smaller data set, 3 epochs. Too few held-out images and steps for the probe
     # margin to be significant, so learning is shown by zero-shot and retrieval against chance, with the
     # random encoder as the control that must not clear the same bar.
     "ci": DemoPreset(build_args=("--demo-samples", "1200", "--demo-eval-per-class", "16"),
                      train_overrides=("optim.epochs=3", "optim.lr=2e-3", "checkpoint.every_steps=1000"),
                      targets=LearningTargets(zero_shot_factor=2.0, zero_shot_models=("slip", "clip"),
-                                             random_stays_below=True, retrieval_factor=2.0, finetune_max_p=0.05),
-                     finetune_overrides=("optim.epochs=6", "optim.warmup_epochs=1")),
+                                             random_stays_below=True, retrieval_factor=2.0),
+                     finetune_overrides=("optim.epochs=10", "optim.warmup_epochs=1")),
 }
 
 
