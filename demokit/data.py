@@ -343,6 +343,17 @@ def _meta_row(n: int, pid: int, h: str, title: str, desc: str, url: str, marker:
     return "\t".join(f) + "\n"
 
 
+def write_inputs(src: Path, meta: Path, subset: Path, rows: list[str], sub: list[tuple[int, str]]) -> None:
+    """The metadata TSV and the subset list, with the bad rows every build must survive: a malformed
+    row, a non-UTF-8 row, a duplicate subset id and a subset id the metadata lacks."""
+    rows.insert(len(rows) // 2, "1\t2\t3\n")
+    sub += [sub[0], (99_999_999, "0")]
+    src.mkdir(parents=True, exist_ok=True)
+    meta.write_bytes("".join(rows).encode() + _meta_row(len(rows) + 1, 10_000_003, "ff", "caf\udcff", "", "x")
+                     .encode("utf-8", "surrogateescape"))
+    subset.write_text("".join(f"{n}\t{pid}\t{h}\n" for n, (pid, h) in enumerate(sub, 1)) + f"{len(sub) + 1}\t10000003\tff\n")
+
+
 def generate(cfg: DemoDataConfig) -> tuple[Path, Path]:
     """Write DIR/source (metadata, subset, images) and DIR/eval. Returns (metadata, subset) paths.
     Skipped when DIR/source/done.json records the same settings."""
@@ -384,13 +395,7 @@ def generate(cfg: DemoDataConfig) -> tuple[Path, Path]:
         rows.append(_meta_row(len(rows) + 1, pid, h, title, desc, url, marker))
         if in_subset:
             sub.append((pid, h))
-    # a malformed row, a non-UTF-8 row, a duplicate subset id and one the metadata lacks
-    rows.insert(len(rows) // 2, "1\t2\t3\n")
-    sub += [sub[0], (99_999_999, "0")]
-    src.mkdir(parents=True, exist_ok=True)
-    meta.write_bytes("".join(rows).encode() + _meta_row(len(rows) + 1, 10_000_003, "ff", "caf\udcff", "", "x")
-                     .encode("utf-8", "surrogateescape"))
-    subset.write_text("".join(f"{n}\t{pid}\t{h}\n" for n, (pid, h) in enumerate(sub, 1)) + f"{len(sub) + 1}\t10000003\tff\n")
+    write_inputs(src, meta, subset, rows, sub)
     # held-out labelled split, clean captions
     val_caps = []
     for split in ("train", "val"):

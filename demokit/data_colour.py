@@ -27,6 +27,7 @@ from urllib.parse import quote_plus
 
 from PIL import Image, ImageDraw
 
+from demokit.data import MIRROR_PATH, _meta_row, demo_url_template, write_inputs  # noqa: F401  (one format)
 from pipeline.metadata import url_hash
 
 COLORS = {"red": (215, 35, 35), "green": (35, 160, 50), "blue": (35, 70, 215), "yellow": (235, 205, 25)}
@@ -42,7 +43,6 @@ TITLES = ("{color} {shape}", "A {color} {shape}", "my {color} {shape}", "{Shape}
 DESCRIPTIONS = ("a photo of a {color} {shape} on a {bg} background", "Found this {color} {shape} {d}.",
                 "{color} {shape}, {d}", "A {shape} painted {color}. {d}", "just a {color} {shape}",
                 "Look at the {color} {shape} {d}!")
-MIRROR_PATH = "data/images/{h3a}/{h3b}/{h}.jpg"
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
@@ -113,13 +113,6 @@ def _captions(rnd: random.Random, color: str, shape: str) -> tuple[str, str]:
     return quote_plus(title), quote_plus(desc)
 
 
-def _meta_row(n: int, pid: int, h: str, title: str, desc: str, url: str, marker: str = "0") -> str:
-    f = [str(n), str(pid), h, "1234@N00", "demo", "2012-06-01 12:00:00.0", "1338552000", "", title, desc,
-         "", "", "", "", "", f"http://www.flickr.com/photos/demo/{pid}/", url,
-         "Attribution License", "http://creativecommons.org/licenses/by/2.0/", "1", "1", "s", "o", "jpg", marker]
-    return "\t".join(f) + "\n"
-
-
 def generate(cfg) -> tuple[Path, Path]:
     """Write DIR/source (metadata, subset, images) and DIR/eval. Returns (metadata, subset) paths.
     Skipped when DIR/source/done.json records the same settings."""
@@ -154,13 +147,7 @@ def generate(cfg) -> tuple[Path, Path]:
         rows.append(_meta_row(len(rows) + 1, pid, h, title, desc, url, marker))
         if in_subset:
             sub.append((pid, h))
-    # a malformed row, a non-UTF-8 row, a duplicate subset id and one the metadata lacks
-    rows.insert(len(rows) // 2, "1\t2\t3\n")
-    sub += [sub[0], (99_999_999, "0")]
-    src.mkdir(parents=True, exist_ok=True)
-    meta.write_bytes("".join(rows).encode() + _meta_row(len(rows) + 1, 10_000_003, "ff", "caf\udcff", "", "x")
-                     .encode("utf-8", "surrogateescape"))
-    subset.write_text("".join(f"{n}\t{pid}\t{h}\n" for n, (pid, h) in enumerate(sub, 1)) + f"{len(sub) + 1}\t10000003\tff\n")
+    write_inputs(src, meta, subset, rows, sub)
     # held-out labelled split
     val_caps = []
     for split in ("train", "val"):
@@ -187,5 +174,3 @@ def generate(cfg) -> tuple[Path, Path]:
     return meta, subset
 
 
-def demo_url_template(base_url: str) -> str:
-    return f"{base_url}/" + MIRROR_PATH.format(h3a="{hash[0:3]}", h3b="{hash[3:6]}", h="{hash}")

@@ -18,7 +18,6 @@ from pipeline import metadata, parallel_bz2
 from pipeline.metadata import ScanStats, SubsetIds, read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_parallel = pytest.mark.skipif(parallel_bz2.indexed_bzip2 is None, reason="indexed_bzip2 not installed")
 
 
 def rows_text(n: int, seed: int = 0, dirty: bool = True) -> bytes:
@@ -61,7 +60,6 @@ def files(tmp_path_factory):
     return paths, subset
 
 
-@needs_parallel
 @pytest.mark.parametrize("kind", ["whole", "concatenated", "cut", "trailing_bytes", "damaged"])
 def test_parallel_and_stdlib_readers_give_the_same_rows_and_counts(files, kind):
     paths, subset = files
@@ -80,7 +78,6 @@ def test_parallel_and_stdlib_readers_give_the_same_rows_and_counts(files, kind):
     assert one_stats["counts"]["malformed"] >= 4 and one_stats["counts"]["non_utf8"] >= 2
 
 
-@needs_parallel
 def test_a_damaged_block_hands_over_to_the_stdlib_after_the_delivered_bytes(files):
     """indexed_bzip2 really fails on the damaged file, mid-stream, after delivering correct bytes."""
     import threading
