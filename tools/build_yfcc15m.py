@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--demo-samples", type=int, default=4000)
     g.add_argument("--demo-eval-per-class", type=int, default=40)
     g.add_argument("--demo-seed", type=int, default=0)
-    g.add_argument("--demo-design", choices=("colour", "structure"), default="colour",
+    g.add_argument("--demo-design", choices=("colour", "structure"), default="structure",
                    help="colour: colour x shape classes, exact captions (default); structure: pattern x shape "
                         "classes, colour a nuisance, Flickr-noisy captions (docs/DEMO.md)")
     g.add_argument("--demo-clean-captions", action="store_true",

@@ -2,7 +2,7 @@
 
     python tools/demo.py --out demo_run            # full demo
     python tools/demo.py --out /tmp/ci --size ci   # CI-sized: same stages, small data, few steps
-    python tools/demo.py --out DIR --data-design structure   # the pattern x shape data (docs/DEMO.md)
+    python tools/demo.py --out DIR --data-design colour   # the first demo data, colour x shape (docs/DEMO.md)
 
 Stages, each through the real command-line tool (logs in OUT/logs/):
  1. build the demo data set: synthetic YFCC-format metadata, images served over loopback HTTP,
@@ -77,8 +77,8 @@ PRESETS = {
     # CI-sized: a smaller data set, 3 epochs. Too few held-out images and steps for the probe
     # margin to be significant, so learning is shown by zero-shot and retrieval against chance, with the
     # random encoder as the control that must not clear the same bar.
-    "ci": DemoPreset(build_args=("--demo-samples", "1200", "--demo-eval-per-class", "16"),
-                     train_overrides=("optim.epochs=3", "optim.lr=2e-3", "checkpoint.every_steps=1000"),
+    "ci": DemoPreset(build_args=("--demo-samples", "1600", "--demo-eval-per-class", "16"),
+                     train_overrides=("optim.epochs=4", "optim.lr=1e-3", "checkpoint.every_steps=1000"),
                      targets=LearningTargets(zero_shot_factor=2.0, zero_shot_models=("slip", "clip"),
                                              random_stays_below=True, retrieval_factor=2.0),
                      finetune_overrides=("optim.epochs=10", "optim.warmup_epochs=1")),
@@ -96,7 +96,7 @@ class DemoRunConfig:
     finetune_overrides: list[str] = field(default_factory=list)   # key=value for the finetuning runs
     preview_samples: int = 8
     eval_batch_size: int = 128
-    data_design: str = "colour"        # tools/build_yfcc15m.py --demo-design (docs/DEMO.md)
+    data_design: str = "structure"     # tools/build_yfcc15m.py --demo-design (docs/DEMO.md)
 
 
 class StageFailed(RuntimeError):
@@ -349,10 +349,10 @@ def slip_vs_clip_verdict(t: dict) -> str:
 
 
 DATA_LINES = {
-    "colour": "Data (demokit/data_colour.py, the default design): classes are colour x shape (\"red star\"), every "
+    "colour": "Data (demokit/data_colour.py, --data-design colour): classes are colour x shape (\"red star\"), every "
               "caption names its class; colour defines half of each class, which SimCLR's colour jitter works "
               "against (docs/DEMO.md).",
-    "structure": "Data (demokit/data.py, --data-design structure): classes are pattern x shape (\"striped star\"); "
+    "structure": "Data (demokit/data.py, the default design): classes are pattern x shape (\"striped star\"); "
                  "colour, background, position, size, rotation and clutter vary independently of the class; "
                  "training captions are Flickr-noisy, the evaluation captions clean (docs/DEMO.md).",
 }
@@ -423,8 +423,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("demo_run"))
     p.add_argument("--size", choices=sorted(PRESETS), default="full")
     p.add_argument("--quiet", action="store_true", help="only stage headers and the report on the console")
-    p.add_argument("--data-design", choices=sorted(DATA_LINES), default="colour",
-                   help="the demo data's design (docs/DEMO.md); the presets' targets were set on colour")
+    p.add_argument("--data-design", choices=sorted(DATA_LINES), default="structure",
+                   help="the demo data's design (docs/DEMO.md); the presets' targets were set on structure")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for both training runs")
     args = p.parse_args(argv)
     preset = PRESETS[args.size]

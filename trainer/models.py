@@ -61,6 +61,8 @@ SSL_NORMS = ("auto", "bn", "syncbn", "ln")
 SSLNorm = Literal[SSL_NORMS]
 ACTIVATIONS = ("gelu", "quick_gelu")
 Activation = Literal[ACTIVATIONS]
+STEMS = ("patch", "conv")
+Stem = Literal[STEMS]
 
 
 @dataclass
@@ -98,6 +100,11 @@ class ModelConfig:
     vision_patch_bias: bool = True     # bias in the conv patch embedding
     vision_ln_eps: float = 1e-6        # every LayerNorm of the image tower (timm's ViT value)
     vision_act: Activation = "gelu"    # MLP activation of the image tower
+    # "patch": one strided conv per patch (ViT, the reference). "conv": 3x3 stride-2 convs with
+    # BatchNorm and ReLU down to the patch grid, then a 1x1 conv to the width (Xiao et al. 2021,
+    # "Early convolutions help transformers see better"): the same tokens, but a tiny ViT trained
+    # for minutes picks up edges and shapes, which a single linear patch embedding learns slowly
+    vision_stem: Stem = "patch"
     text_ln_eps: float = 1e-5          # every LayerNorm of the text tower (CLIP's value)
     text_act: Activation = "quick_gelu"
     # weights to start a new run from (weights only: optimizer, schedule and data position start
@@ -119,6 +126,10 @@ class ModelConfig:
             raise ValueError(f"ssl_norm must be one of {SSL_NORMS}, got {self.ssl_norm!r}")
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path must lie in [0, 1), got {self.drop_path}")
+        if self.vision_stem not in STEMS:
+            raise ValueError(f"vision_stem must be one of {STEMS}, got {self.vision_stem!r}")
+        if self.vision_stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
+            raise ValueError(f"vision_stem 'conv' needs a power-of-two patch_size, got {self.patch_size}")
         for name in ("vision_act", "text_act"):
             if getattr(self, name) not in ACTIVATIONS:
                 raise ValueError(f"{name} must be one of {ACTIVATIONS}, got {getattr(self, name)!r}")
@@ -220,6 +231,17 @@ class Transformer(nn.Module):
         return x
 
 
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """log2(patch_size) 3x3 stride-2 convs (BatchNorm, ReLU), channels doubling up to `width` at the
+    patch grid, then a 1x1 conv to `width`: one token per patch, as the patch embedding gives."""
+    n = patch_size.bit_length() - 1
+    chans = [3] + [max(8, width >> (n - 1 - i)) for i in range(n)]
+    layers: list[nn.Module] = []
+    for cin, cout in zip(chans, chans[1:]):
+        layers += [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Conv2d(chans[-1], width, 1))
+
+
 class VisionTransformer(nn.Module):
     """ViT trunk; returns the pooled (final-LayerNorm) CLS feature [B, width]."""
 
@@ -228,7 +250,8 @@ class VisionTransformer(nn.Module):
         w = cfg.vision_width
         self.width = w
         eps = cfg.vision_ln_eps
-        self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size, bias=cfg.vision_patch_bias)
+        self.patch_embed = (conv_stem(w, cfg.patch_size) if cfg.vision_stem == "conv" else
+                            nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size, bias=cfg.vision_patch_bias))
         num_patches = (cfg.image_size // cfg.patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, w))
