@@ -1,0 +1,359 @@
+"""A manifest for webdataset shards already on disk (tools/index_shards.py): counts, checksums,
+indexes, and every sample checked once.
+
+Layouts read: img2dataset's (`NNNNN.tar` with `key.jpg` / `key.txt` / `key.json`, and
+`NNNNN_stats.json` / `NNNNN.parquet` beside it, which are left alone) and OpenCLIP's; image
+members in `jpg`, `jpeg`, `png` or `webp`. Members are grouped into samples by webdataset's own
+key/extension split (pipeline/shards.py `split_member_name`), so a tar holds here the samples it
+holds in OpenCLIP.
+
+Every sample is checked, in one sequential read of its tar (which also computes the tar's sha256):
+an image (`missing_image`), a caption (`missing_caption`: a visible `txt`, or a json `caption`,
+`title`, `description` or `captions`), an image header that parses (PIL, plus the loader's
+structural JPEG check; `--verify decode` decodes every image fully, tars in parallel), a key not
+seen before in the set (`duplicate_key`: the first sample with a key is kept). A sample that fails
+is left out of the tar's index and out of the manifest's count (`ShardEntry.excluded` records it,
+with its reason), so the trainer never reads it, and the manifest's stats count them by kind.
+
+The indexes are wds2idx v1.2 files listing only the usable samples: beside each tar by default,
+or under `index_dir` (mirroring the shards' relative paths, the manifest's `index_root`), in
+which case nothing is written anywhere near the shards (a read-only file system is fine).
+
+A rerun reuses every tar whose size and mtime are unchanged since the last run (recorded in
+`<index dir>/<name>.index_state.json`) together with the previous manifest's entry and its index;
+a changed tar is read again. `verify` ("checksums" or "decode") reads every tar again.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import tarfile
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from pipeline.captions import has_visible_text
+from pipeline.files import write_json_atomic
+from pipeline.jpeg_check import jpeg_problem
+from pipeline.manifest import Manifest, ShardEntry, ShardError, load_manifest, save_manifest
+from pipeline.shards import IMAGE_EXTS, MAX_IMAGE_BYTES, MAX_TEXT_BYTES, file_sha256, index_line, \
+    index_members, split_member_name, write_index_lines
+from pipeline.verify import NOT_AN_IMAGE, image_problem
+
+MISSING_IMAGE, MISSING_CAPTION, DUPLICATE_KEY = "missing_image", "missing_caption", "duplicate_key"
+JSON_CAPTION_FIELDS = ("caption", "title", "description", "captions")
+VERIFY_LEVELS = ("header", "checksums", "decode")    # what a run reads again; each includes the ones before
+STATE_VERSION = 1
+
+
+def expand_shards(spec: str) -> list[Path]:
+    """The tars a brace pattern ("/d/{00000..00099}.tar"), a glob ("/d/*.tar") or a directory (its
+    *.tar, recursively) names, sorted; ShardError naming what is missing."""
+    import braceexpand        # webdataset's dependency, for its brace syntax
+    path = Path(spec)
+    if path.is_dir():
+        tars = sorted(p for p in path.rglob("*.tar") if p.is_file())
+        if not tars:
+            raise ShardError(f"{spec}: a directory without any .tar file")
+        return tars
+    tars, missing = [], []
+    for name in braceexpand.braceexpand(spec):
+        if glob.has_magic(name):
+            tars += sorted(Path(p) for p in glob.glob(name) if p.endswith(".tar") and os.path.isfile(p))
+        elif os.path.isfile(name):
+            tars.append(Path(name))
+        else:
+            missing.append(name)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ShardError(f"{spec}: {len(missing)} tar(s) named are missing: {', '.join(missing[:3])}{more}")
+    if not tars:
+        raise ShardError(f"{spec}: matches no .tar file")
+    if len(set(tars)) != len(tars):
+        raise ShardError(f"{spec}: names some tars more than once")
+    return tars
+
+
+def common_root(tars: list[Path]) -> Path:
+    return Path(os.path.commonpath([str(t.resolve().parent) for t in tars]))
+
+
+@dataclass
+class TarScan:
+    """What one read of a tar found: every sample's key and components (ext, offset, size, name),
+    the sample positions that fail by themselves, the caption fields seen, its size and checksum."""
+    rel: str
+    bytes: int
+    mtime_ns: int
+    sha256: str
+    keys: list[str]
+    members: list[list[tuple[str, int, int, str]] | None]      # None: not known (a reused tar's left-out sample)
+    bad: dict[int, tuple[str, str]] = field(default_factory=dict)
+    caption_fields: set[str] = field(default_factory=set)
+    reused: bool = False
+
+
+class _HashingReader(io.RawIOBase):
+    """A file read front to back, hashed on the way (one read gives the samples and the sha256)."""
+
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.f.readinto(buffer)
+        self.h.update(memoryview(buffer)[:n])
+        return n
+
+    def finish(self) -> str:
+        while chunk := self.f.read(1 << 22):
+            self.h.update(chunk)
+        return self.h.hexdigest()
+
+
+def _caption_fields(parts: dict[str, bytes]) -> set[str]:
+    """The caption fields of one sample that show text."""
+    found = set()
+    txt = parts.get("txt")
+    if txt is not None and has_visible_text(txt.decode("utf-8", "replace")):
+        found.add("txt")
+    meta = parts.get("json")
+    if meta is not None:
+        try:
+            d = json.loads(meta)
+        except (ValueError, RecursionError):
+            d = None
+        if isinstance(d, dict):
+            for name in JSON_CAPTION_FIELDS:
+                v = d.get(name)
+                texts = v if isinstance(v, list) else [v]
+                if any(isinstance(t, str) and has_visible_text(t) for t in texts):
+                    found.add(name)
+    return found
+
+
+def _header_problem(data: bytes) -> tuple[str, str] | None:
+    """The cheap image check: the header parses (PIL) and a JPEG is structurally complete."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            fmt, (w, h) = img.format, img.size
+        except Exception as e:   # PIL raises many types for garbage; all mean "not an image"
+            return NOT_AN_IMAGE, f"{type(e).__name__}: {e}"[:160]
+    if w < 1 or h < 1:
+        return NOT_AN_IMAGE, "empty image"
+    if fmt == "JPEG":
+        return jpeg_problem(data)
+    return None
+
+
+def scan_tar(tar: Path, rel: str, decode: bool, max_pixels: int) -> TarScan:
+    """Read the tar once: samples grouped as webdataset groups them, each sample checked."""
+    st = tar.stat()
+    keys, members, bad, fields = [], [], {}, set()
+    key, comps, data = None, [], {}
+
+    def close_sample():
+        pos = len(keys)
+        keys.append(key)
+        members.append(comps)
+        image = next((data[e] for e in IMAGE_EXTS if e in data), None)
+        if image is None:
+            bad[pos] = (MISSING_IMAGE, "no jpg, jpeg, png or webp member")
+            return
+        found = _caption_fields(data)
+        fields.update(found)
+        if not found:
+            bad[pos] = (MISSING_CAPTION, "no txt and no caption, title, description or captions in the json")
+            return
+        problem = image_problem(image, max_pixels) if decode else _header_problem(image)
+        if problem is not None:
+            bad[pos] = problem
+
+    with open(tar, "rb") as f:
+        reader = _HashingReader(f)
+        try:
+            with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tf:
+                for m in tf:
+                    split = split_member_name(m.name) if m.isfile() else None
+                    if split is None:
+                        continue
+                    if split[0] != key:
+                        if key is not None:
+                            close_sample()
+                        key, comps, data = split[0], [], {}
+                    ext = split[1].lower()
+                    comps.append((ext, m.offset_data, m.size, m.name))
+                    limit = MAX_IMAGE_BYTES if ext in IMAGE_EXTS else MAX_TEXT_BYTES
+                    if ext in data:         # webdataset refuses a sample with the same extension twice
+                        data["__twice__"] = b""
+                    if (ext in IMAGE_EXTS or ext in ("txt", "json")) and m.size <= limit:
+                        data[ext] = tf.extractfile(m).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ShardError(f"{tar}: unreadable tar ({e}); restore it from a good copy or leave it out") from e
+        if key is not None:
+            close_sample()
+        sha = reader.finish()
+    for pos, comp in enumerate(members):
+        if pos not in bad and any(offset + size > st.st_size for _, offset, size, _ in comp):
+            raise ShardError(f"{tar}: member {keys[pos]!r} runs past the end of the tar (truncated)")
+    return TarScan(rel, st.st_size, st.st_mtime_ns, sha, keys, members, bad, fields)
+
+
+def _reuse(tar: Path, rel: str, entry: ShardEntry, idx: Path) -> TarScan | None:
+    """The scan of an unchanged tar, rebuilt from its previous entry and index (None if unusable)."""
+    try:
+        lines = idx.read_text().splitlines()
+    except OSError:
+        return None
+    usable = [index_members(line) for line in lines[1:]]
+    excluded = {int(r["position"]): r for r in entry.excluded or ()}
+    total = len(usable) + len(excluded)
+    if len(usable) != entry.samples or any(p >= total for p in excluded):
+        return None
+    keys, members, it = [], [], iter(usable)
+    for pos in range(total):
+        if pos in excluded:
+            keys.append(excluded[pos].get("key"))
+            members.append(None)
+        else:
+            comp = next(it)
+            keys.append(split_member_name(comp[0][2])[0])
+            members.append([(split_member_name(name)[1].lower(), off, size, name) for off, size, name in comp])
+    bad = {p: (r["reason"], r.get("detail", "")) for p, r in excluded.items() if r["reason"] != DUPLICATE_KEY}
+    st = tar.stat()
+    return TarScan(rel, st.st_size, st.st_mtime_ns, entry.sha256, keys, members, bad, reused=True)
+
+
+@dataclass
+class IndexConfig:
+    spec: str                         # brace pattern, glob or directory
+    name: str
+    manifest: Path                    # where the manifest is written
+    index_dir: Path | None = None     # None: the indexes beside the tars
+    verify: str = "header"            # header: reuse unchanged tars; checksums: read all again; decode: and decode
+    workers: int = 4
+    max_image_pixels: int = 89_478_485
+
+    def __post_init__(self):
+        if self.verify not in VERIFY_LEVELS:
+            raise ValueError(f"verify {self.verify!r}: choose one of {', '.join(VERIFY_LEVELS)}")
+
+
+def _index_path(cfg: IndexConfig, root: Path, rel: str) -> tuple[Path, str]:
+    """(index file, its path relative to the manifest's index location)."""
+    name = str(Path(rel).with_suffix(".idx"))
+    return (cfg.index_dir if cfg.index_dir is not None else root) / name, name
+
+
+def _state_path(cfg: IndexConfig, root: Path) -> Path:
+    return (cfg.index_dir if cfg.index_dir is not None else cfg.manifest.parent) / f"{cfg.name}.index_state.json"
+
+
+def index_shards(cfg: IndexConfig, progress: bool = False) -> tuple[Manifest, dict]:
+    """Check and index every tar, write the manifest; returns it and {"read": n, "reused": n}."""
+    tars = expand_shards(cfg.spec)
+    root = common_root(tars)
+    if cfg.index_dir is not None:
+        cfg.index_dir = cfg.index_dir.resolve()
+        if cfg.index_dir == root or root in cfg.index_dir.parents:
+            raise ShardError(f"--index-dir {cfg.index_dir} lies inside the shard folder {root}: give a folder elsewhere")
+    rels = [str(t.resolve().relative_to(root)) for t in tars]
+    state_path = _state_path(cfg, root)
+    previous, state, old_fields = _previous(cfg, state_path)
+    scans: dict[str, TarScan] = {}
+    todo = []
+    for tar, rel in zip(tars, rels):
+        entry, seen = previous.get(rel), state.get(rel)
+        st = tar.stat()
+        if (cfg.verify == "header" and entry is not None and seen is not None
+                and seen == {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns} and entry.bytes == st.st_size):
+            reused = _reuse(tar, rel, entry, _index_path(cfg, root, rel)[0])
+            if reused is not None:
+                scans[rel] = reused
+                continue
+        todo.append((tar, rel))
+
+    def read(pairs):
+        from tqdm import tqdm
+        with ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="index") as pool:
+            jobs = [pool.submit(scan_tar, tar, rel, cfg.verify == "decode", cfg.max_image_pixels) for tar, rel in pairs]
+            for job in tqdm(jobs, desc="index", unit="tar", disable=not progress or len(jobs) < 2):
+                s = job.result()
+                scans[s.rel] = s
+
+    read(todo)
+    excluded = _exclusions([scans[r] for r in rels])
+    # a reused tar whose left-out samples change (a duplicate of a key elsewhere appeared or went) is read again
+    stale = [(t, r) for t, r in zip(tars, rels) if scans[r].reused and excluded[r].keys() != {
+        int(x["position"]) for x in previous[r].excluded or ()}]
+    if stale:
+        read(stale)
+        excluded = _exclusions([scans[r] for r in rels])
+    entries, fields = [], set()
+    for tar, rel in zip(tars, rels):
+        s = scans[rel]
+        fields |= set(old_fields) if s.reused else s.caption_fields
+        idx, idx_rel = _index_path(cfg, root, rel)
+        if not s.reused:
+            write_index_lines(idx, [index_line(s.members[p]) for p in range(len(s.keys)) if p not in excluded[rel]])
+        recs = [{"position": p, "key": s.keys[p], "reason": r, "detail": d} for p, (r, d) in sorted(excluded[rel].items())]
+        entries.append(ShardEntry(path=rel, samples=len(s.keys) - len(recs), bytes=s.bytes, sha256=s.sha256,
+                                  index=idx_rel, index_sha256=file_sha256(idx), index_tar_bytes=s.bytes,
+                                  bad_samples=[] if cfg.verify == "decode" else None, excluded=recs or None))
+    kinds = Counter(r["reason"] for e in entries for r in e.excluded or ())
+    read_now = len(todo) + len(stale)
+    stats = {"index": {"tars": len(entries), "read": read_now, "reused": len(entries) - read_now,
+                       "samples_in_tars": sum(len(s.keys) for s in scans.values()),
+                       "usable": sum(e.samples for e in entries), "excluded": sum(kinds.values()),
+                       "excluded_by_reason": dict(kinds.most_common()), "image_check": cfg.verify,
+                       "spec": cfg.spec}}
+    manifest = Manifest(name=cfg.name, root=str(root), shards=entries, stats=stats,
+                        index_root=str(cfg.index_dir) if cfg.index_dir is not None else None,
+                        caption_fields=sorted(fields))
+    save_manifest(manifest, cfg.manifest)
+    write_json_atomic(state_path, {"version": STATE_VERSION, "name": cfg.name, "caption_fields": sorted(fields),
+                                   "tars": {s.rel: {"bytes": s.bytes, "mtime_ns": s.mtime_ns} for s in scans.values()}},
+                      indent=0)
+    if read_now == len(entries):
+        from pipeline.integrity import verified_by_build    # every tar was hashed just now
+        verified_by_build(cfg.manifest, manifest)
+    return manifest, stats["index"]
+
+
+def _exclusions(scans: list[TarScan]) -> dict[str, dict[int, tuple[str, str]]]:
+    """Per tar, the positions left out and why: its own bad samples, then every repeat of a key
+    seen earlier in the set (first occurrence wins, in shard order)."""
+    seen, out = set(), {}
+    for s in scans:
+        ex = dict(s.bad)
+        for pos, key in enumerate(s.keys):
+            if key in seen and pos not in ex:
+                ex[pos] = (DUPLICATE_KEY, f"key {key!r} already seen earlier in the set")
+            seen.add(key)
+        out[s.rel] = ex
+    return out
+
+
+def _previous(cfg: IndexConfig, state_path: Path) -> tuple[dict[str, ShardEntry], dict[str, dict], list[str]]:
+    """The last run's entries and tar stats by relative path, and its caption fields; empty when
+    there is none usable."""
+    try:
+        state = json.loads(state_path.read_text())
+        old = load_manifest(cfg.manifest)
+    except (OSError, ValueError):
+        return {}, {}, []
+    if state.get("version") != STATE_VERSION or old.name != cfg.name or old.index_root != (
+            str(cfg.index_dir) if cfg.index_dir is not None else None):
+        return {}, {}, []
+    return {e.path: e for e in old.shards}, state.get("tars", {}), state.get("caption_fields", [])
