@@ -189,18 +189,26 @@ class SLIPLoader:
         return data, (h, w)
 
     def _caption(self, i: int, u: float) -> str | None:
-        """The sample's caption under `caption_mode`; u ~ U[0, 1) picks title or description."""
+        """The sample's caption from what its source has; u ~ U[0, 1) makes the draw. YFCC (title and
+        description): `caption_mode` picks; COCO (`captions`, five to seven): one drawn per step in
+        every mode but "txt"; others: their one caption (txt, else the json's `caption`)."""
         meta = self.reader.meta(i)
-        title = desc = ""
+        title = desc = caption = ""
+        captions: list[str] = []
         if meta is not None:
             try:
                 d = json.loads(meta)
                 title, desc = (d.get("title") or "").strip(), (d.get("description") or "").strip()
+                caption = d.get("caption") if isinstance(d.get("caption"), str) else ""
+                if isinstance(d.get("captions"), list):
+                    captions = [c.strip() for c in d["captions"] if isinstance(c, str) and has_visible_text(c)]
             except (ValueError, AttributeError, TypeError, RecursionError):   # not usable metadata
                 pass
             title = title if has_visible_text(title) else ""
             desc = desc if has_visible_text(desc) else ""
         mode = self.caption_mode
+        if captions and mode != "txt":
+            return captions[min(int(u * len(captions)), len(captions) - 1)]
         if mode in ("random", "reference") and (title or desc):
             if mode == "reference":        # the SLIP reference: a coin flip, even onto an empty field
                 return title if u < 0.5 else desc
@@ -212,7 +220,8 @@ class SLIPLoader:
             return desc
         text = self.reader.text(i)
         text = text.decode("utf-8", "replace").strip() if text is not None else ""
-        return (text if has_visible_text(text) else "") or title or desc or None
+        caption = caption.strip() if has_visible_text(caption) else ""
+        return (text if has_visible_text(text) else "") or title or desc or caption or None
 
     def _sample(self, i: int, u: float) -> tuple[bytes, tuple[int, int], str | int] | str:
         """The sample's image, its size and caption (its label in a labelled set), or the reason it is unusable."""
