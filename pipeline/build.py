@@ -1,4 +1,8 @@
-"""The YFCC15M shard builder: metadata -> parquet manifest -> img2dataset -> shards + result manifest.
+"""The shard builder: metadata -> parquet manifest -> img2dataset -> shards + result manifest.
+
+Built for YFCC15M (tools/build_yfcc15m.py); with `BuildConfig.source` the same stages read a URL
+list instead (CC3M, CC12M, RedCaps, any csv/tsv/parquet/json-lines list), or pack local images
+(COCO Captions, no download): pipeline/sources.py, tools/build_shards.py.
 
 Stages (each resumable; kill the build at any point and rerun the same command):
 

@@ -11,6 +11,9 @@ and every shard is there; otherwise a `ShardError` that lists what is missing. A
 reads some shards from one place and the rest from the other, and a copied shard set with a
 shard missing fails instead of silently reading the original.
 
+Indexes are relative to the shard directory, or to `index_root` when a manifest made by
+tools/index_shards.py keeps them elsewhere (`--index-dir`).
+
 A manifest may come from anyone, so every entry is checked in form when it is made or loaded
 (`ShardError` naming the entry): shard and index paths are relative and stay inside the shard
 directory (no absolute path, no `..`), checksums are 64 lowercase hex digits, counts are

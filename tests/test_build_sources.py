@@ -140,3 +140,50 @@ def test_coco_rerun_is_a_noop_and_all_five_captions_get_drawn(coco):
     assert {i: len(t) for i, t in drawn.items()} == {i: 5 for i in (1, 2, 3, 4, 5)}
     assert all(t == {f"image {i} caption {c}" for c in range(5)} for i, t in drawn.items())
     assert np.unique([plan.indices for plan in [loader.make_batch(0, 0)]]).size == 5
+
+
+@pytest.mark.parametrize("mode", ["random", "reference", "title", "description"])
+def test_a_source_without_the_choice_uses_its_caption(cc3m, mode):
+    """caption_mode keeps its meaning where a source has title and description; CC3M has one
+    caption, which every mode uses: no error, never an empty caption."""
+    from pipeline.loader import SLIPLoader
+    from pipeline.manifest import load_manifest
+    from pipeline.recipe import AugmentationRecipe
+    from shard_testing import chars
+    out, want = cc3m
+    loader = SLIPLoader(load_manifest(out / "m" / "cc3m.json"), AugmentationRecipe(image_size=32, num_ssl_views=0),
+                        10, chars, backend="pillow", caption_mode=mode)
+    plan = loader.make_batch(0, 0)
+    texts = {"".join(map(chr, t[t > 0])) for t in plan.tokens}
+    assert texts == set(want.values())
+
+
+def test_redcaps_and_headerless_lists_select_their_rows(tmp_path):
+    """The select stage alone (no download): RedCaps keeps each sample's subreddit; a headerless
+    csv names its columns; a list without the caption column is one line naming the columns."""
+    import pyarrow.parquet as pq
+    from pipeline.build import BuildConfig, select_stage
+    from pipeline.metadata import InputError
+    from pipeline.sources import PRESETS, UrlListSource
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    for sub in ("pics", "cats"):
+        (ann / f"{sub}_2019.json").write_text(json.dumps({"info": {}, "annotations": [
+            {"image_id": f"{sub}{i}", "url": f"https://i.redd.it/{sub}{i}.jpg", "caption": f"my {sub} {i}",
+             "raw_caption": f"My {sub.upper()} {i}!!", "subreddit": sub} for i in range(3)] + [
+            {"image_id": "x", "url": "https://i.redd.it/x.jpg", "caption": "", "subreddit": sub}]}))
+    cfg = BuildConfig(out=tmp_path / "rc", source=UrlListSource(ann, **PRESETS["redcaps"]), progress=False)
+    stats = select_stage(cfg)
+    assert stats["selected"] == 6 and stats["counts"]["no_caption"] == 2 and stats["counts"]["rows_read"] == 8
+    rows = pq.read_table(cfg.parquet_dir).to_pylist()
+    assert {(r["subreddit"], r["caption"]) for r in rows} == {(s, f"my {s} {i}") for s in ("pics", "cats")
+                                                              for i in range(3)}
+    lst = tmp_path / "list.csv"
+    lst.write_text('https://example.com/a.jpg,"a, quoted caption",cc-by\nhttps://example.com/b.jpg,plain,cc0\n')
+    cfg = BuildConfig(out=tmp_path / "csv", source=UrlListSource(lst, "csv", columns=("url", "caption", "license"),
+                                                                  extra_columns=("license",)), progress=False)
+    assert select_stage(cfg)["selected"] == 2
+    assert pq.read_table(cfg.parquet_dir).to_pylist()[0] == {"url": "https://example.com/a.jpg",
+                                                             "caption": "a, quoted caption", "license": "cc-by"}
+    with pytest.raises(InputError, match="no column 'url'.*needs --columns"):
+        select_stage(BuildConfig(out=tmp_path / "bad", source=UrlListSource(lst, "csv"), progress=False))

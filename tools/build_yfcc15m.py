@@ -30,11 +30,13 @@ from pipeline.manifest import ShardError  # noqa: E402
 from pipeline.metadata import InputError  # noqa: E402
 from pipeline.cli import report, run_main  # noqa: E402
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--metadata", type=Path, help="yfcc100m_dataset TSV (plain/.bz2) or SQLite file")
     p.add_argument("--subset", type=Path, help="yfcc100m_subset_data.tsv (plain/.bz2)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--no-progress", action="store_true")
     add_build_options(p)
     g = p.add_argument_group("demo")
     g.add_argument("--demo", action="store_true", help="generate and build the synthetic demo data set")
