@@ -46,6 +46,7 @@ from pipeline.manifest import Manifest, ShardEntry, ShardError, load_manifest, s
 from pipeline.shards import IMAGE_EXTS, MAX_IMAGE_BYTES, MAX_TEXT_BYTES, file_sha256, index_line, \
     index_members, split_member_name, write_index_lines
 from pipeline.verify import NOT_AN_IMAGE, image_problem
+from pipeline.webp_header import webp_size
 
 MISSING_IMAGE, MISSING_CAPTION, DUPLICATE_KEY = "missing_image", "missing_caption", "duplicate_key"
 JSON_CAPTION_FIELDS = ("caption", "title", "description", "captions")
@@ -149,12 +150,27 @@ def _header_problem(data: bytes) -> tuple[str, str] | None:
             img = Image.open(io.BytesIO(data))
             fmt, (w, h) = img.format, img.size
         except Exception as e:   # PIL raises many types for garbage; all mean "not an image"
-            return NOT_AN_IMAGE, f"{type(e).__name__}: {e}"[:160]
+            size = webp_size(data)       # this Pillow has no WebP codec; DALI decodes WebP
+            if size is None:
+                return NOT_AN_IMAGE, f"{type(e).__name__}: {e}"[:160]
+            fmt, (w, h) = "WEBP", size
     if w < 1 or h < 1:
         return NOT_AN_IMAGE, "empty image"
     if fmt == "JPEG":
         return jpeg_problem(data)
     return None
+
+
+def _decode_problem(data: bytes, max_pixels: int) -> tuple[str, str] | None:
+    """The full decode check (pipeline/verify.py); a WebP, which this Pillow cannot decode, is
+    decoded by OpenCV instead."""
+    problem = image_problem(data, max_pixels)
+    if problem is None or problem[0] != NOT_AN_IMAGE or webp_size(data) is None:
+        return problem
+    import cv2
+    import numpy as np
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if decoded is not None else ("corrupt_image", "OpenCV cannot decode this WebP image")
 
 
 def scan_tar(tar: Path, rel: str, decode: bool, max_pixels: int) -> TarScan:
@@ -176,7 +192,7 @@ def scan_tar(tar: Path, rel: str, decode: bool, max_pixels: int) -> TarScan:
         if not found:
             bad[pos] = (MISSING_CAPTION, "no txt and no caption, title, description or captions in the json")
             return
-        problem = image_problem(image, max_pixels) if decode else _header_problem(image)
+        problem = _decode_problem(image, max_pixels) if decode else _header_problem(image)
         if problem is not None:
             bad[pos] = problem
 

@@ -82,6 +82,7 @@ from pipeline.rand_augment import draw_rand_augment
 from pipeline.recipe import AugmentationRecipe
 from pipeline.shards import MAX_IMAGE_BYTES, SampleReader, build_sample_table
 from pipeline.view_params import sample_views
+from pipeline.webp_header import webp_size
 
 CAPTION_MODES = ("random", "reference", "title", "description", "txt")
 DECODABLE = {"JPEG", "PNG", "WEBP", "BMP", "TIFF"}
@@ -177,7 +178,10 @@ class SLIPLoader:
         except Image.DecompressionBombError:    # a header claiming far more pixels than PIL allows
             return None, "too_large"
         except Exception:   # PIL raises many types for garbage; all mean "not an image"
-            return None, "not_an_image"
+            size = webp_size(data)      # unless it is a WebP, which this Pillow cannot open but DALI decodes
+            if size is None:
+                return None, "not_an_image"
+            (w, h), fmt = size, "WEBP"
         if fmt not in DECODABLE:
             return None, "unsupported_format"
         if w * h > self.max_image_pixels:

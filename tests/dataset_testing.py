@@ -28,6 +28,12 @@ def image_of(i: int, fmt: str = "JPEG") -> bytes:
     data = _image(COLORS[list(COLORS)[i % 4]], i // 4 % 8)
     if fmt == "JPEG":
         return data
+    if fmt == "WEBP":             # this Pillow has no WebP codec; OpenCV writes one
+        import cv2
+        import numpy as np
+        from PIL import Image
+        rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        return cv2.imencode(".webp", rgb[:, :, ::-1])[1].tobytes()
     from PIL import Image
     buf = io.BytesIO()
     Image.open(io.BytesIO(data)).save(buf, fmt)
