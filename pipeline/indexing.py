@@ -52,6 +52,7 @@ MISSING_IMAGE, MISSING_CAPTION, DUPLICATE_KEY = "missing_image", "missing_captio
 JSON_CAPTION_FIELDS = ("caption", "title", "description", "captions")
 VERIFY_LEVELS = ("header", "checksums", "decode")    # what a run reads again; each includes the ones before
 STATE_VERSION = 1
+TWICE = "\0twice"        # marks a sample with one extension twice (no member extension holds a NUL)
 
 
 def expand_shards(spec: str) -> list[Path]:
@@ -183,6 +184,9 @@ def scan_tar(tar: Path, rel: str, decode: bool, max_pixels: int) -> TarScan:
         pos = len(keys)
         keys.append(key)
         members.append(comps)
+        if TWICE in data:
+            bad[pos] = (DUPLICATE_KEY, "the same member name twice in a row (webdataset refuses such a sample)")
+            return
         image = next((data[e] for e in IMAGE_EXTS if e in data), None)
         if image is None:
             bad[pos] = (MISSING_IMAGE, "no jpg, jpeg, png or webp member")
@@ -211,8 +215,8 @@ def scan_tar(tar: Path, rel: str, decode: bool, max_pixels: int) -> TarScan:
                     ext = split[1].lower()
                     comps.append((ext, m.offset_data, m.size, m.name))
                     limit = MAX_IMAGE_BYTES if ext in IMAGE_EXTS else MAX_TEXT_BYTES
-                    if ext in data:         # webdataset refuses a sample with the same extension twice
-                        data["__twice__"] = b""
+                    if any(c[0] == ext for c in comps[:-1]):   # webdataset refuses such a sample
+                        data[TWICE] = b""
                     if (ext in IMAGE_EXTS or ext in ("txt", "json")) and m.size <= limit:
                         data[ext] = tf.extractfile(m).read()
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -229,6 +233,8 @@ def scan_tar(tar: Path, rel: str, decode: bool, max_pixels: int) -> TarScan:
 def _reuse(tar: Path, rel: str, entry: ShardEntry, idx: Path) -> TarScan | None:
     """The scan of an unchanged tar, rebuilt from its previous entry and index (None if unusable)."""
     try:
+        if entry.index_sha256 is None or file_sha256(idx) != entry.index_sha256:
+            return None          # not the index this entry recorded: read the tar again
         lines = idx.read_text().splitlines()
     except OSError:
         return None
@@ -272,7 +278,7 @@ def _index_path(cfg: IndexConfig, root: Path, rel: str) -> tuple[Path, str]:
     return (cfg.index_dir if cfg.index_dir is not None else root) / name, name
 
 
-def _state_path(cfg: IndexConfig, root: Path) -> Path:
+def _state_path(cfg: IndexConfig) -> Path:
     return (cfg.index_dir if cfg.index_dir is not None else cfg.manifest.parent) / f"{cfg.name}.index_state.json"
 
 
@@ -285,7 +291,7 @@ def index_shards(cfg: IndexConfig, progress: bool = False) -> tuple[Manifest, di
         if cfg.index_dir == root or root in cfg.index_dir.parents:
             raise ShardError(f"--index-dir {cfg.index_dir} lies inside the shard folder {root}: give a folder elsewhere")
     rels = [str(t.resolve().relative_to(root)) for t in tars]
-    state_path = _state_path(cfg, root)
+    state_path = _state_path(cfg)
     previous, state, old_fields = _previous(cfg, state_path)
     scans: dict[str, TarScan] = {}
     todo = []

@@ -152,3 +152,16 @@ def test_every_usable_sample_decodes_webp_included(indexed):
     assert len(webp) == 1 and loader._check_image(webp[0])[1] == (96, 96)
     (batch,) = list(loader)
     assert batch["bad_samples"] == 0 and batch["clip_image"].shape == (28, 3, 32, 32)
+
+
+def test_a_member_twice_in_a_sample_is_a_duplicate(tmp_path):
+    """webdataset refuses a sample holding one extension twice: left out, as a repeated key."""
+    import tarfile
+    from dataset_testing import add_member
+    from pipeline.indexing import scan_tar
+    with tarfile.open(tmp_path / "t.tar", "w") as tar:
+        for name, data in (("a.jpg", image_of(0)), ("a.txt", "one"), ("a.txt", "two"), ("b.jpg", image_of(1)),
+                           ("b.txt", "fine"), ("c.JPG", image_of(2)), ("c.TXT", "upper case ext")):
+            add_member(tar, name, data)
+    scan = scan_tar(tmp_path / "t.tar", "t.tar", decode=False, max_pixels=10 ** 8)
+    assert scan.keys == ["a", "b", "c"] and list(scan.bad) == [0] and scan.bad[0][0] == "duplicate_key"

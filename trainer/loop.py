@@ -400,7 +400,7 @@ class Trainer:
         names, counts = getattr(c.loader, "source_names", None), getattr(c.loader, "samples_by_source", None)
         if not names or counts is None or len(names) < 2:
             return {}
-        vec = torch.as_tensor(counts, dtype=torch.float64 if c.device.type != "mps" else torch.float32, device=c.device)
+        vec = torch.as_tensor(counts, dtype=torch.int64, device=c.device)
         if c.world_size > 1:
             dist.all_reduce(vec)
         return {f"samples_seen/{n}": int(v) for n, v in zip(names, vec.tolist())}
