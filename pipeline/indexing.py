@@ -328,7 +328,11 @@ def index_shards(cfg: IndexConfig, progress: bool = False) -> tuple[Manifest, di
         fields |= set(old_fields) if s.reused else s.caption_fields
         idx, idx_rel = _index_path(cfg, root, rel)
         if not s.reused:
-            write_index_lines(idx, [index_line(s.members[p]) for p in range(len(s.keys)) if p not in excluded[rel]])
+            try:
+                write_index_lines(idx, [index_line(s.members[p]) for p in range(len(s.keys)) if p not in excluded[rel]])
+            except OSError as e:
+                where = "" if cfg.index_dir is not None else " (shards on a read-only file system: give --index-dir)"
+                raise ShardError(f"{idx}: cannot write the index: {e.strerror}{where}") from None
         recs = [{"position": p, "key": s.keys[p], "reason": r, "detail": d} for p, (r, d) in sorted(excluded[rel].items())]
         entries.append(ShardEntry(path=rel, samples=len(s.keys) - len(recs), bytes=s.bytes, sha256=s.sha256,
                                   index=idx_rel, index_sha256=file_sha256(idx), index_tar_bytes=s.bytes,
