@@ -30,7 +30,7 @@ from pipeline.manifest import ShardError  # noqa: E402
 from pipeline.metadata import InputError  # noqa: E402
 from pipeline.sources import FORMATS, PRESETS, CocoSource, UrlListSource  # noqa: E402
 
-SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
+SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
