@@ -415,6 +415,7 @@ def _download(cfg: BuildConfig, run: DownloadRun, done: set[str], expected: int,
 
 # img2dataset error messages -> short reasons for the manifest
 FAILURE_REASONS = [
+    (re.compile(r"^unreadable local image"), lambda m: "unreadable_local_image"),      # COCO (pipeline/sources.py)
     (re.compile(r"refused by the network policy: (\w+)"), lambda m: m.group(1)),
     (re.compile(r"over the size limit of \d+ bytes"), lambda m: "download_too_large"),
     (re.compile(r"over the time limit of"), lambda m: "download_too_slow"),

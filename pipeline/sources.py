@@ -22,6 +22,7 @@ import io
 import json
 import tarfile
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +30,10 @@ from typing import Iterator
 import pyarrow as pa
 
 from pipeline.captions import tidy_caption, truncate
+from pipeline.manifest import ShardError, check_relative_path
 from pipeline.metadata import InputError, ScanStats
+from pipeline.regular_files import RefusedFile, read_regular
+from pipeline.shards import MAX_IMAGE_BYTES
 
 FORMATS = ("csv", "tsv", "parquet", "jsonl", "redcaps")
 # the published files (README "Data sources"): headerless tsv columns, or RedCaps' annotation folders
@@ -243,10 +247,13 @@ class CocoSource:
         redone = remove_incomplete(cfg.shard_dir)
         done = done_ids(cfg.shard_dir)
         resizer = _resizer(cfg)
-        for first in range(0, len(records), cfg.shard_size):
-            sid = f"{first // cfg.shard_size:05d}"
-            if sid not in done:
-                _pack_shard(cfg, sid, records[first:first + cfg.shard_size], self.images, resizer)
+        # OpenCV's decode, resize and encode release the GIL (img2dataset shares one Resizer between threads too)
+        with ThreadPoolExecutor(max(1, cfg.processes), thread_name_prefix="pack") as pool:
+            jobs = [pool.submit(_pack_shard, cfg, sid, records[first:first + cfg.shard_size], self.images, resizer)
+                    for first in range(0, len(records), cfg.shard_size)
+                    if (sid := f"{first // cfg.shard_size:05d}") not in done]
+            for job in jobs:
+                job.result()
         stats = {**scan.to_dict(), "selected": len(records), "parquet_parts": 0, "scan_complete": True}
         return stats, {"shards_redone": len(redone), "skipped": False}
 
@@ -274,13 +281,13 @@ def _pack_shard(cfg, sid: str, records: list[dict], images: Path, resizer) -> No
         for i, rec in enumerate(records):
             key = f"{sid}{i:04d}"
             keys.append(key)
-            path = images / rec["file_name"]
-            try:
-                data = path.read_bytes()
-            except OSError as e:
+            try:      # a captions file may come from anyone: its names stay inside the image folder
+                check_relative_path(rec["file_name"], "file_name")
+                data = read_regular(images / rec["file_name"], MAX_IMAGE_BYTES, "an image")
+            except (OSError, RefusedFile, ShardError) as e:
                 failed_dl += 1
                 status.append("failed_to_download")
-                errors.append(f"missing local image: {e.strerror}")
+                errors.append(f"unreadable local image: {getattr(e, 'strerror', None) or e}")
                 continue
             img, width, height, ow, oh, err = resizer(io.BytesIO(data))
             if err is not None:

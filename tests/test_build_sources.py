@@ -88,6 +88,8 @@ def coco(tmp_path_factory):
         images.append({"id": i, "file_name": name, "width": 200, "height": 150})
         if i != 7:                                         # image 7 has no caption
             annotations += [{"id": 100 * i + c, "image_id": i, "caption": f"image {i} caption {c}\n"} for c in range(5)]
+    images.append({"id": 8, "file_name": "../captions_train2017.json"})       # a name outside the folder: refused
+    annotations += [{"id": 800 + c, "image_id": 8, "caption": f"image 8 caption {c}"} for c in range(5)]
     captions = root / "captions_train2017.json"
     captions.write_text(json.dumps({"images": images, "annotations": annotations[::-1]}))
     out = root / "out"
@@ -108,7 +110,8 @@ def test_coco_builds_from_local_files_with_every_caption(coco):
     assert not (coco / "download").exists() and not (coco / "parquet").exists()      # nothing downloaded
     assert m.stats["select"]["counts"]["no_caption"] == 1
     dl = m.stats["download"]
-    assert (dl["attempted"], dl["downloaded"], dl["failed_to_download"]) == (6, 5, 1)
+    assert (dl["attempted"], dl["downloaded"], dl["failed_to_download"]) == (7, 5, 2)
+    assert dl["failures"] == {"unreadable_local_image": 2}
     for s in tar_samples(coco / "shards").values():
         meta = json.loads(s["json"])
         i = meta["image_id"]
