@@ -49,11 +49,11 @@ def test_loader_epoch_counts_per_source(indexed, tiny):  # noqa: F811
     from shard_testing import chars
     sources = [load_manifest(indexed["manifest"]), load_manifest(tiny)]
     recipe = AugmentationRecipe(image_size=32, num_ssl_views=0)
-    loader = SLIPLoader(sources, recipe, 11, chars, backend="pillow", num_threads=1, weights=[1, 0.5])
+    loader = SLIPLoader(sources, recipe, 11, chars, num_threads=1, weights=[1, 0.5])     # DALI: it decodes WebP
     assert loader.num_samples == 44 and loader.steps_per_epoch == 4 and loader.source_names == ["lab", "tiny"]
     for _ in loader:
         pass
-    assert loader.samples_by_source.tolist() == [28, 16] and loader.epoch == 1
+    assert loader.samples_by_source.tolist() == [28, 16] and loader.epoch == 1 and loader.bad_samples == 0
     order = loader.epoch_order(0)
     assert sorted(order[order < 28]) == list(range(28)) and len(set(order[order >= 28])) == 16
     alone = SLIPLoader(sources[:1], recipe, 4, chars, backend="pillow", num_threads=1)
