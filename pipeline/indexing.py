@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from pipeline.captions import has_visible_text
@@ -89,17 +90,23 @@ def common_root(tars: list[Path]) -> Path:
 
 @dataclass
 class TarScan:
-    """What one read of a tar found: every sample's key and components (ext, offset, size, name),
-    the sample positions that fail by themselves, the caption fields seen, its size and checksum."""
+    """What one read of a tar found, kept small (about 16 bytes a sample, so a set of millions fits):
+    each sample's key digest, the samples that fail by themselves, which samples its index file
+    lists, the caption fields seen, its size and checksum."""
     rel: str
     bytes: int
     mtime_ns: int
     sha256: str
-    keys: list[str]
-    members: list[list[tuple[str, int, int, str]] | None]      # None: not known (a reused tar's left-out sample)
-    bad: dict[int, tuple[str, str]] = field(default_factory=dict)
+    digests: np.ndarray                        # 16-byte digest of each sample's key, every position
+    bad: dict[int, tuple[str, str, str]]       # position -> (reason, detail, key): the sample's own failures
+    listed: list[int]                          # positions the index file lists, in order
     caption_fields: set[str] = field(default_factory=set)
     reused: bool = False
+    known_keys: dict[int, str] = field(default_factory=dict)   # keys of positions the index does not list
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
 class _HashingReader(io.RawIOBase):
@@ -147,6 +154,7 @@ def _header_problem(data: bytes) -> tuple[str, str] | None:
     """The cheap image check: the header parses (PIL) and a JPEG is structurally complete."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", "image file could not be identified because WEBP")   # read below
         try:
             img = Image.open(io.BytesIO(data))
             fmt, (w, h) = img.format, img.size
@@ -169,36 +177,28 @@ def _decode_problem(data: bytes, max_pixels: int) -> tuple[str, str] | None:
     if problem is None or problem[0] != NOT_AN_IMAGE or webp_size(data) is None:
         return problem
     import cv2
-    import numpy as np
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     return None if decoded is not None else ("corrupt_image", "OpenCV cannot decode this WebP image")
 
 
-def scan_tar(tar: Path, rel: str, decode: bool, max_pixels: int) -> TarScan:
-    """Read the tar once: samples grouped as webdataset groups them, each sample checked."""
+def scan_tar(tar: Path, rel: str, decode: bool, max_pixels: int) -> tuple[TarScan, list[str]]:
+    """Read the tar once: samples grouped as webdataset groups them, each sample checked; returns
+    the scan and the index lines of the samples that pass (those the index is to list)."""
     st = tar.stat()
-    keys, members, bad, fields = [], [], {}, set()
+    digests, bad, fields, listed, lines = [], {}, set(), [], []
     key, comps, data = None, [], {}
 
     def close_sample():
-        pos = len(keys)
-        keys.append(key)
-        members.append(comps)
-        if TWICE in data:
-            bad[pos] = (DUPLICATE_KEY, "the same member name twice in a row (webdataset refuses such a sample)")
-            return
-        image = next((data[e] for e in IMAGE_EXTS if e in data), None)
-        if image is None:
-            bad[pos] = (MISSING_IMAGE, "no jpg, jpeg, png or webp member")
-            return
-        found = _caption_fields(data)
-        fields.update(found)
-        if not found:
-            bad[pos] = (MISSING_CAPTION, "no txt and no caption, title, description or captions in the json")
-            return
-        problem = _decode_problem(image, max_pixels) if decode else _header_problem(image)
+        pos = len(digests)
+        digests.append(_digest(key))
+        problem = _sample_problem(data, decode, max_pixels, fields)
         if problem is not None:
-            bad[pos] = problem
+            bad[pos] = (*problem, key)
+        elif any(offset + size > st.st_size for _, offset, size, _ in comps):
+            raise ShardError(f"{tar}: member {key!r} runs past the end of the tar (truncated)")
+        else:
+            listed.append(pos)
+            lines.append(index_line(comps))
 
     with open(tar, "rb") as f:
         reader = _HashingReader(f)
@@ -213,10 +213,10 @@ def scan_tar(tar: Path, rel: str, decode: bool, max_pixels: int) -> TarScan:
                             close_sample()
                         key, comps, data = split[0], [], {}
                     ext = split[1].lower()
+                    if any(c[0] == ext for c in comps):      # webdataset refuses such a sample
+                        data[TWICE] = b""
                     comps.append((ext, m.offset_data, m.size, m.name))
                     limit = MAX_IMAGE_BYTES if ext in IMAGE_EXTS else MAX_TEXT_BYTES
-                    if any(c[0] == ext for c in comps[:-1]):   # webdataset refuses such a sample
-                        data[TWICE] = b""
                     if (ext in IMAGE_EXTS or ext in ("txt", "json")) and m.size <= limit:
                         data[ext] = tf.extractfile(m).read()
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -224,10 +224,22 @@ def scan_tar(tar: Path, rel: str, decode: bool, max_pixels: int) -> TarScan:
         if key is not None:
             close_sample()
         sha = reader.finish()
-    for pos, comp in enumerate(members):
-        if pos not in bad and any(offset + size > st.st_size for _, offset, size, _ in comp):
-            raise ShardError(f"{tar}: member {keys[pos]!r} runs past the end of the tar (truncated)")
-    return TarScan(rel, st.st_size, st.st_mtime_ns, sha, keys, members, bad, fields)
+    scan = TarScan(rel, st.st_size, st.st_mtime_ns, sha, np.array(digests, dtype="S16"), bad, listed, fields)
+    return scan, lines
+
+
+def _sample_problem(data: dict[str, bytes], decode: bool, max_pixels: int, fields: set[str]) -> tuple[str, str] | None:
+    """Why a sample (its components' bytes) cannot be trained on, or None; adds its caption fields."""
+    if TWICE in data:
+        return DUPLICATE_KEY, "the same member name twice in a row (webdataset refuses such a sample)"
+    image = next((data[e] for e in IMAGE_EXTS if e in data), None)
+    if image is None:
+        return MISSING_IMAGE, "no jpg, jpeg, png or webp member"
+    found = _caption_fields(data)
+    fields.update(found)
+    if not found:
+        return MISSING_CAPTION, "no txt and no caption, title, description or captions in the json"
+    return _decode_problem(image, max_pixels) if decode else _header_problem(image)
 
 
 def _reuse(tar: Path, rel: str, entry: ShardEntry, idx: Path) -> TarScan | None:
@@ -235,26 +247,20 @@ def _reuse(tar: Path, rel: str, entry: ShardEntry, idx: Path) -> TarScan | None:
     try:
         if entry.index_sha256 is None or file_sha256(idx) != entry.index_sha256:
             return None          # not the index this entry recorded: read the tar again
-        lines = idx.read_text().splitlines()
+        lines = idx.read_text().splitlines()[1:]
     except OSError:
         return None
-    usable = [index_members(line) for line in lines[1:]]
     excluded = {int(r["position"]): r for r in entry.excluded or ()}
-    total = len(usable) + len(excluded)
-    if len(usable) != entry.samples or any(p >= total for p in excluded):
+    total = len(lines) + len(excluded)
+    if len(lines) != entry.samples or any(p >= total for p in excluded):
         return None
-    keys, members, it = [], [], iter(usable)
-    for pos in range(total):
-        if pos in excluded:
-            keys.append(excluded[pos].get("key"))
-            members.append(None)
-        else:
-            comp = next(it)
-            keys.append(split_member_name(comp[0][2])[0])
-            members.append([(split_member_name(name)[1].lower(), off, size, name) for off, size, name in comp])
-    bad = {p: (r["reason"], r.get("detail", "")) for p, r in excluded.items() if r["reason"] != DUPLICATE_KEY}
+    listed = [p for p in range(total) if p not in excluded]
+    keys = dict(zip(listed, (split_member_name(index_members(line)[0][2])[0] for line in lines)))
+    known = {p: r.get("key") or "" for p, r in excluded.items()}
+    digests = np.array([_digest(keys[p] if p in keys else known[p]) for p in range(total)], dtype="S16")
+    bad = {p: (r["reason"], r.get("detail", ""), known[p]) for p, r in excluded.items() if r["reason"] != DUPLICATE_KEY}
     st = tar.stat()
-    return TarScan(rel, st.st_size, st.st_mtime_ns, entry.sha256, keys, members, bad, reused=True)
+    return TarScan(rel, st.st_size, st.st_mtime_ns, entry.sha256, digests, bad, listed, reused=True, known_keys=known)
 
 
 @dataclass
@@ -309,38 +315,38 @@ def index_shards(cfg: IndexConfig, progress: bool = False) -> tuple[Manifest, di
     def read(pairs):
         from tqdm import tqdm
         with ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="index") as pool:
-            jobs = [pool.submit(scan_tar, tar, rel, cfg.verify == "decode", cfg.max_image_pixels) for tar, rel in pairs]
+            jobs = [pool.submit(_read_and_index, cfg, root, tar, rel) for tar, rel in pairs]
             for job in tqdm(jobs, desc="index", unit="tar", disable=not progress or len(jobs) < 2):
                 s = job.result()
                 scans[s.rel] = s
 
     read(todo)
-    excluded = _exclusions([scans[r] for r in rels])
+    read_now = len(todo)
+    duplicates = _duplicates([scans[r] for r in rels])
     # a reused tar whose left-out samples change (a duplicate of a key elsewhere appeared or went) is read again
-    stale = [(t, r) for t, r in zip(tars, rels) if scans[r].reused and excluded[r].keys() != {
-        int(x["position"]) for x in previous[r].excluded or ()}]
+    stale = [(t, r) for t, r in zip(tars, rels) if scans[r].reused and _wanted(scans[r], duplicates[r]) != scans[r].listed]
     if stale:
         read(stale)
-        excluded = _exclusions([scans[r] for r in rels])
+        read_now += len(stale)
+        duplicates = _duplicates([scans[r] for r in rels])
     entries, fields = [], set()
-    for tar, rel in zip(tars, rels):
+    for rel in rels:
         s = scans[rel]
         fields |= set(old_fields) if s.reused else s.caption_fields
         idx, idx_rel = _index_path(cfg, root, rel)
-        if not s.reused:
-            try:
-                write_index_lines(idx, [index_line(s.members[p]) for p in range(len(s.keys)) if p not in excluded[rel]])
-            except OSError as e:
-                where = "" if cfg.index_dir is not None else " (shards on a read-only file system: give --index-dir)"
-                raise ShardError(f"{idx}: cannot write the index: {e.strerror}{where}") from None
-        recs = [{"position": p, "key": s.keys[p], "reason": r, "detail": d} for p, (r, d) in sorted(excluded[rel].items())]
-        entries.append(ShardEntry(path=rel, samples=len(s.keys) - len(recs), bytes=s.bytes, sha256=s.sha256,
+        keys = dict(s.known_keys)
+        if duplicates[rel]:
+            keys.update(_drop_from_index(cfg, s, idx, _wanted(s, duplicates[rel])))
+        recs = sorted([{"position": p, "key": k, "reason": r, "detail": d} for p, (r, d, k) in s.bad.items()] +
+                      [{"position": p, "key": keys[p], "reason": DUPLICATE_KEY,
+                        "detail": f"key {keys[p]!r} already seen earlier in the set"} for p in duplicates[rel]],
+                      key=lambda rec: rec["position"])
+        entries.append(ShardEntry(path=rel, samples=len(s.digests) - len(recs), bytes=s.bytes, sha256=s.sha256,
                                   index=idx_rel, index_sha256=file_sha256(idx), index_tar_bytes=s.bytes,
                                   bad_samples=[] if cfg.verify == "decode" else None, excluded=recs or None))
     kinds = Counter(r["reason"] for e in entries for r in e.excluded or ())
-    read_now = len(todo) + len(stale)
     stats = {"index": {"tars": len(entries), "read": read_now, "reused": len(entries) - read_now,
-                       "samples_in_tars": sum(len(s.keys) for s in scans.values()),
+                       "samples_in_tars": sum(len(s.digests) for s in scans.values()),
                        "usable": sum(e.samples for e in entries), "excluded": sum(kinds.values()),
                        "excluded_by_reason": dict(kinds.most_common()), "image_check": cfg.verify,
                        "spec": cfg.spec}}
@@ -357,18 +363,52 @@ def index_shards(cfg: IndexConfig, progress: bool = False) -> tuple[Manifest, di
     return manifest, stats["index"]
 
 
-def _exclusions(scans: list[TarScan]) -> dict[str, dict[int, tuple[str, str]]]:
-    """Per tar, the positions left out and why: its own bad samples, then every repeat of a key
-    seen earlier in the set (first occurrence wins, in shard order)."""
-    seen, out = set(), {}
+def _read_and_index(cfg: IndexConfig, root: Path, tar: Path, rel: str) -> TarScan:
+    """Scan one tar and write its index of the samples that pass (a worker's job: the index lines
+    never pile up in memory)."""
+    scan, lines = scan_tar(tar, rel, cfg.verify == "decode", cfg.max_image_pixels)
+    _write_index(cfg, _index_path(cfg, root, rel)[0], lines)
+    return scan
+
+
+def _write_index(cfg: IndexConfig, idx: Path, lines: list[str]) -> None:
+    try:
+        write_index_lines(idx, lines)
+    except OSError as e:
+        where = "" if cfg.index_dir is not None else " (shards on a read-only file system: give --index-dir)"
+        raise ShardError(f"{idx}: cannot write the index: {e.strerror}{where}") from None
+
+
+def _duplicates(scans: list[TarScan]) -> dict[str, list[int]]:
+    """Per tar, the positions whose key was seen earlier in the set (in shard order, the first
+    occurrence kept, whatever became of it), apart from samples already failing by themselves."""
+    digests = np.concatenate([s.digests for s in scans]) if scans else np.array([], dtype="S16")
+    repeat = np.ones(len(digests), bool)
+    repeat[np.unique(digests, return_index=True)[1]] = False
+    out, start = {}, 0
     for s in scans:
-        ex = dict(s.bad)
-        for pos, key in enumerate(s.keys):
-            if key in seen and pos not in ex:
-                ex[pos] = (DUPLICATE_KEY, f"key {key!r} already seen earlier in the set")
-            seen.add(key)
-        out[s.rel] = ex
+        out[s.rel] = [int(p) for p in np.flatnonzero(repeat[start:start + len(s.digests)]) if int(p) not in s.bad]
+        start += len(s.digests)
     return out
+
+
+def _wanted(s: TarScan, duplicates: list[int]) -> list[int]:
+    left_out = set(s.bad) | set(duplicates)
+    return [p for p in range(len(s.digests)) if p not in left_out]
+
+
+def _drop_from_index(cfg: IndexConfig, s: TarScan, idx: Path, wanted: list[int]) -> dict[int, str]:
+    """Rewrite the index to list only `wanted` (a subset of what it lists); returns the keys of the
+    positions dropped (or, for an index left as it is, nothing)."""
+    if wanted == s.listed:
+        return {}
+    lines = idx.read_text().splitlines()[1:]
+    by_position = dict(zip(s.listed, lines))
+    keep = set(wanted)
+    _write_index(cfg, idx, [by_position[p] for p in wanted])
+    dropped = {p: split_member_name(index_members(line)[0][2])[0] for p, line in by_position.items() if p not in keep}
+    s.listed = wanted
+    return dropped
 
 
 def _previous(cfg: IndexConfig, state_path: Path) -> tuple[dict[str, ShardEntry], dict[str, dict], list[str]]:

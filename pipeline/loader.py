@@ -172,6 +172,7 @@ class SLIPLoader:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                warnings.filterwarnings("ignore", "image file could not be identified because WEBP")   # read below
                 img = Image.open(io.BytesIO(data))
                 w, h = img.size
                 fmt = img.format

@@ -163,5 +163,6 @@ def test_a_member_twice_in_a_sample_is_a_duplicate(tmp_path):
         for name, data in (("a.jpg", image_of(0)), ("a.txt", "one"), ("a.txt", "two"), ("b.jpg", image_of(1)),
                            ("b.txt", "fine"), ("c.JPG", image_of(2)), ("c.TXT", "upper case ext")):
             add_member(tar, name, data)
-    scan = scan_tar(tmp_path / "t.tar", "t.tar", decode=False, max_pixels=10 ** 8)
-    assert scan.keys == ["a", "b", "c"] and list(scan.bad) == [0] and scan.bad[0][0] == "duplicate_key"
+    scan, lines = scan_tar(tmp_path / "t.tar", "t.tar", decode=False, max_pixels=10 ** 8)
+    assert len(scan.digests) == 3 and scan.bad[0][::2] == ("duplicate_key", "a") and list(scan.bad) == [0]
+    assert scan.listed == [1, 2] and [line.split()[3] for line in lines] == ["b.jpg", "c.JPG"]
