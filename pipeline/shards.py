@@ -22,6 +22,7 @@ import functools
 import hashlib
 import io
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +94,16 @@ def index_members(line: str) -> list[tuple[int, int, str]]:
 @functools.cache
 def _webdataset_split() -> Callable[[str], tuple[str | None, str | None]]:
     # imported on first use: webdataset imports torch, which a builder process has no other need of
-    from webdataset.tariterators import base_plus_ext
-    return base_plus_ext
+    try:
+        from webdataset.tariterators import base_plus_ext
+        return base_plus_ext
+    except ImportError:      # a bare GPU machine (tools/gpu_report.py): webdataset 0.2's own rule, restated
+        return _base_plus_ext
+
+
+def _base_plus_ext(path: str) -> tuple[str | None, str | None]:
+    m = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", path)
+    return (m.group(1), m.group(2)) if m else (None, None)
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:

@@ -190,3 +190,8 @@ def test_redcaps_and_headerless_lists_select_their_rows(tmp_path):
                                                              "caption": "a, quoted caption", "license": "cc-by"}
     with pytest.raises(InputError, match="no column 'url'.*needs --columns"):
         select_stage(BuildConfig(out=tmp_path / "bad", source=UrlListSource(lst, "csv"), progress=False))
+
+
+def test_a_missing_list_is_one_line(tmp_path):
+    proc = build_cli("--preset", "cc12m", "--url-list", str(tmp_path / "cc12m.tsv"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'cc12m.tsv'}: no such file"

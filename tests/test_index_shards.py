@@ -166,3 +166,14 @@ def test_a_member_twice_in_a_sample_is_a_duplicate(tmp_path):
     scan, lines = scan_tar(tmp_path / "t.tar", "t.tar", decode=False, max_pixels=10 ** 8)
     assert len(scan.digests) == 3 and scan.bad[0][::2] == ("duplicate_key", "a") and list(scan.bad) == [0]
     assert scan.listed == [1, 2] and [line.split()[3] for line in lines] == ["b.jpg", "c.JPG"]
+
+
+def test_keys_split_as_webdataset_splits_them():
+    """The key/extension split is webdataset's own function; the restated rule used where webdataset
+    is not installed gives the same answers."""
+    from webdataset.tariterators import base_plus_ext
+    from pipeline.shards import _base_plus_ext, split_member_name
+    names = ["a/0001.seg.png", "0001.JPG", ".hidden", "nodot", "a.b/c.jpg", "a/b.c.d", "dir/.x.jpg", "k.", "x/y/z.txt"]
+    for name in names:
+        assert _base_plus_ext(name) == base_plus_ext(name), name
+        assert split_member_name(name) == (None if base_plus_ext(name)[0] is None else base_plus_ext(name)), name
