@@ -4,6 +4,7 @@
     python trainer/run.py --config trainer/configs/demo_slip.yaml out_dir=runs/x optim.lr=1e-3
     torchrun --nproc_per_node 8 trainer/run.py --config trainer/configs/slip_vit_b16.yaml
     srun python trainer/run.py --config ...            # rank/world size from the SLURM environment
+    python trainer/run.py --config ... data.manifest=[a.json,b.json] data.weights=[1,0.5]   # a mixture (docs/DATASETS.md)
 
 Resume rules (details: trainer/resume.py, trainer/loop.py):
 - An out_dir holding checkpoints is resumed from its newest checkpoint that verifies (a damaged
