@@ -111,3 +111,13 @@ def test_mixed_run_killed_resumes_with_the_uninterrupted_losses(mixed_reference,
     proc = run([*MIXED, f"data.manifest=[{tiny},{indexed['manifest']}]", f"out_dir={out}", "optim.max_steps=10"])
     (line,) = error_lines(proc)
     assert proc.returncode == 2 and "in another order" in line
+
+
+def test_two_ranks_count_every_source_together(indexed, tiny, tmp_path):  # noqa: F811
+    """Under DDP each rank takes its slice of the mixed epoch; the per-source metric is the sum over ranks."""
+    from test_trainer import torchrun
+    out = tmp_path / "ddp"
+    proc = torchrun([*MIXED, f"data.manifest=[{indexed['manifest']},{tiny}]", f"out_dir={out}", "optim.max_steps=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = step_records(out)
+    assert recs[2]["samples_seen/lab"] + recs[2]["samples_seen/tiny"] == 2 * 2 * 8 == recs[2]["samples_seen"]

@@ -400,7 +400,7 @@ class Trainer:
         names, counts = getattr(c.loader, "source_names", None), getattr(c.loader, "samples_by_source", None)
         if not names or counts is None or len(names) < 2:
             return {}
-        vec = torch.as_tensor(counts, dtype=torch.int64, device=c.device)
+        vec = torch.tensor(counts, dtype=torch.int64, device=c.device)    # a copy: the all-reduce is in place
         if c.world_size > 1:
             dist.all_reduce(vec)
         return {f"samples_seen/{n}": int(v) for n, v in zip(names, vec.tolist())}
