@@ -154,7 +154,6 @@ def _header_problem(data: bytes) -> tuple[str, str] | None:
     """The cheap image check: the header parses (PIL) and a JPEG is structurally complete."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        warnings.filterwarnings("ignore", "image file could not be identified because WEBP")   # read below
         try:
             img = Image.open(io.BytesIO(data))
             fmt, (w, h) = img.format, img.size
@@ -173,9 +172,7 @@ def _header_problem(data: bytes) -> tuple[str, str] | None:
 def _decode_problem(data: bytes, max_pixels: int) -> tuple[str, str] | None:
     """The full decode check (pipeline/verify.py); a WebP, which this Pillow cannot decode, is
     decoded by OpenCV instead."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "image file could not be identified because WEBP")   # handled below
-        problem = image_problem(data, max_pixels)
+    problem = image_problem(data, max_pixels)
     if problem is None or problem[0] != NOT_AN_IMAGE or webp_size(data) is None:
         return problem
     import cv2

@@ -8,6 +8,13 @@ when Pillow cannot open it. Formats: simple lossy (`VP8 `), lossless (`VP8L`) an
 """
 from __future__ import annotations
 
+import warnings
+
+# Pillow warns on every WebP it cannot open; wherever that happens here the header is read instead.
+# One process-wide filter for that message only: warnings.catch_warnings is not thread-safe, and
+# images are checked in threads.
+warnings.filterwarnings("ignore", "image file could not be identified because WEBP support not installed")
+
 
 def webp_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a WebP image, or None when `data` is not one with a readable header."""
