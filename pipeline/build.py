@@ -1,4 +1,8 @@
-"""The YFCC15M shard builder: metadata -> parquet manifest -> img2dataset -> shards + result manifest.
+"""The shard builder: metadata -> parquet manifest -> img2dataset -> shards + result manifest.
+
+Built for YFCC15M (tools/build_yfcc15m.py); with `BuildConfig.source` the same stages read a URL
+list instead (CC3M, CC12M, RedCaps, any csv/tsv/parquet/json-lines list), or pack local images
+(COCO Captions, no download): pipeline/sources.py, tools/build_shards.py.
 
 Stages (each resumable; kill the build at any point and rerun the same command):
 
@@ -94,6 +98,7 @@ from pipeline.download_run import (DownloadRun, Promoter, ResumeLedger, check_sh
                                    remove_incomplete, stats_files)    # check_shards: the tests' API
 from pipeline.files import write_json_atomic
 from pipeline.netpolicy import UrlChecker
+from pipeline.sources import CocoSource, UrlListSource  # noqa: F401  (BuildConfig.source's types)
 from pipeline.regular_files import is_regular
 from pipeline.shards import file_sha256, write_index
 from pipeline.verify import index_matches, verify_images
@@ -109,9 +114,12 @@ PARQUET_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("ph
 
 @dataclass
 class BuildConfig:
-    metadata: Path                       # yfcc100m_dataset TSV (plain / .bz2) or the SQLite file
-    subset: Path | None                  # yfcc100m_subset_data.tsv (plain / .bz2); None = every photo
     out: Path                            # OUT/parquet, OUT/shards, OUT/state
+    metadata: Path | None = None         # yfcc100m_dataset TSV (plain / .bz2) or the SQLite file
+    subset: Path | None = None           # yfcc100m_subset_data.tsv (plain / .bz2); None = every photo
+    # another source instead of the YFCC metadata (pipeline/sources.py): a URL list, or local
+    # images with their captions (COCO)
+    source: "UrlListSource | CocoSource | None" = None
     name: str = "yfcc15m"                # manifest name: <manifest_dir>/<name>.json
     manifest_dir: Path = Path("manifests")
     # selection
@@ -140,7 +148,9 @@ class BuildConfig:
     scan_threads: int | None = None      # cores decompressing a bz2 metadata file (None: all); same rows either way
 
     def __post_init__(self):
-        self.metadata = Path(self.metadata)
+        if (self.metadata is None) == (self.source is None):
+            raise ValueError("give the YFCC metadata or another source (a URL list, COCO), one of the two")
+        self.metadata = Path(self.metadata) if self.metadata is not None else None
         self.subset = Path(self.subset) if self.subset is not None else None
         self.out, self.manifest_dir = Path(self.out), Path(self.manifest_dir)
         if not 0.0 < self.sample_fraction <= 1.0:
@@ -165,6 +175,19 @@ class BuildConfig:
     def state_dir(self) -> Path:
         return self.out / "state"
 
+    @property
+    def parquet_schema(self) -> pa.Schema:
+        return PARQUET_SCHEMA if self.source is None else self.source.parquet_schema
+
+    @property
+    def extra_columns(self) -> list[str]:
+        """The columns img2dataset keeps in each sample's json."""
+        return EXTRA_COLUMNS if self.source is None else list(self.source.extra_columns)
+
+    @property
+    def caption_fields(self) -> list[str]:
+        return ["description", "title", "txt"] if self.source is None else self.source.caption_fields
+
     def selection_fingerprint(self) -> dict:
         """Everything that decides the parquet rows (and so every shard's content and keys)."""
         def file_id(p):
@@ -172,6 +195,8 @@ class BuildConfig:
         fingerprint = {"metadata": file_id(self.metadata), "subset": file_id(self.subset),
                        "url_template": self.url_template, "limit": self.limit, "sample_fraction": self.sample_fraction,
                        "max_caption_chars": self.max_caption_chars, "part_rows": self.shard_size * self.shards_per_part}
+        if self.source is not None:         # only then: YFCC builds keep their fingerprint
+            fingerprint["source"] = self.source.fingerprint()
         if self.allow_private_network:     # only when set: builds made before the option keep their fingerprint
             fingerprint["allow_private_network"] = True
         return fingerprint
@@ -221,11 +246,13 @@ def sampled(photoid: int, fraction: float) -> bool:
 # ---------------------------------------------------------------- stage 1: select -> parquet parts
 
 def select_stage(cfg: BuildConfig) -> dict:
-    """Stream metadata -> cleaned rows -> parquet parts. Returns the selection stats."""
-    for path in (cfg.metadata, cfg.subset):
+    """Stream the source's rows -> cleaned rows under the network policy -> parquet parts. Returns
+    the selection stats."""
+    inputs = (cfg.metadata, cfg.subset) if cfg.source is None else cfg.source.inputs()
+    for path in inputs:
         if path is not None and not path.exists():
             raise InputError(f"{path}: no such file")
-        if path is not None and not is_regular(path):
+        if path is not None and not (is_regular(path) or path.is_dir() and cfg.source is not None):
             raise InputError(f"{path}: not a regular file")
     marker = cfg.state_dir / "select.json"
     fingerprint = cfg.selection_fingerprint()
@@ -241,16 +268,16 @@ def select_stage(cfg: BuildConfig) -> dict:
     cfg.parquet_dir.mkdir(parents=True)
     t0 = time.time()
     scan = ScanStats()
-    subset = SubsetIds.from_file(cfg.subset, scan, cfg.progress) if cfg.subset is not None else None
     part_rows = cfg.shard_size * cfg.shards_per_part
-    columns: dict[str, list] = {n: [] for n in PARQUET_SCHEMA.names}
+    schema = cfg.parquet_schema
+    columns: dict[str, list] = {n: [] for n in schema.names}
     parts, kept, complete = 0, 0, True
     url_refused = UrlChecker(cfg.allow_private_network)
 
     def flush():
         nonlocal parts
         if columns["url"]:
-            table = pa.table(columns, schema=PARQUET_SCHEMA)
+            table = pa.table(columns, schema=schema)
             tmp = cfg.parquet_dir / f".part-{parts:05d}.tmp"
             pq.write_table(table, tmp)
             tmp.replace(cfg.parquet_dir / f"part-{parts:05d}.parquet")
@@ -258,6 +285,37 @@ def select_stage(cfg: BuildConfig) -> dict:
             for v in columns.values():
                 v.clear()
 
+    rows = _yfcc_rows(cfg, scan) if cfg.source is None else cfg.source.rows(scan, cfg.max_caption_chars, cfg.progress)
+    for where, url, coin, values in rows:
+        refused = url_refused(url)
+        if refused is not None:
+            scan.add(refused[0], f"{where}: {url[:80]}")
+            continue
+        if not sampled(coin, cfg.sample_fraction):   # a fraction of the usable rows
+            scan.add("sampled_out")
+            continue
+        columns["url"].append(url)
+        for k in schema.names[1:]:
+            columns[k].append(values.get(k))
+        kept += 1
+        if len(columns["url"]) >= part_rows:
+            flush()
+        if cfg.limit is not None and kept >= cfg.limit:
+            complete = False
+            break
+    flush()
+    rows.close()
+    stats = {**scan.to_dict(), "selected": kept, "parquet_parts": parts, "scan_complete": complete,
+             "select_seconds": round(time.time() - t0, 2)}
+    write_json_atomic(marker, {"fingerprint": fingerprint, "stats": stats}, indent=1)
+    return stats
+
+
+def _yfcc_rows(cfg: BuildConfig, scan: ScanStats):
+    """(where, url, photo id, parquet values) of each usable YFCC photo: captions cleaned and cut,
+    videos and captionless photos counted and left out; the subset ids never found, counted once
+    the whole metadata was read."""
+    subset = SubsetIds.from_file(cfg.subset, scan, cfg.progress) if cfg.subset is not None else None
     for row in read_metadata(cfg.metadata, subset, scan, cfg.progress, threads=cfg.scan_threads):
         if row.is_video:
             scan.add("video", row.where)
@@ -271,31 +329,12 @@ def select_stage(cfg: BuildConfig) -> dict:
             continue
         url = format_url(cfg.url_template, hash=row.hash, photoid=row.photoid, download_url=row.download_url,
                          ext=row.ext)
-        refused = url_refused(url)
-        if refused is not None:
-            scan.add(refused[0], f"{row.where}: {url[:80]}")
-            continue
-        if not sampled(row.photoid, cfg.sample_fraction):   # a fraction of the usable rows
-            scan.add("sampled_out")
-            continue
-        for k, v in (("url", url), ("caption", join_caption(title, desc)), ("photoid", row.photoid),
-                     ("title", title), ("description", desc), ("license", row.license)):
-            columns[k].append(v)
-        kept += 1
-        if len(columns["url"]) >= part_rows:
-            flush()
-        if cfg.limit is not None and kept >= cfg.limit:
-            complete = False
-            break
-    flush()
-    if subset is not None and complete:
+        yield row.where, url, row.photoid, {"caption": join_caption(title, desc), "photoid": row.photoid,
+                                            "title": title, "description": desc, "license": row.license}
+    if subset is not None:          # reached only when every row was read (not after --limit)
         missing = subset.missing()
         scan.add("missing_from_metadata", n=len(missing))
         scan.examples["missing_from_metadata"] = [f"{cfg.subset}: photo id {i}" for i in missing[:5]]
-    stats = {**scan.to_dict(), "selected": kept, "parquet_parts": parts, "scan_complete": complete,
-             "select_seconds": round(time.time() - t0, 2)}
-    write_json_atomic(marker, {"fingerprint": fingerprint, "stats": stats}, indent=1)
-    return stats
 
 
 # ---------------------------------------------------------------- stage 2: download
@@ -356,7 +395,7 @@ def _download(cfg: BuildConfig, run: DownloadRun, done: set[str], expected: int,
         with download_engine(cfg.distributor, cfg.ray_address, worker_env(cfg.max_image_pixels), cfg.progress), \
                 promoter, guarded_img2dataset(cfg.download_policy(), exit_orphans=orphans_exit):
             download(url_list=str(cfg.parquet_dir), input_format="parquet", url_col="url", caption_col="caption",
-                     save_additional_columns=EXTRA_COLUMNS, output_format="webdataset",
+                     save_additional_columns=cfg.extra_columns, output_format="webdataset",
                      output_folder=str(run.dir), number_sample_per_shard=cfg.shard_size,
                      processes_count=cfg.processes, thread_count=cfg.threads, image_size=cfg.image_size,
                      resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
@@ -376,6 +415,7 @@ def _download(cfg: BuildConfig, run: DownloadRun, done: set[str], expected: int,
 
 # img2dataset error messages -> short reasons for the manifest
 FAILURE_REASONS = [
+    (re.compile(r"^unreadable local image"), lambda m: "unreadable_local_image"),      # COCO (pipeline/sources.py)
     (re.compile(r"refused by the network policy: (\w+)"), lambda m: m.group(1)),
     (re.compile(r"over the size limit of \d+ bytes"), lambda m: "download_too_large"),
     (re.compile(r"over the time limit of"), lambda m: "download_too_slow"),
@@ -454,9 +494,10 @@ def finalize_stage(cfg: BuildConfig, select_stats: dict, download_info: dict) ->
                      "failures": dict(failures.most_common()), "errors": dict(errors.most_common(50)),
                      "empty_shards": dl["empty_shards"], "shards_redone_on_resume": download_info["shards_redone"]},
         "verify": {"bad_samples": sum(bad.values()), "reasons": dict(bad.most_common())},
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "source"},
     }
-    manifest = Manifest(name=cfg.name, root=str(cfg.shard_dir.resolve()), shards=shards, stats=stats)
+    manifest = Manifest(name=cfg.name, root=str(cfg.shard_dir.resolve()), shards=shards, stats=stats,
+                        caption_fields=cfg.caption_fields)
     paths = (cfg.manifest_dir / f"{cfg.name}.json", cfg.shard_dir / "manifest.json")
     save_manifest(manifest, *paths)
     for path in paths:         # every tar was hashed just now, by verified_shard
@@ -487,15 +528,22 @@ def build(cfg: BuildConfig) -> Manifest:
 
 
 def _build(cfg: BuildConfig, lock: BuildLock) -> Manifest:
+    if cfg.source is not None and cfg.source.local:      # local images: packed here, nothing downloaded
+        select_stats, download_info = cfg.source.pack(cfg)
+        return _finish(cfg, finalize_stage(cfg, select_stats, download_info))
     select_stats = select_stage(cfg)
     if select_stats["selected"] == 0:
         counts = select_stats["counts"]
         dropped = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("rows_read", "subset_rows")) or "none"
-        raise BuildError(f"no photo selected from {cfg.metadata} ({counts.get('rows_read', 0)} rows read"
+        raise BuildError(f"no photo selected from {cfg.metadata or cfg.source.describe()} "
+                         f"({counts.get('rows_read', 0)} rows read"
                          + (f", {counts.get('subset_rows', 0)} subset ids in {cfg.subset}" if cfg.subset else "")
                          + f"; dropped: {dropped}): nothing to build")
     download_info = download_stage(cfg, select_stats["selected"], lock)
-    manifest = finalize_stage(cfg, select_stats, download_info)
+    return _finish(cfg, finalize_stage(cfg, select_stats, download_info))
+
+
+def _finish(cfg: BuildConfig, manifest: Manifest) -> Manifest:
     if cfg.progress:
         print(summary_table(manifest), file=sys.stderr)
     if manifest.total_samples == 0:

@@ -38,6 +38,15 @@ def clean_caption(raw: str) -> str:
         text = _TAGS.sub(" ", text)
     if "http" in text or "www" in text:
         text = _URLS.sub(" ", text)
+    return tidy_caption(text)
+
+
+def tidy_caption(text: str) -> str:
+    """A caption that is plain text already (CC3M, CC12M, RedCaps, COCO) -> one clean line: ftfy
+    repair of mojibake and HTML entities, control characters dropped, whitespace collapsed ('' if
+    nothing visible is left). YFCC's captions get this after their own decoding (`clean_caption`)."""
+    if not text:
+        return ""
     if not text.isascii() or "&" in text or "\x1b" in text:   # ftfy changes nothing else; it is slow
         import ftfy
         text = ftfy.fix_text(text)

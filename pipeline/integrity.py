@@ -89,7 +89,8 @@ def verify_shards(manifest_path: str | Path, workers: int = 4, progress: bool = 
     manifest = load_manifest(manifest_path)
     shard_dir = manifest.shard_dir()
     tars = [shard_dir / e.path for e in manifest.shards]
-    indexes = [None if e.index is None else shard_dir / e.index for e in manifest.shards]
+    index_dir = Path(manifest.index_root) if manifest.index_root is not None else shard_dir
+    indexes = [None if e.index is None else index_dir / e.index for e in manifest.shards]
     total = sum(e.bytes for e in manifest.shards)
     lock = threading.Lock()
     with tqdm(total=total, desc="verify", unit="B", unit_scale=True, disable=not progress) as bar, \

@@ -1,7 +1,10 @@
 """Plans -> augmenter (DALI or pillow) -> PyTorch: rank sharding, seeded epochs, exact resume, bad samples skipped.
 
 What is guaranteed (same manifest, batch size, world size and seed):
-- An epoch is a seeded permutation of every sample in the manifest, new each epoch. Rank r takes
+- An epoch is a seeded permutation of every sample in the manifest, new each epoch; of several
+  manifests with upsampling factors, a seeded permutation of their weighted union
+  (pipeline/mixture.py), with every guarantee below, and `samples_by_source` counts what each
+  rank was handed from each source. Rank r takes
   the r-th of `world_size` equal slices, so the ranks together see each sample at most once per
   epoch (exactly once when the sample count divides evenly), and every rank yields the same
   number of batches: `steps_per_epoch = (N // world_size) // batch_size`, N from the manifest.
@@ -73,11 +76,13 @@ from pipeline.captions import has_visible_text
 from pipeline.jpeg_check import jpeg_problem
 from pipeline.labelled import LabelledSet
 from pipeline.manifest import Manifest
+from pipeline.mixture import Mixture, concat_tables
 from pipeline.plan import BatchPlan
 from pipeline.rand_augment import draw_rand_augment
 from pipeline.recipe import AugmentationRecipe
 from pipeline.shards import MAX_IMAGE_BYTES, SampleReader, build_sample_table
 from pipeline.view_params import sample_views
+from pipeline.webp_header import webp_size
 
 CAPTION_MODES = ("random", "reference", "title", "description", "txt")
 DECODABLE = {"JPEG", "PNG", "WEBP", "BMP", "TIFF"}
@@ -85,12 +90,13 @@ MAX_REPLACEMENT_TRIES = 64
 
 
 class SLIPLoader:
-    def __init__(self, manifest: Manifest | LabelledSet, recipe: AugmentationRecipe, batch_size: int,
+    def __init__(self, manifest: Manifest | list[Manifest] | LabelledSet, recipe: AugmentationRecipe, batch_size: int,
                  tokenizer: Callable | None,
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2, device: str = "cpu",
                  device_id: int | None = None, caption_mode: str = "random", prefetch: int = 2,
                  context_length: int = 77, max_image_pixels: int = 40_000_000, fp16: bool = False,
-                 backend: str = "dali", batch_transform: Callable[[dict], dict] | None = None):
+                 backend: str = "dali", batch_transform: Callable[[dict], dict] | None = None,
+                 weights: list[float] | None = None):
         check_backend(backend, device)
         if caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode {caption_mode!r}: choose one of {', '.join(CAPTION_MODES)}")
@@ -104,10 +110,16 @@ class SLIPLoader:
         self.batch_transform = batch_transform
         # pretraining reads a built shard set (image + caption); finetuning a labelled set (image + label)
         self.labelled = manifest if isinstance(manifest, LabelledSet) else None
+        self.sources = [] if self.labelled is not None else manifest if isinstance(manifest, list) else [manifest]
         if self.labelled is None:
-            self.table = build_sample_table(manifest)
+            tables = [build_sample_table(m) for m in self.sources]
+            self.table = concat_tables(tables)
             self.reader = SampleReader(self.table)
-        self.num_samples = len(self.labelled if self.labelled is not None else self.table)
+            self.mixture = Mixture(tuple(len(t) for t in tables), tuple(weights or [1.0] * len(tables)))
+        else:
+            self.mixture = Mixture((len(self.labelled),), (1.0,))
+        self.samples_by_source = np.zeros(len(self.mixture.sizes), np.int64)
+        self.num_samples = len(self.mixture)
         self.per_rank = self.num_samples // world_size
         self.steps_per_epoch = self.per_rank // batch_size
         # consumer position: the next batch handed out is (epoch, step)
@@ -119,13 +131,21 @@ class SLIPLoader:
         self._orders: dict[int, np.ndarray] = {}
         self._augmenter: Augmenter | None = None
 
+    @property
+    def source_names(self) -> list[str]:
+        """One name per source (its manifest's; repeated names numbered), for per-source metrics."""
+        names = [m.name for m in self.sources] or ["train"]
+        return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
     # ------------------------------------------------------------------ sample order
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This rank's samples of `epoch`, in order (global sample indices)."""
         order = self._orders.get(epoch)
         if order is None:
-            perm = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.num_samples)
+            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+            perm = rng.permutation(self.num_samples) if self.mixture.trivial else \
+                rng.permutation(self.mixture.epoch_samples(self.seed, epoch))
             order = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
             self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
             self._orders[epoch] = order
@@ -152,13 +172,17 @@ class SLIPLoader:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                warnings.filterwarnings("ignore", "image file could not be identified because WEBP")   # read below
                 img = Image.open(io.BytesIO(data))
                 w, h = img.size
                 fmt = img.format
         except Image.DecompressionBombError:    # a header claiming far more pixels than PIL allows
             return None, "too_large"
         except Exception:   # PIL raises many types for garbage; all mean "not an image"
-            return None, "not_an_image"
+            size = webp_size(data)      # unless it is a WebP, which this Pillow cannot open but DALI decodes
+            if size is None:
+                return None, "not_an_image"
+            (w, h), fmt = size, "WEBP"
         if fmt not in DECODABLE:
             return None, "unsupported_format"
         if w * h > self.max_image_pixels:
@@ -170,18 +194,26 @@ class SLIPLoader:
         return data, (h, w)
 
     def _caption(self, i: int, u: float) -> str | None:
-        """The sample's caption under `caption_mode`; u ~ U[0, 1) picks title or description."""
+        """The sample's caption from what its source has; u ~ U[0, 1) makes the draw. YFCC (title and
+        description): `caption_mode` picks; COCO (`captions`, five to seven): one drawn per step in
+        every mode but "txt"; others: their one caption (txt, else the json's `caption`)."""
         meta = self.reader.meta(i)
-        title = desc = ""
+        title = desc = caption = ""
+        captions: list[str] = []
         if meta is not None:
             try:
                 d = json.loads(meta)
                 title, desc = (d.get("title") or "").strip(), (d.get("description") or "").strip()
+                caption = d.get("caption") if isinstance(d.get("caption"), str) else ""
+                if isinstance(d.get("captions"), list):
+                    captions = [c.strip() for c in d["captions"] if isinstance(c, str) and has_visible_text(c)]
             except (ValueError, AttributeError, TypeError, RecursionError):   # not usable metadata
                 pass
             title = title if has_visible_text(title) else ""
             desc = desc if has_visible_text(desc) else ""
         mode = self.caption_mode
+        if captions and mode != "txt":
+            return captions[min(int(u * len(captions)), len(captions) - 1)]
         if mode in ("random", "reference") and (title or desc):
             if mode == "reference":        # the SLIP reference: a coin flip, even onto an empty field
                 return title if u < 0.5 else desc
@@ -193,7 +225,8 @@ class SLIPLoader:
             return desc
         text = self.reader.text(i)
         text = text.decode("utf-8", "replace").strip() if text is not None else ""
-        return (text if has_visible_text(text) else "") or title or desc or None
+        caption = caption.strip() if has_visible_text(caption) else ""
+        return (text if has_visible_text(text) else "") or title or desc or caption or None
 
     def _sample(self, i: int, u: float) -> tuple[bytes, tuple[int, int], str | int] | str:
         """The sample's image, its size and caption (its label in a labelled set), or the reason it is unusable."""
@@ -347,7 +380,8 @@ class SLIPLoader:
     def __iter__(self) -> Iterator[dict]:
         """The remaining batches of the current epoch; afterwards the loader is at the next epoch."""
         if self.steps_per_epoch == 0:
-            name = self.labelled.location if self.labelled is not None else self.manifest.source or self.manifest.name
+            name = self.labelled.location if self.labelled is not None else \
+                " + ".join(str(m.source or m.name) for m in self.sources)
             raise ValueError(f"{name}: {self.num_samples} samples make no "
                              f"batch of {self.batch_size} on each of {self.world_size} ranks")
         epoch = self.epoch
@@ -367,6 +401,8 @@ class SLIPLoader:
             out["bad_samples"] = bad
             self.bad_samples += bad
             self.bad_reasons.update(plan.bad)
+            self.samples_by_source += np.bincount(self.mixture.source_of(plan.indices),
+                                                  minlength=len(self.samples_by_source))
             self.epoch, self.step = self._next_position(self.epoch, self.step)
             yield self.batch_transform(out) if self.batch_transform is not None else out
 
@@ -375,7 +411,8 @@ class SLIPLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "num_samples": self.num_samples,
                 "batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
-                "bad_samples": self.bad_samples, "bad_reasons": dict(self.bad_reasons)}
+                "bad_samples": self.bad_samples, "bad_reasons": dict(self.bad_reasons),
+                "samples_by_source": self.samples_by_source.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         same = all(state.get(k) == getattr(self, k) for k in ("seed", "num_samples", "batch_size", "world_size"))
@@ -389,4 +426,7 @@ class SLIPLoader:
         self.epoch, self.step = epoch, step
         self.bad_samples = int(state.get("bad_samples", 0))
         self.bad_reasons = collections.Counter(state.get("bad_reasons", {}))
+        by_source = state.get("samples_by_source")
+        if isinstance(by_source, list) and len(by_source) == len(self.samples_by_source):
+            self.samples_by_source = np.asarray(by_source, np.int64)
         self._stop()    # restart the plans at the restored position

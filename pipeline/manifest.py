@@ -11,6 +11,9 @@ and every shard is there; otherwise a `ShardError` that lists what is missing. A
 reads some shards from one place and the rest from the other, and a copied shard set with a
 shard missing fails instead of silently reading the original.
 
+Indexes are relative to the shard directory, or to `index_root` when a manifest made by
+tools/index_shards.py keeps them elsewhere (`--index-dir`).
+
 A manifest may come from anyone, so every entry is checked in form when it is made or loaded
 (`ShardError` naming the entry): shard and index paths are relative and stay inside the shard
 directory (no absolute path, no `..`), checksums are 64 lowercase hex digits, counts are
@@ -60,18 +63,18 @@ def _check_sha256(value, what: str, optional: bool = False) -> None:
         raise ShardError(f"{what} {value!r}: expected a sha256 of 64 lowercase hex digits")
 
 
-def _check_bad_samples(value) -> None:
+def _check_bad_samples(value, what: str = "bad_samples") -> None:
     if value is None:
         return
     if not isinstance(value, list):
-        raise ShardError(f"bad_samples {value!r}: expected a list or null")
+        raise ShardError(f"{what} {value!r}: expected a list or null")
     for rec in value:
         if not isinstance(rec, dict):
-            raise ShardError(f"bad_samples entry {rec!r}: expected an object")
-        _check_count(rec.get("position"), "bad_samples position")
+            raise ShardError(f"{what} entry {rec!r}: expected an object")
+        _check_count(rec.get("position"), f"{what} position")
         for key in ("key", "reason", "detail"):
             if rec.get(key) is not None and not isinstance(rec[key], str):
-                raise ShardError(f"bad_samples {key} {rec[key]!r}: expected a string")
+                raise ShardError(f"{what} {key} {rec[key]!r}: expected a string")
 
 
 @dataclass
@@ -87,6 +90,10 @@ class ShardEntry:
     # samples whose image failed verification at build time: {"position": n-th sample of the tar,
     # "key": its key, "reason": ..., "detail": ...}; [] = all verified, None = not verified
     bad_samples: list[dict] | None = None
+    # samples of the tar left out of its index by tools/index_shards.py (no image, no caption, an
+    # image that does not parse, a repeated key): {"position": n-th sample of the whole tar, "key",
+    # "reason", "detail"}; `samples` and the index then count only the others. None: none left out.
+    excluded: list[dict] | None = None
 
     def __post_init__(self):
         check_relative_path(self.path, "shard path")
@@ -98,6 +105,7 @@ class ShardEntry:
         _check_sha256(self.sha256, "sha256")
         _check_sha256(self.index_sha256, "index_sha256", optional=True)
         _check_bad_samples(self.bad_samples)
+        _check_bad_samples(self.excluded, "excluded")
 
 
 @dataclass
@@ -107,6 +115,12 @@ class Manifest:
     shards: list[ShardEntry]
     stats: dict = field(default_factory=dict)    # build statistics (rows read, failures by reason...)
     source: Path | None = None                   # where this manifest was read from
+    # absolute directory the `index` paths are relative to when the indexes are kept away from the
+    # shards (tools/index_shards.py --index-dir); None: beside the shards, in the shard directory
+    index_root: str | None = None
+    # what a sample's caption can come from ("txt", and the json fields "title", "description",
+    # "captions"...); None: not recorded (manifests made before it)
+    caption_fields: list[str] | None = None
 
     @property
     def total_samples(self) -> int:
@@ -145,17 +159,21 @@ class Manifest:
         d = self.shard_dir()
         if any(s.index is None for s in self.shards):
             return None
-        return [d / s.index for s in self.shards]
+        where = Path(self.index_root) if self.index_root is not None else d
+        return [where / s.index for s in self.shards]
 
     def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "root": self.root,
+        d = {"name": self.name, "root": self.root}
+        for key in ("index_root", "caption_fields"):     # only when recorded: older manifests keep their bytes
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        d.update({
             "total_samples": self.total_samples,
             "num_shards": len(self.shards),
-            "shards": [vars(s) for s in self.shards],
+            "shards": [{k: v for k, v in vars(s).items() if k != "excluded" or v is not None} for s in self.shards],
             "stats": self.stats,
-        }
+        })
+        return d
 
 
 def _listing(paths: list[Path]) -> str:
@@ -178,6 +196,12 @@ def load_manifest(path: str | Path) -> Manifest:
         if not isinstance(d.get("name"), str) or not isinstance(d.get("root"), str):
             raise TypeError("name and root must be strings")
         stats = d.get("stats", {})
+        index_root, caption_fields = d.get("index_root"), d.get("caption_fields")
+        if index_root is not None and (not isinstance(index_root, str) or not index_root.startswith("/")):
+            raise TypeError(f"index_root {index_root!r} must be an absolute directory")
+        if caption_fields is not None and (not isinstance(caption_fields, list)
+                                           or not all(isinstance(f, str) for f in caption_fields)):
+            raise TypeError(f"caption_fields {caption_fields!r} must be a list of names")
         shards = []
         for n, s in enumerate(d["shards"]):
             try:
@@ -185,7 +209,7 @@ def load_manifest(path: str | Path) -> Manifest:
             except ShardError as e:
                 raise ShardError(f"{path}: shard {n}: {e}") from None
         return Manifest(name=d["name"], root=d["root"], shards=shards, stats=stats if isinstance(stats, dict) else {},
-                        source=path)
+                        source=path, index_root=index_root, caption_fields=caption_fields)
     except ShardError:
         raise
     except (KeyError, TypeError) as e:

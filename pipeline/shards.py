@@ -18,6 +18,7 @@ sample as bad.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -90,16 +91,28 @@ def index_members(line: str) -> list[tuple[int, int, str]]:
     return [(int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f) - 3, 4)]
 
 
-# webdataset's naming rule: the key is the member's path up to the first dot of its file name, the
-# extension everything after that dot ("a/0001.seg.png" -> "a/0001", "seg.png"). A file name
-# without a dot, or starting with one, belongs to no sample.
-_MEMBER_NAME = re.compile(r"((?:.*/)?[^.]+)\.([^/]*)")
+@functools.cache
+def _webdataset_split() -> Callable[[str], tuple[str | None, str | None]]:
+    # imported on first use: webdataset imports torch, which a builder process has no other need of
+    try:
+        from webdataset.tariterators import base_plus_ext
+        return base_plus_ext
+    except ImportError:      # a bare GPU machine (tools/gpu_report.py): webdataset 0.2's own rule, restated
+        return _base_plus_ext
+
+
+def _base_plus_ext(path: str) -> tuple[str | None, str | None]:
+    m = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", path)
+    return (m.group(1), m.group(2)) if m else (None, None)
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
-    """(key, extension) of a tar member name as webdataset splits it, or None for no sample."""
-    m = _MEMBER_NAME.fullmatch(name)
-    return (m.group(1), m.group(2)) if m else None
+    """(key, extension) of a tar member name, split by webdataset's own function (the key is the
+    path up to the first dot of the file name: "a/0001.seg.png" -> "a/0001", "seg.png"), so a tar
+    reads the same here as in OpenCLIP; None for a name that belongs to no sample (no dot, or a
+    file name starting with one)."""
+    key, ext = _webdataset_split()(name)
+    return None if key is None else (key, ext)
 
 
 def iter_tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
@@ -216,6 +229,37 @@ def _index_key(line: str) -> str | None:
     return split[0] if split else None
 
 
+def _without_excluded(entry: ShardEntry, tar: Path, samples: list[Components],
+                      keys: list[str]) -> tuple[list[Components], list[str]]:
+    """A scanned tar's samples less those its indexing left out (`ShardEntry.excluded`), so a tar
+    read without its index yields what the index lists; each left-out sample must still be where
+    it was recorded."""
+    if not entry.excluded:
+        return samples, keys
+    drop = set()
+    for rec in entry.excluded:
+        pos = int(rec["position"])
+        if pos >= len(keys) or (rec.get("key") is not None and keys[pos] != rec["key"]):
+            raise ShardError(f"{tar}: the manifest's left-out sample {rec.get('key')!r} is not sample {pos} of the "
+                             "tar (rewritten since it was indexed); run tools/index_shards.py again")
+        drop.add(pos)
+    keep = [i for i in range(len(keys)) if i not in drop]
+    return [samples[i] for i in keep], [keys[i] for i in keep]
+
+
+def index_line(members: list[tuple[str, int, int, str]]) -> str:
+    """One sample's line of a wds2idx v1.2 index: `ext offset size name` per component."""
+    return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in members)
+
+
+def write_index_lines(idx: Path, lines: list[str]) -> None:
+    """A wds2idx v1.2 index of the given sample lines (some samples of a tar may be left out: the
+    loader and DALI's reader then read only those listed), written atomically."""
+    idx.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(idx) as tmp:
+        tmp.write_text(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
+
+
 def read_index(idx: Path, tar_bytes: int) -> bytes:
     """The bytes of an index file, refused (ShardError) before reading when it is not a regular file
     or is larger than its tar could need (`MAX_INDEX_BYTES` at most)."""
@@ -248,7 +292,7 @@ def build_sample_table(manifest: Manifest) -> SampleTable:
             _check_index(entry, tar, idx, raw, lines)
             key_at = lambda pos, lines=lines: _index_key(lines[pos + 1])  # noqa: E731
         else:
-            samples, keys = scan_tar(tar)
+            samples, keys = _without_excluded(entry, tar, *scan_tar(tar))
             key_at = keys.__getitem__
         if len(samples) != entry.samples:
             raise ShardError(f"{tar}: {len(samples)} samples, the manifest says {entry.samples}")

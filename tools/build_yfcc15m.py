@@ -16,7 +16,6 @@ limited to `--max-download-bytes` of body and `--max-download-seconds` in all.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -26,25 +25,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from pipeline.build import BuildConfig, BuildError, build  # noqa: E402
 from pipeline.build_lock import BuildLock  # noqa: E402
-from pipeline.distributed_download import DISTRIBUTORS  # noqa: E402
+from pipeline.build_options import add_build_options, build_config  # noqa: E402
 from pipeline.manifest import ShardError  # noqa: E402
 from pipeline.metadata import InputError  # noqa: E402
 from pipeline.cli import report, run_main  # noqa: E402
-
-# BuildConfig fields exposed as --flags (name -> help)
-OPTIONS = {
-    "name": "manifest name (<manifest-dir>/<name>.json)", "manifest_dir": "where <name>.json goes",
-    "url_template": "image URL: {hash} {hash[0:3]} {photoid} {ext} or {download_url} (column 16)",
-    "limit": "keep at most N rows (trial builds)", "sample_fraction": "keep this deterministic fraction of photos",
-    "max_caption_chars": "cut longer titles/descriptions", "processes": "img2dataset processes",
-    "threads": "img2dataset threads per process", "image_size": "resize target (px)",
-    "resize_mode": "no | border | keep_ratio | keep_ratio_largest | center_crop", "encode_quality": "JPEG quality",
-    "shard_size": "samples per shard", "timeout": "download timeout (s)", "retries": "download retries",
-    "max_image_pixels": "reject images with more pixels (decompression bombs)",
-    "max_download_bytes": "a larger download is a failure", "max_download_seconds": "a slower download is a failure",
-    "distributor": "where the downloads run: multiprocessing (this machine) | ray (a cluster, README 'Many machines')",
-    "ray_address": "with --distributor ray: auto (the cluster `ray start` began on this machine) or HOST:PORT",
-}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,16 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subset", type=Path, help="yfcc100m_subset_data.tsv (plain/.bz2)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--no-progress", action="store_true")
-    defaults = {f.name: f for f in dataclasses.fields(BuildConfig)}
-    for name, help_ in OPTIONS.items():
-        f = defaults[name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        typ = {"limit": int, "manifest_dir": Path}.get(name, type(default))
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"{help_} (default {default})",
-                       choices=DISTRIBUTORS if name == "distributor" else None)
-    p.add_argument("--no-resize-only-if-bigger", action="store_true", help="also upscale small images")
-    p.add_argument("--allow-private-network", action="store_true",
-                   help="also fetch from loopback, private, link-local... addresses (never non-http URLs)")
+    add_build_options(p)
     g = p.add_argument_group("demo")
     g.add_argument("--demo", action="store_true", help="generate and build the synthetic demo data set")
     g.add_argument("--demo-samples", type=int, default=4000)
@@ -77,11 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(a: argparse.Namespace, **fixed) -> BuildConfig:
-    kw = {k: getattr(a, k) for k in OPTIONS if getattr(a, k) is not None}
-    kw.update(fixed)
-    kw.setdefault("allow_private_network", a.allow_private_network)
-    return BuildConfig(metadata=kw.pop("metadata", a.metadata), subset=kw.pop("subset", a.subset), out=a.out,
-                       progress=not a.no_progress, resize_only_if_bigger=not a.no_resize_only_if_bigger, **kw)
+    fixed.setdefault("metadata", a.metadata)
+    fixed.setdefault("subset", a.subset)
+    return build_config(a, **fixed)
 
 
 def run_demo(a: argparse.Namespace):

@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class DataConfig:
-    manifest: str = ""                 # result manifest json of a shard build (pipeline/manifest.py)
+    # result manifest json of a shard build (pipeline/manifest.py), or a list of them to train on
+    # their mixture, each with its upsampling factor in `weights` (pipeline/mixture.py)
+    manifest: str | list[str] = ""
+    weights: list[float] | None = None   # per manifest: 1 = each sample once an epoch, 0.5 = a fresh half
     # finetuning (objective.name=classification): labelled sets, ImageFolder or labelled shards
     train: str = ""
     val: str = ""
@@ -39,6 +42,15 @@ class DataConfig:
             raise ValueError("batch_size must be >= 1")
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if isinstance(self.manifest, list) and not self.manifest:
+            raise ValueError("manifest: an empty list; give one manifest or several")
+        if self.weights is not None and not all(w > 0 for w in self.weights):
+            raise ValueError(f"weights must all be > 0 (an upsampling factor per manifest), got {self.weights}")
+
+    @property
+    def manifests(self) -> list[str]:
+        """The manifest paths, one or several."""
+        return list(self.manifest) if isinstance(self.manifest, list) else [self.manifest] if self.manifest else []
 
 
 def data_placement(data_device: str, backend: str, device: torch.device,
@@ -53,7 +65,7 @@ def data_placement(data_device: str, backend: str, device: torch.device,
     return "gpu", cuda_device_index(device if device.type == "cuda" else torch.device("cuda"), current)
 
 
-def build_loader(cfg: RunConfig, manifest: Manifest | LabelledSet, device: torch.device, rank: int = 0,
+def build_loader(cfg: RunConfig, manifest: Manifest | list[Manifest] | LabelledSet, device: torch.device, rank: int = 0,
                  world: int = 1) -> SLIPLoader:
     """This rank's loader over a shard set (pretraining) or a labelled set (finetuning); DALI augments
     on the training device unless told otherwise."""
@@ -62,7 +74,8 @@ def build_loader(cfg: RunConfig, manifest: Manifest | LabelledSet, device: torch
     data_device, device_id = data_placement(cfg.data.device, cfg.data.backend, device)
     return SLIPLoader(manifest, cfg.data.recipe, cfg.data.batch_size, Tokenizer(), rank=rank, world_size=world,
                       seed=cfg.train.seed, num_threads=cfg.data.num_threads, device=data_device,
-                      device_id=device_id, caption_mode=cfg.data.caption_mode, backend=cfg.data.backend)
+                      device_id=device_id, caption_mode=cfg.data.caption_mode, backend=cfg.data.backend,
+                      weights=cfg.data.weights)
 
 
 def endless(loader) -> Iterator[dict]:

@@ -20,7 +20,7 @@ from trainer.loop import Components
 from trainer.models import build_model
 from trainer.objectives import build_objective
 from trainer.optim import WarmupCosine, build_optimizer
-from trainer.resume import manifest_sha256
+from trainer.resume import manifests_sha256
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -72,10 +72,14 @@ def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components
                 raise ConfigError(f"model.init_from: {e}") from None
             if rank == 0:
                 print("\n".join(lines), flush=True)
-        try:
-            data = load_manifest(cfg.data.manifest)
-        except ValueError as e:
-            raise ConfigError(f"data.manifest: {e}") from None
+        data = []
+        for path in cfg.data.manifests:
+            try:
+                data.append(load_manifest(path))
+            except ValueError as e:
+                raise ConfigError(f"data.manifest: {e}") from None
+        if not data:
+            raise ConfigError("data.manifest: no manifest given (a shard build's manifest json, or a list of them)")
         group_options = {}
     model.to(device)
     objective = build_objective(cfg.objective)
@@ -113,7 +117,7 @@ def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components
                       total_steps=min(total_steps, cfg.optim.max_steps or total_steps),
                       flops_per_sample=train_flops, peak_flops=peak,
                       evaluate=finetune.evaluate if finetune else make_train_hook(cfg),
-                      manifest_sha256=None if finetune else manifest_sha256(cfg.data.manifest),
+                      manifest_sha256=None if finetune else manifests_sha256(cfg.data.manifests),
                       on_device=finetune.on_device if finetune else None,
                       eval_every_steps=(finetune.eval_every_epochs * steps_per_epoch) if finetune else None)
 

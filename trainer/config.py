@@ -181,10 +181,11 @@ def _float_strings(obj: Any) -> Any:
     return obj
 
 
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Written atomically: a reader sees the previous file or the complete new one."""
+def save_config(cfg: RunConfig, path: str | Path, header: str = "") -> None:
+    """Written atomically: a reader sees the previous file or the complete new one. `header`:
+    comment lines put first (the trainer records each data source's checksum there)."""
     with atomic_output(path) as tmp:
-        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        tmp.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _non_finite(cfg: Any, where: str = "") -> tuple[str, float] | None:
@@ -223,6 +224,9 @@ def check_values(cfg: RunConfig) -> None:
 def check_consistency(cfg: RunConfig) -> None:
     """Cross-section rules the per-field types cannot express, after `check_values`."""
     check_values(cfg)
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.manifests):
+        raise ConfigError(f"data.weights: {len(cfg.data.weights)} given for {len(cfg.data.manifests)} manifest(s) "
+                          "in data.manifest (one upsampling factor per manifest)")
     if cfg.data.recipe.image_size != cfg.model.image_size:
         raise ConfigError(f"data.recipe.image_size={cfg.data.recipe.image_size} differs from "
                           f"model.image_size={cfg.model.image_size}")

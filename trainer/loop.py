@@ -386,11 +386,24 @@ class Trainer:
         bad = getattr(c.loader, "bad_samples", None)
         if isinstance(bad, int):
             rec["bad_samples"] = bad
+        rec.update(self._samples_by_source())
         self.metrics.log(st.step, rec)
         for mod, message, fraction in self.collapse_watch.check(usage):
             self.metrics.event(st.step, "nclip_usage", message, modality=mod, fraction=fraction)
         speed.restart()
         return rec["loss"]
+
+    def _samples_by_source(self) -> dict[str, int]:
+        """Samples handed out so far per data source, summed over ranks ("samples_seen/<name>"),
+        when the run reads several sources."""
+        c = self.c
+        names, counts = getattr(c.loader, "source_names", None), getattr(c.loader, "samples_by_source", None)
+        if not names or counts is None or len(names) < 2:
+            return {}
+        vec = torch.tensor(counts, dtype=torch.int64, device=c.device)    # a copy: the all-reduce is in place
+        if c.world_size > 1:
+            dist.all_reduce(vec)
+        return {f"samples_seen/{n}": int(v) for n, v in zip(names, vec.tolist())}
 
     def _global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         names = sorted(values)

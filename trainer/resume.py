@@ -24,7 +24,10 @@ These take effect; the trainer re-derives the schedule from the epochs done (tra
 Any other difference changes what is trained (model, objective, data, optimizer, schedule length,
 seed) and is refused with the keys named, unless `--allow-config-change` names them. The data set
 is compared by the sha256 of its manifest file (key `data.manifest`, whatever its path), so a
-rebuilt data set with the same sample count is refused too.
+rebuilt data set with the same sample count is refused too. A run on several manifests (a
+mixture) stores the list of their checksums: resuming with another set, another order, or a
+rebuilt member is refused naming which manifest is missing, new or changed (the weights are a
+configuration key like any other).
 """
 from __future__ import annotations
 
@@ -108,6 +111,34 @@ def manifest_sha256(path: str | Path) -> str | None:
     return h.hexdigest()
 
 
+def manifests_sha256(paths: list[str]) -> str | list[str | None] | None:
+    """What a checkpoint records of the data: one manifest's sha256, or the list of several's."""
+    sums = [manifest_sha256(p) for p in paths]
+    return sums[0] if len(sums) == 1 else sums
+
+
+def _source_difference(saved_sha: str | list, saved_paths, now_paths: list[str]) -> str | None:
+    """None when the manifests now are the saved ones (by checksum, in order); else what differs,
+    each manifest named by its file name and checksum."""
+    saved = saved_sha if isinstance(saved_sha, list) else [saved_sha]
+    now = [manifest_sha256(p) for p in now_paths]
+    if len(now) == 1 and len(saved) == 1:
+        if now[0] is None or now[0] == saved[0]:
+            return None
+        return (f"manifest sha256 {saved[0][:12]}... -> {now[0][:12]}...: the data set was rebuilt or replaced")
+    if now == saved or None in now:          # an unreadable manifest is reported by the loader
+        return None
+    if not isinstance(saved_paths, list) or len(saved_paths) != len(saved):
+        saved_paths = [f"manifest {i}" for i in range(len(saved))]
+    label = lambda path, sha: f"{Path(str(path)).name} ({str(sha)[:12]}...)"  # noqa: E731
+    gone = [label(p, h) for p, h in zip(saved_paths, saved) if h not in now]
+    new = [label(p, h) for p, h in zip(now_paths, now) if h not in saved]
+    parts = ([f"missing now: {', '.join(gone)}"] if gone else []) + ([f"new: {', '.join(new)}"] if new else [])
+    if not parts:
+        parts = ["the same manifests in another order (sample indices change)"]
+    return f"the training sources differ: {'; '.join(parts)}"
+
+
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -122,10 +153,11 @@ def refused_changes(state: dict, cfg: RunConfig, allow: tuple[str, ...] = ()) ->
         refused = [f"{k} ({_short(a)} -> {_short(b)})"
                    for k, (a, b) in config_differences(state["config"], cfg).items() if not covered(k, exempt)]
     if saved_sha and not covered(MANIFEST_KEY, allow):
-        now = manifest_sha256(cfg.data.manifest)
-        if now is not None and now != saved_sha:
-            refused.append(f"{MANIFEST_KEY} (manifest sha256 {saved_sha[:12]}... -> {now[:12]}...: "
-                           "the data set was rebuilt or replaced)")
+        saved_paths = (state.get("config") or {}).get("data", {}).get("manifest") if isinstance(
+            state.get("config"), dict) else None
+        differs = _source_difference(saved_sha, saved_paths, cfg.data.manifests)
+        if differs is not None:
+            refused.append(f"{MANIFEST_KEY} ({differs})")
     return refused
 
 

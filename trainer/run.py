@@ -4,6 +4,7 @@
     python trainer/run.py --config trainer/configs/demo_slip.yaml out_dir=runs/x optim.lr=1e-3
     torchrun --nproc_per_node 8 trainer/run.py --config trainer/configs/slip_vit_b16.yaml
     srun python trainer/run.py --config ...            # rank/world size from the SLURM environment
+    python trainer/run.py --config ... data.manifest=[a.json,b.json] data.weights=[1,0.5]   # a mixture (docs/DATASETS.md)
 
 Resume rules (details: trainer/resume.py, trainer/loop.py):
 - An out_dir holding checkpoints is resumed from its newest checkpoint that verifies (a damaged
@@ -60,6 +61,16 @@ def _verification_line(manifest: str) -> str:
     return f"shards last verified {v.verified_at}: {v.shards} shards, {state}"
 
 
+def _sources_comment(cfg, sums) -> str:
+    """The saved config's record of the data: every manifest with its sha256 (what a resume checks)."""
+    if cfg.data.train or sums is None:
+        return ""
+    sums = sums if isinstance(sums, list) else [sums]
+    weights = cfg.data.weights or [1.0] * len(sums)
+    return "".join(f"# data source: {path} sha256 {sha} weight {w:g}\n"
+                   for path, sha, w in zip(cfg.data.manifests, sums, weights))
+
+
 def _error(rank: int, error: BaseException, code: int, kind: str = "error", message: str | None = None) -> int:
     """One line from rank 0 (pipeline/cli.py: another rank's own failure too; the traceback under SLIP_DEBUG=1)."""
     return report(error, code, kind, rank, message)
@@ -90,13 +101,14 @@ def main(argv=None) -> int:
             if rank == 0:
                 print(f"resumed from {choice.path} at step {trainer.state.step}", flush=True)
         if rank == 0:
-            save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+            save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"), _sources_comment(cfg, c.manifest_sha256))
             n_params = sum(p.numel() for p in c.model.parameters())
             print(f"{cfg.objective.name}: {n_params / 1e6:.1f}M parameters, {c.world_size} rank(s) on {c.device}, "
                   f"global batch {cfg.data.batch_size * cfg.optim.accum_steps * c.world_size}, "
                   f"{trainer.end_step} steps, out {cfg.out_dir}", flush=True)
-            if cfg.data.manifest and not cfg.data.train:
-                print(_verification_line(cfg.data.manifest), flush=True)
+            if not cfg.data.train:
+                for manifest in cfg.data.manifests:
+                    print(_verification_line(manifest), flush=True)
         trainer.fit()
     except ConfigError as e:
         return _error(rank, e, 2, kind="config error")
