@@ -5,6 +5,9 @@
     python tools/evaluate.py --config trainer/configs/demo_slip.yaml --random-init --data DIR --out r.json
     python tools/evaluate.py --checkpoint X.pt --data /data/glue/STS-B/dev.tsv --tasks sts --out sts.json
     python tools/evaluate.py --checkpoint X.pt --data /data/glue/SST-2 --tasks text_probe --out sst2.json
+    # a suite (trainer/configs/eval/): many datasets x many checkpoints and the random baseline
+    python tools/evaluate.py --suite trainer/configs/eval/imagenet_ood.yaml --root /data/eval \
+        --checkpoint runs/clip/checkpoints/last.pt runs/slip/checkpoints/last.pt --random-init --out results/
 
 The model configuration is `--config` if given, else the one stored in the checkpoint, else the
 run's saved `config.yaml` (next to `checkpoints/`). Images are prepared as the run's recipe says. `--data` is an evaluation directory (train/ + val/ + classnames.json +
@@ -15,6 +18,13 @@ A CLIP-benchmark webdataset folder (`classnames.txt`, `zeroshot_classification_t
 `test/nshards.txt` + shards) is read as it is published. The text tasks (`sts`: a GLUE STS-B TSV;
 `text_probe`: a GLUE single-sentence folder with train.tsv and dev.tsv) judge the text tower alone
 (trainer/evaluation/text.py).
+
+Suite mode (`--suite FILE --root DIR`, trainer/evaluation/suite.py): `--out` is a folder that
+receives results.json (one record per model x dataset x task x metric), results.md (a table per
+task: a row per model, a column per dataset, the average) and results.png, and keeps every model's
+encodings under cache/ keyed by the weights' content, so rerunning a killed run recomputes nothing
+already written. Each checkpoint uses its own run configuration; `--random-init` adds the untrained
+baseline with `--config`'s architecture, else the first checkpoint's.
 """
 from __future__ import annotations
 
@@ -38,12 +48,16 @@ from pipeline.cli import report, run_main
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="trainer checkpoint (.pt)")
-    src.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised model (baseline)")
-    p.add_argument("--config", help="run config YAML (default: the run's saved config.yaml)")
-    p.add_argument("--data", required=True, help="evaluation dir, ImageFolder dir or shard dir/glob")
-    p.add_argument("--out", help="results JSON (default: print only)")
+    p.add_argument("--checkpoint", nargs="+", help="trainer checkpoint(s) (.pt); several only with --suite")
+    p.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised model (baseline)")
+    p.add_argument("--config", help="run config YAML (default: the run's saved config.yaml); with --suite, the "
+                                    "--random-init model's")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="evaluation dir, ImageFolder dir, shard dir/glob, CLIP-benchmark folder, "
+                                     "GLUE TSV or folder")
+    what.add_argument("--suite", help="suite YAML (trainer/configs/eval/*.yaml): many datasets, under --root")
+    p.add_argument("--root", help="with --suite: the folder the suite's dataset paths are relative to")
+    p.add_argument("--out", help="results JSON (default: print only); with --suite a folder (required)")
     p.add_argument("--tasks", default=",".join(TASKS),
                    help=f"comma-separated subset of {','.join(TASKS)}, or of the text tasks {','.join(TEXT_TASKS)}")
     p.add_argument("--classnames", help="JSON list of class names (default: the data's classnames.json)")
@@ -55,7 +69,17 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="initialisation seed for --random-init")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # resume tests: SIGKILL this process once that many suite cache files are written
+    p.add_argument("--debug-sigkill-after-cache-writes", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not args.checkpoint and not args.random_init:
+        p.error("give --checkpoint, --random-init, or both (with --suite)")
+    if args.data and (args.random_init and args.checkpoint or len(args.checkpoint or ()) > 1):
+        p.error("--data evaluates one model: one --checkpoint or --random-init (several: use --suite)")
+    if args.suite and not (args.root and args.out):
+        p.error("--suite needs --root (where its datasets live) and --out (a results folder)")
+    return args
 
 
 def main(argv=None) -> int:
@@ -72,21 +96,28 @@ def random_model(run_cfg: RunConfig, seed: int, device: str) -> torch.nn.Module:
     return build_model(run_cfg.model, run_cfg.objective.name).to(device).eval()
 
 
+def check_checkpoint_file(path: str) -> None:
+    if Path(path).exists() and not is_regular(path):
+        # a FIFO or device named like a checkpoint would block or never end
+        raise CheckpointError(f"{path}: not a regular file; refused as a checkpoint")
+
+
 def evaluate(args) -> int:
-    if not glob.has_magic(args.data) and not Path(args.data).exists():   # before any model is built
-        raise FileNotFoundError(f"--data {args.data}: no such file or directory")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.suite:
+        return evaluate_suite(args)
+    if not glob.has_magic(args.data) and not Path(args.data).exists():   # before any model is built
+        raise FileNotFoundError(f"--data {args.data}: no such file or directory")
     if args.random_init and not args.config:
         sys.exit("--random-init needs --config (the model to initialise)")
-    if args.checkpoint and Path(args.checkpoint).exists() and not is_regular(args.checkpoint):
-        # a FIFO or device named like a checkpoint would block or never end
-        raise CheckpointError(f"{args.checkpoint}: not a regular file; refused as a checkpoint")
     t0 = time.time()
     if args.random_init:
         run_cfg = load_config(args.config)
         model = random_model(run_cfg, args.seed, args.device)
     else:
+        args.checkpoint = args.checkpoint[0]
+        check_checkpoint_file(args.checkpoint)
         model, run_cfg = load_model(args.checkpoint, args.config, args.device)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if set(tasks) & set(TEXT_TASKS):
@@ -139,6 +170,44 @@ def evaluate_text(args, model, run_cfg: RunConfig, tasks: tuple[str, ...], t0: f
     if "text_probe" in results:
         short["text_probe_top1"] = {f: round(results["text_probe"][f]["top1"], 2) for f in ("embed", "eot")}
     print(json.dumps({"checkpoint": results["checkpoint"], **short, "out": args.out}, indent=1))
+    return 0
+
+
+def evaluate_suite(args) -> int:
+    """Every checkpoint (and the random baseline) on every dataset of the suite: results folder."""
+    from trainer.dataclass_io import to_dict
+    from trainer.evaluation.cache import model_key
+    from trainer.evaluation.suite import load_suite
+    from trainer.evaluation.suite_report import markdown, write_outputs
+    from trainer.evaluation.suite_run import SuiteModel, run_suite
+    t0 = time.time()
+    suite = load_suite(args.suite)
+    if not Path(args.root).is_dir():
+        raise FileNotFoundError(f"--root {args.root}: no such directory")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: with --suite, --out is a folder")
+    names = list(args.checkpoint or [])
+    if len(set(names)) != len(names):
+        raise ValueError("--checkpoint: the same checkpoint is named twice")
+    models = []
+
+    def add(name, model, run_cfg):
+        key = model_key(model, {"model": to_dict(run_cfg.model), "objective": run_cfg.objective.name})
+        models.append(SuiteModel(name, model, run_cfg, key))
+
+    for path in names:
+        check_checkpoint_file(path)
+        add(path, *load_model(path, None, args.device))
+    if args.random_init:
+        run_cfg = load_config(args.config) if args.config else models[0].run_cfg
+        add("random-init", random_model(run_cfg, args.seed, args.device), run_cfg)
+    results = run_suite(suite, args.root, models, args.out, progress=not args.no_progress,
+                        sigkill_after_writes=args.debug_sigkill_after_cache_writes)
+    results.update(suite=str(args.suite), root=str(args.root), seconds=round(time.time() - t0, 2))
+    title = f"{Path(args.suite).stem}: {suite.description}" if suite.description else Path(args.suite).stem
+    paths = write_outputs(results, args.out, title)
+    print(markdown(results, title))
+    print(json.dumps(paths, indent=1))
     return 0
 
 

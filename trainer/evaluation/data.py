@@ -170,10 +170,29 @@ def _read_json_list(path: Path, what: str) -> list[str]:
     return value
 
 
+def read_list(path: str | Path, what: str) -> list[str]:
+    """A list of class names or templates given by the user or shipped in the repository: a JSON list
+    (`.json`), else a text file with one item a line, where lines starting with `#` are comments
+    (the shipped lists name their sources that way)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return _read_json_list(path, what)
+    items = [line for line in read_lines(path, what) if not line.startswith("#")]
+    if not items:
+        raise ValueError(f"{path}: no {what}")
+    return items
+
+
+def prompt_templates(templates: list[str]) -> list[str]:
+    """Templates with the class as `{}` (the CLIP benchmark writes `{c}`)."""
+    return [t.replace("{c}", "{}") for t in templates]
+
+
 def find_classnames(root: Path, explicit: str | None = None) -> list[str] | None:
-    """classnames.json given explicitly, or in `root` or its parent (demo layout), else None."""
+    """class names given explicitly (read_list), or classnames.json in `root` or its parent (demo
+    layout), else None."""
     if explicit:
-        return _read_json_list(Path(explicit), "class names")
+        return read_list(explicit, "class names")
     for cand in (root / "classnames.json", root.parent / "classnames.json"):
         if cand.is_file():
             return _read_json_list(cand, "class names")
@@ -335,12 +354,12 @@ class EvalData:
         """A CLIP-benchmark webdataset folder, read as published: `test/` evaluated, `train/` (if
         there) for the probe; its class names and `{c}` templates unless files are given."""
         bad = BadImages()
-        names = _read_json_list(Path(classnames), "class names") if classnames else \
+        names = read_list(classnames, "class names") if classnames else \
             read_lines(root / CLIP_BENCHMARK_CLASSES, "class names")
         if templates:
-            prompts = _read_json_list(Path(templates), "templates")
+            prompts = prompt_templates(read_list(templates, "templates"))
         elif (root / CLIP_BENCHMARK_TEMPLATES).is_file():
-            prompts = [t.replace("{c}", "{}") for t in read_lines(root / CLIP_BENCHMARK_TEMPLATES, "templates")]
+            prompts = prompt_templates(read_lines(root / CLIP_BENCHMARK_TEMPLATES, "templates"))
         else:
             prompts = imagenet_templates()
         test = LabelledSplit(root / "test", webdataset_samples(split_shards(root / "test"), bad), names)
@@ -377,7 +396,7 @@ class EvalData:
             if split is not None:
                 split.drop_unknown_labels(len(test.classnames), bad)
         tpl = Path(templates) if templates else root / "templates.json"
-        prompts = _read_json_list(tpl, "templates") if (templates or tpl.is_file()) else imagenet_templates()
+        prompts = prompt_templates(read_list(tpl, "templates")) if (templates or tpl.is_file()) else imagenet_templates()
         cap = root / "val_captions.jsonl"
         captions = read_captions(cap, root, bad) if cap.is_file() else None
         return cls(str(location), root, test, train, test.classnames, prompts, captions, bad)

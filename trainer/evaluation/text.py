@@ -17,7 +17,6 @@ end-of-text token. Only the text tower runs; images are never touched.
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +25,7 @@ import torch
 
 from pipeline.regular_files import read_regular
 from trainer.evaluation.probe import LinearProbeConfig, linear_probe
+from trainer.evaluation.ranks import rankdata, spearman  # noqa: F401  (rankdata: part of this module's interface)
 
 TEXT_TASKS = ("sts", "text_probe")
 FEATURES = ("embed", "eot")
@@ -52,27 +52,6 @@ def read_tsv(path: Path, columns: tuple[str, ...]) -> tuple[list[tuple[str, ...]
             continue
         rows.append(tuple(fields[i] for i in where))
     return rows, bad
-
-
-def rankdata(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties getting the average of the ranks they span (scipy's 'average')."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), np.float64)
-    sorted_values = values[order]
-    start = 0
-    for end in range(1, len(values) + 1):
-        if end == len(values) or sorted_values[end] != sorted_values[start]:
-            ranks[order[start:end]] = (start + end + 1) / 2      # mean of ranks start+1 .. end
-            start = end
-    return ranks
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rank correlation: Pearson's correlation of the (average) ranks."""
-    rx, ry = rankdata(np.asarray(x, np.float64)), rankdata(np.asarray(y, np.float64))
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denominator = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
-    return float((rx * ry).sum() / denominator) if denominator else float("nan")
 
 
 def text_features(model, tokenizer: Callable, sentences: list[str], batch_size: int) -> dict[str, torch.Tensor]:

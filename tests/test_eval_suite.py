@@ -1,0 +1,188 @@
+"""Suite mode of tools/evaluate.py: many datasets x many checkpoints and the random baseline, one
+table; a missing dataset skipped; a killed run resumed from its cache; out-of-domain label maps."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval_testing import write_clip_benchmark, write_image_folder
+from trainer.config import load_config
+from trainer.dataclass_io import ConfigError, to_dict
+from trainer.evaluation import EvalConfig, Evaluator, EvalTransform, zero_shot_classifier
+from trainer.evaluation.ranks import roc_auc
+from trainer.evaluation.suite import DatasetSpec, LabelSpace, load_suite, open_dataset
+from trainer.models import ModelConfig, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = """\
+description: two datasets, one missing
+batch_size: 16
+datasets:
+  - name: pets
+    path: wds_pets
+    tasks: [zeroshot, linear_probe]
+    metric: mean_per_class
+  - name: cars
+    path: wds_cars
+    tasks: [zeroshot]
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A root with one CLIP-benchmark dataset (the suite's other one is missing), a CLIP and a SLIP
+    checkpoint of the tiny model (run config stored inside), and the suite file."""
+    tmp = tmp_path_factory.mktemp("suite")
+    write_clip_benchmark(tmp / "root" / "wds_pets", ["cat", "dog", "bird"], test=(2, 6), train=(1, 9))
+    checkpoints = []
+    for seed, objective in enumerate(("clip", "slip")):
+        cfg = load_config(None, ["model.preset=vit_tiny", f"objective.name={objective}",
+                                 "data.recipe.image_size=64", "eval.batch_size=16"])
+        torch.manual_seed(seed + 1)              # not the random baseline's seed 0
+        model = build_model(cfg.model, objective)
+        path = tmp / objective / "last.pt"
+        path.parent.mkdir()
+        torch.save({"model": model.state_dict(), "step": 1, "config": to_dict(cfg)}, path)
+        checkpoints.append(str(path))
+    (tmp / "suite.yaml").write_text(SUITE)
+    return tmp, checkpoints
+
+
+def run_suite(tmp: Path, checkpoints: list[str], out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/evaluate.py", "--suite", str(tmp / "suite.yaml"), "--root",
+                           str(tmp / "root"), "--checkpoint", *checkpoints, "--random-init", "--out", str(out),
+                           "--threads", "1", "--device", "cpu", "--no-progress", *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    tmp, checkpoints = setup
+    proc = run_suite(tmp, checkpoints, tmp / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "out"
+
+
+def test_a_suite_runs_every_model_on_the_datasets_present(setup, full_run):
+    tmp, checkpoints = setup
+    results = json.loads((full_run / "results.json").read_text())
+    assert results["datasets"] == [
+        {"dataset": "pets", "status": "evaluated", "path": str(tmp / "root" / "wds_pets")},
+        {"dataset": "cars", "status": "skipped", "path": str(tmp / "root" / "wds_cars"),
+         "reason": f"not found: {tmp / 'root' / 'wds_cars'}"}]
+    models = [*checkpoints, "random-init"]
+    assert [m["name"] for m in results["models"]] == models
+    assert results["models"][2]["objective"] == "clip"       # the first checkpoint's architecture
+    assert len({m["model_key"] for m in results["models"]}) == 3
+    records = results["records"]
+    for model in models:
+        for task, n in (("zeroshot", 12), ("linear_probe", 12)):
+            mine = {r["metric"]: r for r in records if r["model"] == model and r["task"] == task}
+            assert set(mine) == {"top1", "top5", "mean_per_class", "top1_top5_mean"}
+            assert [m for m, r in mine.items() if r["headline"]] == ["mean_per_class"]
+            assert all(r["dataset"] == "pets" and r["num_samples"] == n and r["bad_images"] == 0
+                       for r in mine.values())
+    table = results["tables"]["zeroshot"]
+    assert table["datasets"] == ["pets"] and set(table["rows"]) == set(models)
+    md = (full_run / "results.md").read_text()
+    for model in models:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {model} |"))
+        assert len(row.split("|")) == 5          # model, pets, average
+    assert f"- cars: not found: {tmp / 'root' / 'wds_cars'}" in md
+    assert (full_run / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_killed_suite_run_resumes_from_its_cache(setup, full_run):
+    tmp, checkpoints = setup
+    out = tmp / "killed"
+    proc = run_suite(tmp, checkpoints, out, "--debug-sigkill-after-cache-writes", "1")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    written = list((out / "cache").rglob("*.pt"))
+    assert len(written) == 1 and not (out / "results.json").exists()
+    before = written[0].stat().st_mtime_ns
+    proc = run_suite(tmp, checkpoints, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert written[0].stat().st_mtime_ns == before          # loaded, not recomputed
+    assert len(list((out / "cache").rglob("*.pt"))) > 1
+    assert (out / "results.md").read_text() == (full_run / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["records"] == \
+        json.loads((full_run / "results.json").read_text())["records"]
+
+
+def test_suite_files_are_checked_with_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SUITE.replace("metric: mean_per_class", "metric: top3"))
+    with pytest.raises(ConfigError, match=r"bad.yaml:7: datasets\[0\].metric: expected one of"):
+        load_suite(bad)
+    bad.write_text(SUITE.replace("[zeroshot]", "[zeroshot, sts]"))
+    with pytest.raises(ConfigError, match="text tasks and image tasks"):
+        load_suite(bad)
+
+
+# ------------------------------------------------------------------ out-of-domain label maps
+
+PARENT_NAMES = ["tench", "goldfish", "shark", "hen", "ostrich", "kite"]
+PARENT_WNIDS = ["n01440764", "n01443537", "n01484850", "n01514859", "n01518878", "n01530575"]
+SUBSET = ["n01443537", "n01514859", "n01530575"]            # goldfish, hen, kite: sorted as in the parent
+
+
+def test_an_out_of_domain_set_scored_through_its_subset_map_equals_its_subset_names(tmp_path):
+    """The same images as (a) folders named by WordNet ID, with one class outside the subset,
+    (b) a CLIP-benchmark copy whose labels index the subset, (c) folders named by the subset's class
+    names: one set of scores. The subset's classifier is the subset rows of the parent's."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for name, items in (("names.txt", PARENT_NAMES), ("wnids.txt", PARENT_WNIDS), ("subset.txt", SUBSET)):
+        (lists / name).write_text("# test lists\n" + "\n".join(items) + "\n")
+    space = dict(parent_classnames=str(lists / "names.txt"), parent_wnids=str(lists / "wnids.txt"),
+                 subset=str(lists / "subset.txt"))
+    names = ["goldfish", "hen", "kite"]
+    by_wnid = write_image_folder(tmp_path / "r_wnid", [*SUBSET, "n01440764"])
+    by_name = write_image_folder(tmp_path / "r_names", names)
+    (by_name / "classnames.json").write_text(json.dumps(names))
+    templates = tmp_path / "templates.json"
+    templates.write_text(json.dumps(["a photo of a {}."]))
+
+    datasets = {
+        "wnid": open_dataset(DatasetSpec("r", str(by_wnid), templates=str(templates),
+                                         labels=LabelSpace(**space, stored="folder_wnid"))),
+        "names": open_dataset(DatasetSpec("r", str(by_name), templates=str(templates)))}
+    assert datasets["wnid"].classnames == names
+    assert [s.label for s in datasets["wnid"].test.samples] == [s.label for s in datasets["names"].test.samples]
+    assert len(datasets["wnid"].bad.items) == 3 and "n01440764" in datasets["wnid"].bad.items[0]
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("vit_tiny"), "clip").eval()
+    from pipeline.tokenizer import Tokenizer
+    tokenizer = Tokenizer()
+    scores = {k: Evaluator(EvalConfig(data=str(d.location), tasks=("zeroshot",), batch_size=16),
+                           EvalTransform(64), tokenizer, progress=False, data=d)(model)["zeroshot"]
+              for k, d in datasets.items()}
+    assert scores["wnid"]["num_classes"] == 3 and scores["wnid"]["num_images"] == 9
+    for key in ("top1_correct", "top1", "top5", "mean_per_class"):
+        assert scores["wnid"][key] == scores["names"][key]
+    parent = zero_shot_classifier(model, tokenizer, PARENT_NAMES, ["a photo of a {}."])
+    subset = zero_shot_classifier(model, tokenizer, names, ["a photo of a {}."])
+    assert torch.allclose(parent[[1, 3, 5]], subset, atol=1e-6)
+
+    # a CLIP-benchmark copy (labels already index the subset) is mapped once, not twice
+    cb = write_clip_benchmark(tmp_path / "wds_r", names, test=(1, 9), train=None)
+    mapped = open_dataset(DatasetSpec("r", str(cb), labels=LabelSpace(**space, stored="subset_index")))
+    assert mapped.classnames == names and [s.label for s in mapped.test.samples] == [k % 3 for k in range(9)]
+    with pytest.raises(ValueError, match="subset_index but the dataset has 6 classes and the subset 3"):
+        open_dataset(DatasetSpec("r", str(write_clip_benchmark(tmp_path / "wds_6", PARENT_NAMES, (1, 6), None)),
+                                 labels=LabelSpace(**space, stored="subset_index")))
+    parent_index = open_dataset(DatasetSpec("r", str(tmp_path / "wds_6"), labels=LabelSpace(**space)))
+    assert [s.label for s in parent_index.test.samples] == [0, 1, 2]      # parent 1, 3, 5 of 0..5
+    assert len(parent_index.bad.items) == 3
+
+
+def test_roc_auc_counts_pairs_and_half_ties():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 60).astype(float)
+    positive = rng.random(60) < 0.4
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in scores[positive] for n in scores[~positive]]
+    assert roc_auc(scores, positive) == pytest.approx(np.mean(pairs), abs=1e-12)
