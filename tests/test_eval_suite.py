@@ -186,3 +186,43 @@ def test_roc_auc_counts_pairs_and_half_ties():
     positive = rng.random(60) < 0.4
     pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in scores[positive] for n in scores[~positive]]
     assert roc_auc(scores, positive) == pytest.approx(np.mean(pairs), abs=1e-12)
+
+
+# ------------------------------------------------------------------ the shipped suites
+
+EVAL_CONFIGS = ROOT / "trainer" / "configs" / "eval"
+
+
+def test_the_shipped_suites_load_and_their_lists_name_their_sources():
+    suites = {p.stem: load_suite(p) for p in sorted(EVAL_CONFIGS.glob("*.yaml"))}
+    assert set(suites) == {"slip_zeroshot", "imagenet", "imagenet_ood"}
+    for path in (EVAL_CONFIGS / "lists").rglob("*.txt"):
+        assert any(line.startswith("# Source: ") for line in path.read_text().splitlines()[:4]), path
+    slip = {d.name: d for d in suites["slip_zeroshot"].datasets}
+    assert len(slip) == 26 and list(slip)[-1] == "imagenet"
+    assert {n: d.metric for n, d in slip.items() if d.metric != "top1"} == {
+        "aircraft": "mean_per_class", "pets": "mean_per_class", "caltech101": "mean_per_class",
+        "flowers": "mean_per_class", "kinetics700_frames": "top1_top5_mean", "hateful_memes": "roc_auc"}
+    from trainer.evaluation import imagenet_classnames, imagenet_templates
+    from trainer.evaluation.data import read_list
+    from trainer.evaluation.suite import subset_names
+    assert read_list(slip["imagenet"].templates, "templates") == imagenet_templates()
+    ood = {d.name: d for d in suites["imagenet_ood"].datasets}
+    sizes = {n: len(subset_names(d.labels)[0]) for n, d in ood.items()}
+    assert sizes == {"imagenet-v2": 1000, "imagenet-sketch": 1000, "imagenet-r": 200, "imagenet-a": 200}
+    assert subset_names(ood["imagenet-v2"].labels)[0] == imagenet_classnames()
+    assert subset_names(ood["imagenet-a"].labels)[0][:3] == ["stingray", "goldfinch", "junco"]
+
+
+def test_sorted_class_folders_index_a_shipped_list(tmp_path):
+    """The SLIP reference's ImageFolder copies: the i-th folder in sorted order is class i of its list."""
+    names = tmp_path / "names.txt"
+    names.write_text("# Source: a test\nzebra\napple\n")
+    root = write_image_folder(tmp_path / "val", ["1_first", "0_second"], per_class=2)
+    data = open_dataset(DatasetSpec("x", str(root), classnames=str(names), folders="sorted"))
+    assert data.classnames == ["zebra", "apple"]
+    assert [(Path(s.name).parent.name, s.label) for s in data.test.samples] == \
+        [("0_second", 0), ("0_second", 0), ("1_first", 1), ("1_first", 1)]
+    names.write_text("zebra\napple\npear\n")
+    with pytest.raises(ValueError, match="2 class folders but .* has 3 class names"):
+        open_dataset(DatasetSpec("x", str(root), classnames=str(names), folders="sorted"))

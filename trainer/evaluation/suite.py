@@ -28,7 +28,7 @@ from typing import Literal
 
 from trainer.dataclass_io import ConfigError, from_dict
 from trainer.evaluation.config import TASKS, LinearProbeConfig
-from trainer.evaluation.data import BadImages, EvalData, read_list
+from trainer.evaluation.data import CLIP_BENCHMARK_CLASSES, BadImages, EvalData, read_lines, read_list
 from trainer.evaluation.text import TEXT_TASKS
 
 # The number a dataset's table shows (SPEC: the SLIP battery's metrics); every metric is recorded.
@@ -54,6 +54,9 @@ class DatasetSpec:
     templates: str | None = None           # list file with {} or {c}; None = the dataset's own, else ImageNet's 7
     metric: Literal[METRICS] = "top1"
     labels: LabelSpace | None = None       # out-of-domain sets: their map into a parent label set
+    # An ImageFolder's class folders: "names" = named by the class names; "sorted" = the i-th folder in
+    # sorted order is class i of `classnames` (torchvision's ImageFolder, the SLIP reference's layout)
+    folders: Literal["names", "sorted"] = "names"
 
     def __post_init__(self):
         known = TASKS + TEXT_TASKS
@@ -66,6 +69,8 @@ class DatasetSpec:
         if self.labels is not None and self.classnames is not None:
             raise ValueError("classnames: a dataset with a label space is scored with the parent's names; "
                              "give one or the other")
+        if self.folders == "sorted" and self.classnames is None:
+            raise ValueError("folders: sorted needs the classnames list the sorted folders index")
 
     @property
     def text(self) -> bool:
@@ -170,6 +175,24 @@ def apply_label_space(data: EvalData, space: LabelSpace) -> EvalData:
 
 
 def open_dataset(spec: DatasetSpec) -> EvalData:
-    """An image dataset of the suite, opened at its resolved `spec.path`, label space applied."""
+    """An image dataset of the suite, opened at its resolved `spec.path`, label space applied. A
+    class-name list given for a dataset that has its own (`classnames.txt` of the CLIP benchmark)
+    must have as many names: a list in another label order would score silently wrong."""
+    location = Path(spec.path)
+    if spec.folders == "sorted":
+        names = read_list(spec.classnames, "class names")
+        data = EvalData.open(spec.path, None, spec.templates)
+        if len(data.classnames) != len(names):
+            raise ValueError(f"{location}: {len(data.classnames)} class folders but {spec.classnames} has "
+                             f"{len(names)} class names")
+        for split in (data.test, data.train):
+            if split is not None:
+                split.classnames = names
+        return dataclasses.replace(data, classnames=names)
+    own = location / CLIP_BENCHMARK_CLASSES
+    if spec.classnames is not None and own.is_file():
+        theirs, ours = read_lines(own, "class names"), read_list(spec.classnames, "class names")
+        if len(theirs) != len(ours):
+            raise ValueError(f"{own} has {len(theirs)} class names but {spec.classnames} has {len(ours)}")
     data = EvalData.open(spec.path, spec.classnames, spec.templates)
     return apply_label_space(data, spec.labels) if spec.labels is not None else data
