@@ -143,3 +143,19 @@ def test_text_tasks_on_a_simclr_model_are_one_line(glue, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "simclr: the model has no text tower" in lines[0]
+
+
+def test_a_long_sentence_keeps_its_end_of_text_feature():
+    """Text-task features are taken at the end-of-text token, which truncation keeps in the last slot."""
+    from pipeline.tokenizer import Tokenizer
+    from trainer.evaluation.text import text_features
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("vit_tiny"), "clip").eval()
+    long = " ".join(WORDS * 10)                      # far more than 77 tokens
+    got = text_features(model, Tokenizer(), [long], batch_size=4)
+    tokens = Tokenizer()([long])
+    with torch.no_grad():
+        x = model.text.token_embedding(tokens) + model.text.positional_embedding
+        last = model.text.ln_final(model.text.transformer(x))[0, 76]
+    assert torch.allclose(got["eot"][0], last, atol=1e-5)
+    assert torch.allclose(got["embed"][0], last @ model.text_projection, atol=1e-5)

@@ -29,6 +29,9 @@ datasets:
   - name: cars
     path: wds_cars
     tasks: [zeroshot]
+  - name: sts-b
+    path: glue/sts.tsv
+    tasks: [sts]
 """
 
 
@@ -38,8 +41,12 @@ def setup(tmp_path_factory):
     checkpoint of the tiny model (run config stored inside), and the suite file."""
     tmp = tmp_path_factory.mktemp("suite")
     write_clip_benchmark(tmp / "root" / "wds_pets", ["cat", "dog", "bird"], test=(2, 6), train=(1, 9))
+    (tmp / "root" / "glue").mkdir()
+    rows = [f"{i}\ta small {w} photo\ta {'small' if i % 2 else 'large'} {w} photo\t{i % 2 * 4.0}"
+            for i, w in enumerate(["cat", "dog", "bird", "tree", "car", "house", "boat", "cup"])]
+    (tmp / "root" / "glue" / "sts.tsv").write_text("index\tsentence1\tsentence2\tscore\n" + "\n".join(rows) + "\n")
     checkpoints = []
-    for seed, objective in enumerate(("clip", "slip")):
+    for seed, objective in enumerate(("clip", "slip", "simclr")):
         cfg = load_config(None, ["model.preset=vit_tiny", f"objective.name={objective}",
                                  "data.recipe.image_size=64", "eval.batch_size=16"])
         torch.manual_seed(seed + 1)              # not the random baseline's seed 0
@@ -73,14 +80,23 @@ def test_a_suite_runs_every_model_on_the_datasets_present(setup, full_run):
     assert results["datasets"] == [
         {"dataset": "pets", "status": "evaluated", "path": str(tmp / "root" / "wds_pets")},
         {"dataset": "cars", "status": "skipped", "path": str(tmp / "root" / "wds_cars"),
-         "reason": f"not found: {tmp / 'root' / 'wds_cars'}"}]
+         "reason": f"not found: {tmp / 'root' / 'wds_cars'}"},
+        {"dataset": "sts-b", "status": "evaluated", "path": str(tmp / "root" / "glue" / "sts.tsv")}]
     models = [*checkpoints, "random-init"]
     assert [m["name"] for m in results["models"]] == models
-    assert results["models"][2]["objective"] == "clip"       # the first checkpoint's architecture
-    assert len({m["model_key"] for m in results["models"]}) == 3
+    assert results["models"][3]["objective"] == "clip"       # the first checkpoint's architecture
+    assert len({m["model_key"] for m in results["models"]}) == 4
     records = results["records"]
+    simclr = [r for r in records if r["model"] == checkpoints[2] and r["task"] in ("zeroshot", "sts")]
+    assert [(r["task"], r["status"]) for r in simclr] == [("zeroshot", "not applicable"), ("sts", "not applicable")]
     for model in models:
+        if model != checkpoints[2]:
+            sts = {r["metric"]: r for r in records if r["model"] == model and r["task"] == "sts"}
+            assert set(sts) == {"spearman_embed", "spearman_eot"} and sts["spearman_embed"]["headline"]
+            assert all(r["num_samples"] == 8 and r["ci95"][0] <= r["value"] <= r["ci95"][1] for r in sts.values())
         for task, n in (("zeroshot", 12), ("linear_probe", 12)):
+            if model == checkpoints[2] and task == "zeroshot":
+                continue
             mine = {r["metric"]: r for r in records if r["model"] == model and r["task"] == task}
             assert set(mine) == {"top1", "top5", "mean_per_class", "top1_top5_mean"}
             assert [m for m, r in mine.items() if r["headline"]] == ["mean_per_class"]
@@ -89,9 +105,11 @@ def test_a_suite_runs_every_model_on_the_datasets_present(setup, full_run):
     table = results["tables"]["zeroshot"]
     assert table["datasets"] == ["pets"] and set(table["rows"]) == set(models)
     md = (full_run / "results.md").read_text()
+    assert md.count("| *metric* | mean_per_class |") == 2 and "| *metric* | spearman_embed |" in md
     for model in models:
-        row = next(line for line in md.splitlines() if line.startswith(f"| {model} |"))
-        assert len(row.split("|")) == 5          # model, pets, average
+        rows = [line for line in md.splitlines() if line.startswith(f"| {model} |")]
+        assert len(rows) == 3 and all(len(row.split("|")) == 5 for row in rows)   # model, one dataset, average
+    assert f"| {checkpoints[2]} | n/a | n/a |" in md
     assert f"- cars: not found: {tmp / 'root' / 'wds_cars'}" in md
     assert (full_run / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -64,9 +64,8 @@ def chart(results: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tabs = tables(results)
-    fig, axes = plt.subplots(len(tabs) or 1, 1, figsize=(max(6, 1.2 * max([len(t["datasets"]) for t in tabs.values()]
-                                                                              + [1]) + 3), 3.2 * max(1, len(tabs))),
-                             squeeze=False)
+    widest = max([len(t["datasets"]) for t in tabs.values()] + [1])
+    fig, axes = plt.subplots(max(1, len(tabs)), 1, figsize=(1.2 * widest + 8, 3.2 * max(1, len(tabs))), squeeze=False)
     for ax, (task, t) in zip(axes[:, 0], tabs.items()):
         cols = t["datasets"] + ["average"]
         width = 0.8 / max(1, len(t["rows"]))
@@ -75,7 +74,7 @@ def chart(results: dict, path: Path, title: str) -> None:
             ax.bar([x + i * width for x in range(len(cols))], ys, width, label=model)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cols))], cols, rotation=30, ha="right")
         ax.set_title(TASK_TITLES.get(task, task))
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(title)
     fig.tight_layout()
     with atomic_output(path) as tmp:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.regular_files import read_regular
+from trainer.evaluation.features import tokenize
 from trainer.evaluation.probe import LinearProbeConfig, linear_probe
 from trainer.evaluation.ranks import rankdata, spearman  # noqa: F401  (rankdata: part of this module's interface)
 
@@ -60,7 +61,7 @@ def text_features(model, tokenizer: Callable, sentences: list[str], batch_size: 
     out = {name: [] for name in FEATURES}
     with torch.no_grad():
         for i in range(0, len(sentences), batch_size):
-            tokens = tokenizer(sentences[i:i + batch_size]).to(device)
+            tokens = tokenize(model, tokenizer, sentences[i:i + batch_size]).to(device)
             out["embed"].append(model.encode_text(tokens, normalize=False).float().cpu())
             out["eot"].append(model.text(tokens).float().cpu())
     return {name: torch.cat(parts) if parts else torch.empty(0) for name, parts in out.items()}
