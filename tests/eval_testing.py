@@ -58,3 +58,18 @@ def write_image_folder(root: Path, folders: list[str], per_class: int = 3) -> Pa
         for k in range(per_class):
             (root / folder / f"{k}.jpg").write_bytes(encoded(i, 1000 + i * per_class + k, "jpg"))
     return root
+
+
+def write_clip_benchmark_retrieval(root: Path, images: int = 6, captions_per_image: int = 2) -> Path:
+    """A CLIP-benchmark retrieval folder: dataset_type.txt, test/0.tar with an image (webp and jpg
+    alternating) and a `txt` of captions, one a line, per sample."""
+    (root / "test").mkdir(parents=True)
+    (root / "dataset_type.txt").write_text("retrieval\n")
+    with tarfile.open(root / "test" / "0.tar", "w") as tar:
+        for k in range(images):
+            ext = "webp" if k % 2 == 0 else "jpg"
+            member(tar, f"s{k:07d}.{ext}", encoded(k, k, ext))
+            caps = [f"picture {k} caption {j}" for j in range(captions_per_image)]
+            member(tar, f"s{k:07d}.txt", "\n".join(caps).encode())
+    (root / "test" / "nshards.txt").write_text("1\n")
+    return root

@@ -159,3 +159,21 @@ def test_a_long_sentence_keeps_its_end_of_text_feature():
         last = model.text.ln_final(model.text.transformer(x))[0, 76]
     assert torch.allclose(got["eot"][0], last, atol=1e-5)
     assert torch.allclose(got["embed"][0], last @ model.text_projection, atol=1e-5)
+
+
+def test_a_clip_benchmark_retrieval_folder_is_read_as_published(tmp_path):
+    from eval_testing import write_clip_benchmark_retrieval
+    root = write_clip_benchmark_retrieval(tmp_path / "wds_flickr", images=6, captions_per_image=2)
+    data = EvalData.open(str(root))
+    assert len(data.test.samples) == 6 and len(data.captions) == 12 and not data.bad.items
+    assert data.captions[1] == (Path(data.test.samples[0].name), "picture 0 caption 1")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("vit_tiny"), "clip")
+    cfg = EvalConfig(data=str(root), tasks=("zeroshot", "retrieval"), batch_size=8)
+    results = Evaluator(cfg, EvalTransform(64), progress=False)(model)
+    assert results["skipped"] == {"zeroshot": "no class names (a retrieval set)"}
+    assert results["retrieval"]["num_images"] == 6 and results["retrieval"]["num_captions"] == 12
+    assert results["bad_images"]["count"] == 0
+    (root / "dataset_type.txt").write_text("multilabel\n")
+    with pytest.raises(ValueError, match="dataset type 'multilabel' is not supported"):
+        EvalData.open(str(root))

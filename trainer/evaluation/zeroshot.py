@@ -42,4 +42,8 @@ def evaluate(ctx: EvalContext) -> dict:
     return result
 
 
-TASK = Task("zeroshot", evaluate, image_embed=True, text=True)
+def _no_classes(data) -> str | None:
+    return None if data.classnames else "no class names (a retrieval set)"
+
+
+TASK = Task("zeroshot", evaluate, image_embed=True, text=True, unavailable=_no_classes)
