@@ -244,3 +244,23 @@ def test_sorted_class_folders_index_a_shipped_list(tmp_path):
     names.write_text("zebra\napple\npear\n")
     with pytest.raises(ValueError, match="2 class folders but .* has 3 class names"):
         open_dataset(DatasetSpec("x", str(root), classnames=str(names), folders="sorted"))
+
+
+def test_a_damaged_dataset_fails_alone(tmp_path):
+    from trainer.evaluation.cache import model_key
+    from trainer.evaluation.suite import SuiteConfig
+    from trainer.evaluation.suite_report import markdown
+    from trainer.evaluation.suite_run import SuiteModel, run_suite
+    write_clip_benchmark(tmp_path / "root" / "good", ["cat", "dog", "bird"], test=(1, 6), train=None)
+    write_clip_benchmark(tmp_path / "root" / "damaged", ["cat", "dog", "bird"], test=(2, 3), train=None)
+    (tmp_path / "root" / "damaged" / "test" / "1.tar").unlink()
+    suite = SuiteConfig([DatasetSpec("damaged", "damaged"), DatasetSpec("good", "good")], batch_size=8)
+    cfg = load_config(None, ["model.preset=vit_tiny", "objective.name=clip", "data.recipe.image_size=64"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "clip").eval()
+    results = run_suite(suite, tmp_path / "root", [SuiteModel("m", model, cfg, model_key(model, {}))],
+                        tmp_path / "out", progress=False)
+    assert [(d["dataset"], d["status"]) for d in results["datasets"]] == [("damaged", "failed"), ("good", "evaluated")]
+    assert "test/1.tar: shard 1 of the 2" in results["datasets"][0]["reason"]
+    assert {r["dataset"] for r in results["records"]} == {"good"}
+    assert "- damaged: FileNotFoundError:" in markdown(results, "t")

@@ -58,8 +58,9 @@ def parse_args(argv=None):
     what.add_argument("--suite", help="suite YAML (trainer/configs/eval/*.yaml): many datasets, under --root")
     p.add_argument("--root", help="with --suite: the folder the suite's dataset paths are relative to")
     p.add_argument("--out", help="results JSON (default: print only); with --suite a folder (required)")
-    p.add_argument("--tasks", default=",".join(TASKS),
-                   help=f"comma-separated subset of {','.join(TASKS)}, or of the text tasks {','.join(TEXT_TASKS)}")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated subset of {','.join(TASKS)} (default: all), or of the text tasks "
+                        f"{','.join(TEXT_TASKS)}; --data only (a suite lists each dataset's tasks)")
     p.add_argument("--classnames", help="JSON list of class names (default: the data's classnames.json)")
     p.add_argument("--templates", help="JSON list of prompt templates with {} (default: data's templates.json or ImageNet 7)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
@@ -79,6 +80,13 @@ def parse_args(argv=None):
         p.error("--data evaluates one model: one --checkpoint or --random-init (several: use --suite)")
     if args.suite and not (args.root and args.out):
         p.error("--suite needs --root (where its datasets live) and --out (a results folder)")
+    given = [f"--{n}" for n in ("tasks", "classnames", "templates") if getattr(args, n) is not None]
+    if args.suite and given:
+        p.error(f"{', '.join(given)}: --data only; a suite file lists them per dataset")
+    if args.suite and args.random_init and not (args.config or args.checkpoint):
+        p.error("--random-init needs --config or a --checkpoint (the architecture to initialise)")
+    if args.data and args.tasks is None:
+        args.tasks = ",".join(TASKS)
     return args
 
 
@@ -208,6 +216,11 @@ def evaluate_suite(args) -> int:
     paths = write_outputs(results, args.out, title)
     print(markdown(results, title))
     print(json.dumps(paths, indent=1))
+    failed = [d["dataset"] for d in results["datasets"] if d["status"] == "failed"]
+    if failed:
+        print(f"error: {len(failed)} dataset(s) could not be evaluated ({', '.join(failed)}); the others are "
+              f"in {args.out}", file=sys.stderr)
+        return 1
     return 0
 
 

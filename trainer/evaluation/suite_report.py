@@ -51,9 +51,10 @@ def markdown(results: dict, title: str) -> str:
         for model, row in t["rows"].items():
             lines.append(f"| {model} | " + " | ".join(_cell(row.get(d)) for d in cols) + f" | {_cell(row['average'])} |")
         lines.append("")
-    skipped = [d for d in results["datasets"] if d["status"] == "skipped"]
-    if skipped:
-        lines += ["Skipped:", ""] + [f"- {d['dataset']}: {d['reason']}" for d in skipped] + [""]
+    for status, heading in (("skipped", "Skipped"), ("failed", "Failed")):
+        listed = [d for d in results["datasets"] if d["status"] == status]
+        if listed:
+            lines += [f"{heading}:", ""] + [f"- {d['dataset']}: {d['reason']}" for d in listed] + [""]
     lines.append("n/a: the model cannot do the task (e.g. zero-shot without a text tower).")
     return "\n".join(lines) + "\n"
 

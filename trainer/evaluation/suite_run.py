@@ -2,7 +2,8 @@
 
 Datasets run in the suite's order; each is listed once and evaluated by every model in turn (one
 progress bar per model and split, with rate and ETA). A dataset missing on disk is skipped with the
-path looked for; a task a model cannot do (SimCLR has no text tower) is recorded as not applicable.
+path looked for, one that cannot be read is recorded as failed with its error (the rest run), and a
+task a model cannot do (SimCLR has no text tower) is recorded as not applicable.
 Image encodings and zero-shot classifiers go through a `FeatureCache` under
 `<out>/cache/<model key>/<dataset>/`, so a rerun after a kill recomputes nothing already written.
 The text tasks read small files and are recomputed.
@@ -114,6 +115,19 @@ def _text_results(model: SuiteModel, spec: DatasetSpec, batch: int, suite: Suite
     return results
 
 
+def _evaluate(m: SuiteModel, spec: DatasetSpec, data: EvalData | None, suite: SuiteConfig, out: Path,
+              progress: bool, sigkill_after_writes: int | None) -> dict:
+    batch = suite.batch_size or m.run_cfg.eval.batch_size
+    if spec.text:
+        return _text_results(m, spec, batch, suite)
+    transform = EvalTransform.from_recipe(m.run_cfg.data.recipe)
+    cache = FeatureCache(out / "cache" / m.key[:20] / spec.name, _data_key(spec, data, transform),
+                         sigkill_after_writes)
+    cfg = EvalConfig(data=spec.path, tasks=spec.tasks, batch_size=batch, probe=suite.probe)
+    return Evaluator(cfg, transform, progress=progress, data=data)(m.model, cache=cache,
+                                                                   label=f"{spec.name} [{m.name}] ")
+
+
 def run_suite(suite: SuiteConfig, root: str | Path, models: list[SuiteModel], out: str | Path,
               progress: bool = True, sigkill_after_writes: int | None = None) -> dict:
     """Evaluate `models` on the suite's datasets found under `root`; encodings cached under `out`."""
@@ -127,21 +141,18 @@ def run_suite(suite: SuiteConfig, root: str | Path, models: list[SuiteModel], ou
             print(f"skipped {spec.name}: not found: {location}", flush=True)
             continue
         spec = dataclasses.replace(spec, path=str(location))
+        try:        # a damaged dataset fails alone (its error recorded); the rest run
+            data = None if spec.text else open_dataset(spec)
+            for m in models:
+                runs[m.name][spec.name] = results = _evaluate(m, spec, data, suite, out, progress,
+                                                              sigkill_after_writes)
+                records += _records(m, spec, results)
+        except (ValueError, OSError) as e:
+            statuses.append({"dataset": spec.name, "status": "failed", "path": str(location),
+                             "reason": f"{type(e).__name__}: {e}"})
+            print(f"failed {spec.name}: {type(e).__name__}: {e}", flush=True)
+            continue
         statuses.append({"dataset": spec.name, "status": "evaluated", "path": str(location)})
-        data = None if spec.text else open_dataset(spec)
-        for m in models:
-            batch = suite.batch_size or m.run_cfg.eval.batch_size
-            if spec.text:
-                results = _text_results(m, spec, batch, suite)
-            else:
-                transform = EvalTransform.from_recipe(m.run_cfg.data.recipe)
-                cache = FeatureCache(out / "cache" / m.key[:20] / spec.name, _data_key(spec, data, transform),
-                                     sigkill_after_writes)
-                cfg = EvalConfig(data=str(location), tasks=spec.tasks, batch_size=batch, probe=suite.probe)
-                results = Evaluator(cfg, transform, progress=progress, data=data)(
-                    m.model, cache=cache, label=f"{spec.name} [{m.name}] ")
-            runs[m.name][spec.name] = results
-            records += _records(m, spec, results)
     return {"datasets": statuses, "models": [{"name": m.name, "model_key": m.key,
                                               "objective": m.run_cfg.objective.name, "model": m.run_cfg.model.name}
                                              for m in models],
