@@ -4,7 +4,7 @@ Datasets run in the suite's order; each is listed once and evaluated by every mo
 progress bar per model and split, with rate and ETA). A dataset missing on disk is skipped with the
 path looked for, one that cannot be read is recorded as failed with its error (the rest run), and a
 task a model cannot do (SimCLR has no text tower) is recorded as not applicable.
-Image encodings and zero-shot classifiers go through a `FeatureCache` under
+Image encodings, zero-shot classifiers and linear-probe fits go through a `FeatureCache` under
 `<out>/cache/<model key>/<dataset>/`, so a rerun after a kill recomputes nothing already written.
 The text tasks read small files and are recomputed.
 
@@ -45,12 +45,13 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _data_key(spec: DatasetSpec, data: EvalData, transform: EvalTransform) -> dict:
-    """What a cached encoding of this dataset depends on besides the model's weights."""
+def _data_key(spec: DatasetSpec, data: EvalData, transform: EvalTransform, suite: SuiteConfig) -> dict:
+    """What a cached value of this dataset depends on besides the model's weights."""
     listing = [(s.name, s.label) for split in (data.test, data.train) if split is not None for s in split.samples]
     return {"dataset": to_dict(spec), "transform": [transform.size, transform.resize, transform.mean.flatten().tolist(),
                                                     transform.std.flatten().tolist()],
-            "classnames": _sha(data.classnames), "templates": _sha(data.templates), "samples": _sha(listing)}
+            "classnames": _sha(data.classnames), "templates": _sha(data.templates), "samples": _sha(listing),
+            "captions": _sha([(str(p), c) for p, c in data.captions or ()]), "probe": to_dict(suite.probe)}
 
 
 def _headline(task: str, metric: str) -> str:
@@ -121,7 +122,7 @@ def _evaluate(m: SuiteModel, spec: DatasetSpec, data: EvalData | None, suite: Su
     if spec.text:
         return _text_results(m, spec, batch, suite)
     transform = EvalTransform.from_recipe(m.run_cfg.data.recipe)
-    cache = FeatureCache(out / "cache" / m.key[:20] / spec.name, _data_key(spec, data, transform),
+    cache = FeatureCache(out / "cache" / m.key[:20] / spec.name, _data_key(spec, data, transform, suite),
                          sigkill_after_writes)
     cfg = EvalConfig(data=spec.path, tasks=spec.tasks, batch_size=batch, probe=suite.probe)
     return Evaluator(cfg, transform, progress=progress, data=data)(m.model, cache=cache,
