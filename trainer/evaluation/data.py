@@ -435,7 +435,8 @@ class EvalData:
             if split is not None:
                 split.drop_unknown_labels(len(test.classnames), bad)
         tpl = Path(templates) if templates else root / "templates.json"
-        prompts = prompt_templates(read_list(tpl, "templates")) if (templates or tpl.is_file()) else imagenet_templates()
+        prompts = prompt_templates(read_list(tpl, "templates")) if (templates or tpl.is_file()) \
+            else imagenet_templates()
         cap = root / "val_captions.jsonl"
         captions = read_captions(cap, root, bad) if cap.is_file() else None
         return cls(str(location), root, test, train, test.classnames, prompts, captions, bad)

@@ -12,7 +12,8 @@ from pathlib import Path
 from pipeline.files import atomic_output, write_json_atomic
 
 TASK_TITLES = {"zeroshot": "Zero-shot", "linear_probe": "Linear probe", "retrieval": "Retrieval (mean R@1)",
-               "sts": "STS (Spearman x 100, projected embedding)", "text_probe": "Text probe (top-1, projected embedding)"}
+               "sts": "STS (Spearman x 100, projected embedding)",
+               "text_probe": "Text probe (top-1, projected embedding)"}
 
 
 def tables(results: dict) -> dict[str, dict]:
@@ -49,7 +50,8 @@ def markdown(results: dict, title: str) -> str:
                   "|---|" + "---:|" * (len(cols) + 1),
                   "| *metric* | " + " | ".join(t["metrics"].get(d, "") for d in cols) + " | |"]
         for model, row in t["rows"].items():
-            lines.append(f"| {model} | " + " | ".join(_cell(row.get(d)) for d in cols) + f" | {_cell(row['average'])} |")
+            cells = " | ".join(_cell(row.get(d)) for d in cols)
+            lines.append(f"| {model} | {cells} | {_cell(row['average'])} |")
         lines.append("")
     for status, heading in (("skipped", "Skipped"), ("failed", "Failed")):
         listed = [d for d in results["datasets"] if d["status"] == status]

@@ -142,18 +142,18 @@ def run_suite(suite: SuiteConfig, root: str | Path, models: list[SuiteModel], ou
             print(f"skipped {spec.name}: not found: {location}", flush=True)
             continue
         spec = dataclasses.replace(spec, path=str(location))
-        try:        # a damaged dataset fails alone (its error recorded); the rest run
+        try:        # a damaged dataset fails alone (its error recorded, none of its numbers); the rest run
             data = None if spec.text else open_dataset(spec)
-            for m in models:
-                runs[m.name][spec.name] = results = _evaluate(m, spec, data, suite, out, progress,
-                                                              sigkill_after_writes)
-                records += _records(m, spec, results)
+            done = {m.name: _evaluate(m, spec, data, suite, out, progress, sigkill_after_writes) for m in models}
         except (ValueError, OSError) as e:
             statuses.append({"dataset": spec.name, "status": "failed", "path": str(location),
                              "reason": f"{type(e).__name__}: {e}"})
             print(f"failed {spec.name}: {type(e).__name__}: {e}", flush=True)
             continue
         statuses.append({"dataset": spec.name, "status": "evaluated", "path": str(location)})
+        for m in models:
+            runs[m.name][spec.name] = done[m.name]
+            records += _records(m, spec, done[m.name])
     return {"datasets": statuses, "models": [{"name": m.name, "model_key": m.key,
                                               "objective": m.run_cfg.objective.name, "model": m.run_cfg.model.name}
                                              for m in models],
