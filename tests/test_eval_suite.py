@@ -264,3 +264,23 @@ def test_a_damaged_dataset_fails_alone(tmp_path):
     assert "test/1.tar: shard 1 of the 2" in results["datasets"][0]["reason"]
     assert {r["dataset"] for r in results["records"]} == {"good"}
     assert "- damaged: FileNotFoundError:" in markdown(results, "t")
+
+
+def test_the_shipped_out_of_domain_suite_runs_on_a_clip_benchmark_copy_of_imagenet_r(tmp_path):
+    """imagenet_ood.yaml as shipped: a CLIP-benchmark ImageNet-R copy (200 names, labels 0..199) is
+    scored on the 200 subset classes; the variants not on disk are skipped."""
+    from trainer.evaluation.cache import model_key
+    from trainer.evaluation.suite import subset_names
+    from trainer.evaluation.suite_run import SuiteModel, run_suite
+    suite = load_suite(EVAL_CONFIGS / "imagenet_ood.yaml")
+    names = subset_names(suite.datasets[2].labels)[0]
+    write_clip_benchmark(tmp_path / "root" / "wds_imagenet-r", names, test=(1, 6), train=None)
+    suite.batch_size = 8
+    cfg = load_config(None, ["model.preset=vit_tiny", "objective.name=clip", "data.recipe.image_size=64"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "clip").eval()
+    results = run_suite(suite, tmp_path / "root", [SuiteModel("m", model, cfg, model_key(model, {}))],
+                        tmp_path / "out", progress=False)
+    assert [d["status"] for d in results["datasets"]] == ["skipped", "skipped", "evaluated", "skipped"]
+    zs = results["runs"]["m"]["imagenet-r"]["zeroshot"]
+    assert zs["num_classes"] == 200 and zs["num_images"] == 6 and zs["num_templates"] == 7
