@@ -139,6 +139,37 @@ def test_suite_files_are_checked_with_the_line(tmp_path):
     bad.write_text(SUITE.replace("[zeroshot]", "[zeroshot, sts]"))
     with pytest.raises(ConfigError, match="text tasks and image tasks"):
         load_suite(bad)
+    bad.write_text(SUITE.replace("[sts]", "[sts, text_probe]"))        # a TSV file and a folder: never runnable
+    with pytest.raises(ConfigError, match=r"bad.yaml:11: datasets\[2\].tasks \['sts', 'text_probe'\]: sts \(a TSV"):
+        load_suite(bad)
+    for name in ("../escape", "a/b", "..", ""):                          # the name is a cache folder
+        bad.write_text(SUITE.replace("name: cars", f"name: {name!r}"))
+        with pytest.raises(ConfigError, match=r"bad.yaml:8: datasets\[1\].name .*: one folder name"):
+            load_suite(bad)
+
+
+def test_suite_options_override_the_suite_file_and_root_needs_a_suite(setup):
+    """--batch-size and --probe* replace the suite's batch_size / probe (recorded, and the probe fit
+    with them); --root without --suite is refused with one line."""
+    tmp, checkpoints = setup
+    (tmp / "probe.yaml").write_text("batch_size: 16\ndatasets:\n"
+                                    "  - {name: pets, path: wds_pets, tasks: [linear_probe]}\n")
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--suite", str(tmp / "probe.yaml"), "--root",
+                           str(tmp / "root"), "--checkpoint", checkpoints[0], "--out", str(tmp / "probe_out"),
+                           "--batch-size", "5", "--probe", "sgd", "--probe-epochs", "3", "--probe-lr", "0.05",
+                           "--threads", "1", "--device", "cpu", "--no-progress"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp / "probe_out" / "results.json").read_text())
+    assert results["batch_size"] == 5
+    assert (results["probe"]["solver"], results["probe"]["epochs"], results["probe"]["lr"]) == ("sgd", 3, 0.05)
+    fit = results["runs"][checkpoints[0]]["pets"]["linear_probe"]
+    assert fit["solver"] == "sgd" and fit["epochs"] == 3
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--data", str(tmp / "root" / "wds_pets"),
+                           "--root", str(tmp / "root"), "--checkpoint", checkpoints[0]],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        "--root: --suite only (the folder a suite's dataset paths are relative to)")
 
 
 # ------------------------------------------------------------------ out-of-domain label maps
@@ -197,6 +228,15 @@ def test_an_out_of_domain_set_scored_through_its_subset_map_equals_its_subset_na
     assert [s.label for s in parent_index.test.samples] == [0, 1, 2]      # parent 1, 3, 5 of 0..5
     assert len(parent_index.bad.items) == 3
 
+    # parent_index: the copy must have the parent's class count (a 3-class copy would be scored as 0..2)
+    with pytest.raises(ValueError, match="parent_index but the dataset has 3 classes and the parent 6"):
+        open_dataset(DatasetSpec("r", str(cb), labels=LabelSpace(**space)))
+    # an ImageFolder's labels are sorted folder positions ("10" before "2"): index-stored maps are refused
+    for stored in ("parent_index", "subset_index"):
+        with pytest.raises(ValueError, match=f"sorted folder positions, not {stored} indices"):
+            open_dataset(DatasetSpec("r", str(by_name), templates=str(templates),
+                                     labels=LabelSpace(**space, stored=stored)))
+
 
 def test_roc_auc_counts_pairs_and_half_ties():
     rng = np.random.default_rng(0)
@@ -254,7 +294,8 @@ def test_a_damaged_dataset_fails_alone(tmp_path):
     write_clip_benchmark(tmp_path / "root" / "good", ["cat", "dog", "bird"], test=(1, 6), train=None)
     write_clip_benchmark(tmp_path / "root" / "damaged", ["cat", "dog", "bird"], test=(2, 3), train=None)
     (tmp_path / "root" / "damaged" / "test" / "1.tar").unlink()
-    suite = SuiteConfig([DatasetSpec("damaged", "damaged"), DatasetSpec("good", "good")], batch_size=8)
+    suite = SuiteConfig([DatasetSpec("damaged", "damaged"), DatasetSpec("good", "good", ("zeroshot", "linear_probe"))],
+                        batch_size=8)
     cfg = load_config(None, ["model.preset=vit_tiny", "objective.name=clip", "data.recipe.image_size=64"])
     torch.manual_seed(0)
     model = build_model(cfg.model, "clip").eval()
@@ -263,7 +304,10 @@ def test_a_damaged_dataset_fails_alone(tmp_path):
     assert [(d["dataset"], d["status"]) for d in results["datasets"]] == [("damaged", "failed"), ("good", "evaluated")]
     assert "test/1.tar: shard 1 of the 2" in results["datasets"][0]["reason"]
     assert {r["dataset"] for r in results["records"]} == {"good"}
-    assert "- damaged: FileNotFoundError:" in markdown(results, "t")
+    md = markdown(results, "t")
+    assert "- damaged: FileNotFoundError:" in md
+    # no train split: the probe is skipped, shown apart from what a model cannot do (n/a)
+    assert "| m | — | — |" in md and "—: the dataset cannot serve the task" in md and "n/a" not in md
 
 
 def test_the_shipped_out_of_domain_suite_runs_on_a_clip_benchmark_copy_of_imagenet_r(tmp_path):
@@ -284,3 +328,28 @@ def test_the_shipped_out_of_domain_suite_runs_on_a_clip_benchmark_copy_of_imagen
     assert [d["status"] for d in results["datasets"]] == ["skipped", "skipped", "evaluated", "skipped"]
     zs = results["runs"]["m"]["imagenet-r"]["zeroshot"]
     assert zs["num_classes"] == 200 and zs["num_images"] == 6 and zs["num_templates"] == 7
+
+
+def test_sts_reports_scipys_spearman_of_the_cosine_similarities(tmp_path):
+    """The STS number is scipy's Spearman correlation between the gold scores (with ties) and the
+    cosine similarities of the two sentences' features; identical sentences (three pairs) tie."""
+    from scipy.stats import spearmanr
+    from pipeline.tokenizer import Tokenizer
+    from trainer.evaluation.text import sts, text_features
+    words = ["cat", "dog", "bird", "tree", "car", "house", "boat", "cup", "sun", "hat"]
+    pairs = [(f"a small {w} photo", f"a {'small' if i % 3 else 'large'} {words[(i + i % 2) % 10]} photo",
+              [0.0, 1.5, 1.5, 3.0, 4.2, 5.0][i % 6]) for i, w in enumerate(words)]
+    path = tmp_path / "sts.tsv"
+    path.write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t{g}\n" for a, b, g in pairs))
+    torch.manual_seed(0)
+    model, tokenizer = build_model(ModelConfig.preset("vit_tiny"), "clip").eval(), Tokenizer()
+    got = sts(model, tokenizer, path, batch_size=4)
+    first = text_features(model, tokenizer, [a for a, _, _ in pairs], 16)
+    second = text_features(model, tokenizer, [b for _, b, _ in pairs], 16)
+    for name in ("embed", "eot"):
+        x, y = first[name].double().numpy(), second[name].double().numpy()
+        cosine = (x * y).sum(1) / np.sqrt((x * x).sum(1) * (y * y).sum(1))      # exactly 1 for identical rows
+        assert (cosine[[2, 4, 8]] == 1).all()
+        expected = spearmanr(cosine, [g for _, _, g in pairs]).statistic
+        assert got[name]["spearman"] == pytest.approx(expected, abs=1e-6)
+    assert got["num_pairs"] == 10

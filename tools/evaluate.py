@@ -24,11 +24,13 @@ receives results.json (one record per model x dataset x task x metric), results.
 task: a row per model, a column per dataset, the average) and results.png, and keeps every model's
 encodings under cache/ keyed by the weights' content, so rerunning a killed run recomputes nothing
 already written. Each checkpoint uses its own run configuration; `--random-init` adds the untrained
-baseline with `--config`'s architecture, else the first checkpoint's.
+baseline with `--config`'s architecture, else the first checkpoint's. `--batch-size` and
+`--probe`/`--probe-epochs`/`--probe-lr` override the suite file's `batch_size` and `probe`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import sys
@@ -63,10 +65,11 @@ def parse_args(argv=None):
                         f"{','.join(TEXT_TASKS)}; --data only (a suite lists each dataset's tasks)")
     p.add_argument("--classnames", help="JSON list of class names (default: the data's classnames.json)")
     p.add_argument("--templates", help="JSON list of prompt templates with {} (default: data's templates.json or ImageNet 7)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
-    p.add_argument("--probe", choices=("lbfgs", "sgd"), default="lbfgs", help="linear-probe solver")
-    p.add_argument("--probe-epochs", type=int, default=90, help="sgd solver epochs")
-    p.add_argument("--probe-lr", type=float, default=0.1, help="sgd solver lr per 256 samples")
+    # with --suite these four override the suite file's batch_size / probe
+    p.add_argument("--batch-size", type=int, default=None, help="default: the suite's, else the run's eval.batch_size")
+    p.add_argument("--probe", choices=("lbfgs", "sgd"), default=None, help="linear-probe solver (default: lbfgs)")
+    p.add_argument("--probe-epochs", type=int, default=None, help="sgd solver epochs (default: 90)")
+    p.add_argument("--probe-lr", type=float, default=None, help="sgd solver lr per 256 samples (default: 0.1)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed for --random-init")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -78,6 +81,10 @@ def parse_args(argv=None):
         p.error("give --checkpoint, --random-init, or both (with --suite)")
     if args.data and (args.random_init and args.checkpoint or len(args.checkpoint or ()) > 1):
         p.error("--data evaluates one model: one --checkpoint or --random-init (several: use --suite)")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.root and not args.suite:
+        p.error("--root: --suite only (the folder a suite's dataset paths are relative to)")
     if args.suite and not (args.root and args.out):
         p.error("--suite needs --root (where its datasets live) and --out (a results folder)")
     given = [f"--{n}" for n in ("tasks", "classnames", "templates") if getattr(args, n) is not None]
@@ -96,6 +103,12 @@ def main(argv=None) -> int:
         return evaluate(args)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         return report(e, 2)
+
+
+def probe_config(args, base: LinearProbeConfig) -> LinearProbeConfig:
+    """`base` with the --probe* options that were given."""
+    given = {"solver": args.probe, "epochs": args.probe_epochs, "lr": args.probe_lr}
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
 def random_model(run_cfg: RunConfig, seed: int, device: str) -> torch.nn.Module:
@@ -132,7 +145,7 @@ def evaluate(args) -> int:
         return evaluate_text(args, model, run_cfg, tasks, t0)
     cfg = EvalConfig(data=args.data, tasks=tasks, batch_size=args.batch_size or run_cfg.eval.batch_size,
                      classnames=args.classnames, templates=args.templates,
-                     probe=LinearProbeConfig(solver=args.probe, epochs=args.probe_epochs, lr=args.probe_lr))
+                     probe=probe_config(args, LinearProbeConfig()))
     results = Evaluator(cfg, EvalTransform.from_recipe(run_cfg.data.recipe))(model)
     results["checkpoint"] = "random-init" if args.random_init else str(args.checkpoint)
     results["objective"] = run_cfg.objective.name
@@ -166,8 +179,7 @@ def evaluate_text(args, model, run_cfg: RunConfig, tasks: tuple[str, ...], t0: f
         results["sts"] = sts(model, tokenizer, Path(args.data), batch)
     if "text_probe" in tasks:
         results["text_probe"] = text_probe(model, tokenizer, Path(args.data), batch,
-                                           LinearProbeConfig(solver=args.probe, epochs=args.probe_epochs,
-                                                             lr=args.probe_lr))
+                                           probe_config(args, LinearProbeConfig()))
     results.update(checkpoint="random-init" if args.random_init else str(args.checkpoint),
                    objective=run_cfg.objective.name, model=run_cfg.model.name, seconds=round(time.time() - t0, 2))
     if args.out:
@@ -190,6 +202,7 @@ def evaluate_suite(args) -> int:
     from trainer.evaluation.suite_run import SuiteModel, run_suite
     t0 = time.time()
     suite = load_suite(args.suite)
+    suite.batch_size, suite.probe = args.batch_size or suite.batch_size, probe_config(args, suite.probe)
     if not Path(args.root).is_dir():
         raise FileNotFoundError(f"--root {args.root}: no such directory")
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -211,7 +224,8 @@ def evaluate_suite(args) -> int:
         add("random-init", random_model(run_cfg, args.seed, args.device), run_cfg)
     results = run_suite(suite, args.root, models, args.out, progress=not args.no_progress,
                         sigkill_after_writes=args.debug_sigkill_after_cache_writes)
-    results.update(suite=str(args.suite), root=str(args.root), seconds=round(time.time() - t0, 2))
+    results.update(suite=str(args.suite), root=str(args.root), batch_size=suite.batch_size,
+                   probe=to_dict(suite.probe), seconds=round(time.time() - t0, 2))
     title = f"{Path(args.suite).stem}: {suite.description}" if suite.description else Path(args.suite).stem
     paths = write_outputs(results, args.out, title)
     print(markdown(results, title))

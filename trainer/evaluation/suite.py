@@ -14,6 +14,7 @@ into the subset is applied exactly once, when the dataset is opened:
 - `subset_index`: labels already index the subset (the CLIP benchmark's copies of -R and -A, whose
   classnames.txt has the subset's 200 names);
 - `parent_index`: labels index the parent (the CLIP benchmark's ImageNet, -V2, -Sketch);
+  both need shards with as many class names as the subset / parent (else refused; an ImageFolder too);
 - `folder_wnid`: an ImageFolder whose class folders are WordNet IDs (the original releases of
   ImageNet val, -Sketch, -R, -A): WordNet ID -> parent index -> subset position;
 - `folder_index`: an ImageFolder whose class folders are parent indices `0`...`999` (ImageNet-V2's
@@ -59,6 +60,9 @@ class DatasetSpec:
     folders: Literal["names", "sorted"] = "names"
 
     def __post_init__(self):
+        # the name is a folder of the cache (<out>/cache/<model>/<name>/): one plain path component
+        if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
+            raise ValueError(f"name {self.name!r}: one folder name (no '/', '\\', '.' or '..')")
         known = TASKS + TEXT_TASKS
         unknown = [t for t in self.tasks if t not in known]
         if unknown or not self.tasks:
@@ -66,6 +70,10 @@ class DatasetSpec:
         if set(self.tasks) & set(TEXT_TASKS) and set(self.tasks) - set(TEXT_TASKS):
             raise ValueError(f"tasks {list(self.tasks)}: text tasks and image tasks read different data; "
                              "list them as two datasets")
+        if len(set(self.tasks) & set(TEXT_TASKS)) > 1:
+            # sts reads a GLUE TSV file, text_probe a GLUE folder: no one path serves both
+            raise ValueError(f"tasks {list(self.tasks)}: sts (a TSV file) and text_probe (a folder) read "
+                             "different data; list them as two datasets")
         if self.labels is not None and self.classnames is not None:
             raise ValueError("classnames: a dataset with a label space is scored with the parent's names; "
                              "give one or the other")
@@ -114,10 +122,6 @@ def load_suite(path: str | Path) -> SuiteConfig:
     return suite
 
 
-def dataset_location(spec: DatasetSpec, root: str | Path) -> Path:
-    return Path(root) / spec.path
-
-
 def subset_names(space: LabelSpace) -> tuple[list[str], dict[int, int]]:
     """The scored class names (parent order) and parent index -> subset position."""
     names = read_list(space.parent_classnames, "class names")
@@ -136,15 +140,27 @@ def subset_names(space: LabelSpace) -> tuple[list[str], dict[int, int]]:
     return [names[i] for i in keep], {p: s for s, p in enumerate(keep)}
 
 
+def _image_folder(data: EvalData) -> bool:
+    """Whether the evaluated split is an ImageFolder directory (no shards in it)."""
+    where = data.test.location
+    return where.is_dir() and not any(where.glob("*.tar"))
+
+
 def apply_label_space(data: EvalData, space: LabelSpace) -> EvalData:
     """`data` with labels that index the subset and the subset's class names (see the module doc)."""
     names, position = subset_names(space)
     wnids = read_list(space.parent_wnids, "WordNet IDs")
     parent_of_wnid = {w: i for i, w in enumerate(wnids)}
     own = data.classnames                  # as opened: the dataset's names, or its folder names
-    if space.stored == "subset_index" and own is not None and len(own) != len(names):
-        raise ValueError(f"{data.location}: labels.stored is subset_index but the dataset has {len(own)} "
-                         f"classes and the subset {len(names)}")
+    if space.stored in ("subset_index", "parent_index") and _image_folder(data):
+        # an ImageFolder's labels are its folders' positions in sorted order ("10" before "2"), not indices
+        raise ValueError(f"{data.location}: an ImageFolder's labels are its sorted folder positions, not "
+                         f"{space.stored} indices; use labels.stored folder_wnid or folder_index")
+    expected = {"subset_index": ("the subset", len(names)), "parent_index": ("the parent", len(wnids))}
+    if space.stored in expected and len(own) != expected[space.stored][1]:
+        # a copy with another class count indexes another label set: scored silently wrong otherwise
+        raise ValueError(f"{data.location}: labels.stored is {space.stored} but the dataset has {len(own)} "
+                         f"classes and {expected[space.stored][0]} {expected[space.stored][1]}")
 
     def to_subset(label: int) -> int | None:
         if space.stored == "subset_index":

@@ -1,8 +1,9 @@
 """A suite's results as the paper's tables and a chart: results.json, results.md, results.png.
 
 One table per task (zero-shot, linear probe, ...): a row per model, a column per dataset showing
-its headline metric, and the row's average over the datasets it has a number for. Skipped datasets
-are listed under the tables with the path looked for.
+its headline metric, and the row's average over the datasets it has a number for. A task the model
+cannot do shows n/a; a task the dataset cannot serve (no train split for the probe) shows "—".
+Skipped and failed datasets are listed under the tables with the path looked for or the error.
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ TASK_TITLES = {"zeroshot": "Zero-shot", "linear_probe": "Linear probe", "retriev
 
 def tables(results: dict) -> dict[str, dict]:
     """{task: {"datasets": [...], "metrics": {dataset: metric}, "rows": {model: {dataset: value | None,
-    "average": value | None}}}} from the records; STS shown x 100."""
+    "average": value | None}}, "skipped": {model: {dataset: reason}}}} from the records; STS shown x 100.
+    A None value is skipped (the reason in "skipped") or not applicable to the model."""
     out: dict[str, dict] = {}
     models = [m["name"] for m in results["models"]]
     for rec in results["records"]:
-        t = out.setdefault(rec["task"], {"datasets": [], "metrics": {}, "rows": {m: {} for m in models}})
+        t = out.setdefault(rec["task"], {"datasets": [], "metrics": {}, "rows": {m: {} for m in models},
+                                         "skipped": {}})
         if rec["dataset"] not in t["datasets"]:
             t["datasets"].append(rec["dataset"])
         if rec.get("headline") or rec["value"] is None:
@@ -30,6 +33,8 @@ def tables(results: dict) -> dict[str, dict]:
             t["rows"][rec["model"]][rec["dataset"]] = value
             if rec["metric"]:
                 t["metrics"][rec["dataset"]] = rec["metric"]
+            if rec.get("status") == "skipped":
+                t["skipped"].setdefault(rec["model"], {})[rec["dataset"]] = rec["reason"]
     for t in out.values():
         for row in t["rows"].values():
             values = [v for d in t["datasets"] if (v := row.get(d)) is not None and not math.isnan(v)]
@@ -37,8 +42,14 @@ def tables(results: dict) -> dict[str, dict]:
     return out
 
 
-def _cell(v) -> str:
-    return "n/a" if v is None else "nan" if math.isnan(v) else f"{v:.1f}"
+SKIPPED = "—"
+LEGEND = {"n/a": "n/a: the model cannot do the task (e.g. zero-shot without a text tower).",
+          SKIPPED: f"{SKIPPED}: the dataset cannot serve the task (e.g. no train split for the linear probe); "
+                   "the reason is in results.json."}
+
+
+def _cell(v, skipped: bool = False) -> str:
+    return SKIPPED if skipped else "n/a" if v is None else "nan" if math.isnan(v) else f"{v:.1f}"
 
 
 def markdown(results: dict, title: str) -> str:
@@ -50,14 +61,18 @@ def markdown(results: dict, title: str) -> str:
                   "|---|" + "---:|" * (len(cols) + 1),
                   "| *metric* | " + " | ".join(t["metrics"].get(d, "") for d in cols) + " | |"]
         for model, row in t["rows"].items():
-            cells = " | ".join(_cell(row.get(d)) for d in cols)
-            lines.append(f"| {model} | {cells} | {_cell(row['average'])} |")
+            skipped = t["skipped"].get(model, {})
+            cells = " | ".join(_cell(row.get(d), d in skipped) for d in cols)
+            # no number at all: n/a if the model cannot do the task anywhere, else every dataset skipped it
+            none_run = row["average"] is None and skipped and all(d in skipped for d in cols if row.get(d) is None)
+            lines.append(f"| {model} | {cells} | {_cell(row['average'], bool(none_run))} |")
         lines.append("")
     for status, heading in (("skipped", "Skipped"), ("failed", "Failed")):
         listed = [d for d in results["datasets"] if d["status"] == status]
         if listed:
             lines += [f"{heading}:", ""] + [f"- {d['dataset']}: {d['reason']}" for d in listed] + [""]
-    lines.append("n/a: the model cannot do the task (e.g. zero-shot without a text tower).")
+    table_cells = "\n".join(line for line in lines if line.startswith("| "))
+    lines += [text for mark, text in LEGEND.items() if f"| {mark} |" in table_cells]
     return "\n".join(lines) + "\n"
 
 

@@ -67,6 +67,13 @@ def text_features(model, tokenizer: Callable, sentences: list[str], batch_size: 
     return {name: torch.cat(parts) if parts else torch.empty(0) for name, parts in out.items()}
 
 
+def row_cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Row-wise cosine similarity in float64, exactly 1 for identical rows (x.x / sqrt(x.x * x.x)), so
+    identical sentences tie; torch's cosine_similarity gives 1 +- 1 ulp and ranks them by rounding."""
+    a, b = a.double().numpy(), b.double().numpy()
+    return (a * b).sum(1) / np.sqrt(np.maximum((a * a).sum(1) * (b * b).sum(1), 1e-300))
+
+
 def sts(model, tokenizer: Callable, path: Path, batch_size: int = 256, seed: int = 0) -> dict:
     rows, bad = read_tsv(path, ("sentence1", "sentence2", "score"))
     pairs = []
@@ -84,7 +91,7 @@ def sts(model, tokenizer: Callable, path: Path, batch_size: int = 256, seed: int
     draws = rng.integers(0, len(pairs), (BOOTSTRAP_SAMPLES, len(pairs)))
     result: dict = {"num_pairs": len(pairs), "malformed_rows": bad}
     for name in FEATURES:
-        sim = torch.nn.functional.cosine_similarity(first[name], second[name]).numpy().astype(np.float64)
+        sim = row_cosine(first[name], second[name])
         boot = np.array([spearman(sim[d], gold[d]) for d in draws])
         low, high = np.nanpercentile(boot, [2.5, 97.5])
         result[name] = {"spearman": spearman(sim, gold), "ci95": [float(low), float(high)]}
