@@ -1,13 +1,10 @@
 """The evaluation battery's inputs: the CLIP-benchmark webdataset layout as published (WebP and JPEG
 members, nshards.txt, `{c}` templates), and models without a text tower (SimCLR)."""
-import io
-import tarfile
-
-import cv2
 import numpy as np
 import pytest
 import torch
 
+from eval_testing import write_clip_benchmark
 from trainer.evaluation import EvalConfig, Evaluator, EvalTransform
 from trainer.evaluation.data import EvalData
 from trainer.models import ModelConfig, build_model
@@ -15,43 +12,9 @@ from trainer.models import ModelConfig, build_model
 CLASSES = ["cat", "dog", "bird"]
 
 
-def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _encoded(label: int, seed: int, ext: str) -> bytes:
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 60, (40, 48, 3), dtype=np.uint8)
-    img[:, :, label] += 150
-    flags = [cv2.IMWRITE_WEBP_QUALITY, 101] if ext == "webp" else []      # 101: lossless, the benchmark's
-    ok, buf = cv2.imencode(f".{ext}", img, flags)
-    assert ok
-    return buf.tobytes()
-
-
-def _split(root, split: str, shards: int, per_shard: int) -> None:
-    (root / split).mkdir(parents=True)
-    k = 0
-    for s in range(shards):
-        with tarfile.open(root / split / f"{s}.tar", "w") as tar:
-            for _ in range(per_shard):
-                ext = "webp" if k % 2 == 0 else "jpg"
-                _member(tar, f"s{k:07d}.{ext}", _encoded(k % 3, k, ext))
-                _member(tar, f"s{k:07d}.cls", str(k % 3).encode())
-                k += 1
-    (root / split / "nshards.txt").write_text(f"{shards}\n")
-
-
 @pytest.fixture(scope="module")
 def benchmark_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wds_pets")
-    (root / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
-    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na blurry photo of a {c}.\n")
-    _split(root, "test", shards=2, per_shard=9)
-    _split(root, "train", shards=1, per_shard=12)
-    return root
+    return write_clip_benchmark(tmp_path_factory.mktemp("wds_pets"), CLASSES)
 
 
 def test_a_clip_benchmark_folder_is_read_as_published(benchmark_folder):
@@ -180,3 +143,37 @@ def test_text_tasks_on_a_simclr_model_are_one_line(glue, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "simclr: the model has no text tower" in lines[0]
+
+
+def test_a_long_sentence_keeps_its_end_of_text_feature():
+    """Text-task features are taken at the end-of-text token, which truncation keeps in the last slot."""
+    from pipeline.tokenizer import Tokenizer
+    from trainer.evaluation.text import text_features
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("vit_tiny"), "clip").eval()
+    long = " ".join(WORDS * 10)                      # far more than 77 tokens
+    got = text_features(model, Tokenizer(), [long], batch_size=4)
+    tokens = Tokenizer()([long])
+    with torch.no_grad():
+        x = model.text.token_embedding(tokens) + model.text.positional_embedding
+        last = model.text.ln_final(model.text.transformer(x))[0, 76]
+    assert torch.allclose(got["eot"][0], last, atol=1e-5)
+    assert torch.allclose(got["embed"][0], last @ model.text_projection, atol=1e-5)
+
+
+def test_a_clip_benchmark_retrieval_folder_is_read_as_published(tmp_path):
+    from eval_testing import write_clip_benchmark_retrieval
+    root = write_clip_benchmark_retrieval(tmp_path / "wds_flickr", images=6, captions_per_image=2)
+    data = EvalData.open(str(root))
+    assert len(data.test.samples) == 6 and len(data.captions) == 12 and not data.bad.items
+    assert data.captions[1] == (Path(data.test.samples[0].name), "picture 0 caption 1")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("vit_tiny"), "clip")
+    cfg = EvalConfig(data=str(root), tasks=("zeroshot", "retrieval"), batch_size=8)
+    results = Evaluator(cfg, EvalTransform(64), progress=False)(model)
+    assert results["skipped"] == {"zeroshot": "no class names (a retrieval set)"}
+    assert results["retrieval"]["num_images"] == 6 and results["retrieval"]["num_captions"] == 12
+    assert results["bad_images"]["count"] == 0
+    (root / "dataset_type.txt").write_text("multilabel\n")
+    with pytest.raises(ValueError, match="dataset type 'multilabel' is not supported"):
+        EvalData.open(str(root))

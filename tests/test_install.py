@@ -86,6 +86,7 @@ def installed(tmp_path_factory):
 PROBE = """
 import importlib, json, runpy, sys, traceback
 from importlib import resources
+from pathlib import Path
 spec = json.loads(sys.argv[1])
 packages, out = tuple(spec["packages"]), {"scripts": {}}
 
@@ -120,6 +121,14 @@ out["vocab_found"] = vocab_path().is_file()
 out["row"] = Tokenizer()("a photo of a red circle", context_length=8)[0].tolist()
 out["configs"] = sorted(p.name for p in (resources.files("trainer") / "configs").iterdir() if p.name.endswith(".yaml"))
 out["classnames"] = (resources.files("trainer") / "data" / "imagenet_classnames.json").is_file()
+configs = Path(str(resources.files("trainer"))) / "configs"
+out["eval_lists"] = sorted(str(p.relative_to(configs)) for p in (configs / "eval" / "lists").rglob("*.txt"))
+from trainer.evaluation.suite import load_suite, subset_names     # a shipped suite resolves its lists
+try:
+    ood = load_suite(configs / "eval" / "imagenet_ood.yaml")
+    out["ood_sizes"] = [len(subset_names(d.labels)[0]) for d in ood.datasets]
+except Exception as e:
+    out["ood_sizes"] = repr(e)
 sys.stdout.flush()
 print("\\n" + json.dumps(out))
 """
@@ -153,6 +162,10 @@ def test_package_data_comes_with_the_install(installed, probe):
     assert probe["row"][0] == 49406 and 49407 in probe["row"]              # SOT ... EOT from the shipped vocab
     assert probe["configs"] == sorted(p.name for p in (src / "trainer" / "configs").glob("*.yaml"))
     assert probe["classnames"]
+    configs = src / "trainer" / "configs"
+    lists = sorted(str(p.relative_to(configs)) for p in (configs / "eval" / "lists").rglob("*.txt"))
+    assert probe["eval_lists"] == lists and len(lists) > 4
+    assert probe["ood_sizes"] == [1000, 1000, 200, 200]
 
 
 @pytest.mark.parametrize("script", ENTRY_POINTS)

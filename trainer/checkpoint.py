@@ -240,7 +240,7 @@ def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: 
 # The SimCLR projection head serves only the training loss, and its norm layer follows the training
 # batch size and world size (ssl_norm="auto"), which a reader of the checkpoint may not reproduce:
 # it is neither checked nor loaded.
-_TRAINING_ONLY = ("ssl_head.",)
+TRAINING_ONLY = ("ssl_head.",)
 
 
 def _strip_prefixes(state: dict) -> dict:
@@ -286,10 +286,10 @@ def load_model(path: str | Path, config: str | Path | None = None,
     run_cfg = _run_config(path, state, config)
     model = build_model(run_cfg.model, run_cfg.objective.name)
     weights = _strip_prefixes(state.get("model", state))
-    check_model_state(model, weights, str(path), ignore=_TRAINING_ONLY)
-    if not weights_finite({k: v for k, v in weights.items() if not k.startswith(_TRAINING_ONLY)}):
+    check_model_state(model, weights, str(path), ignore=TRAINING_ONLY)
+    if not weights_finite({k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY)}):
         raise CheckpointError(f"{path}: the checkpoint's weights are not finite (NaN or inf); use an earlier one")
-    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith(_TRAINING_ONLY)}, strict=False)
+    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY)}, strict=False)
     return model.to(device).eval(), run_cfg
 
 

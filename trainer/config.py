@@ -98,6 +98,10 @@ def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
             path = f"{prefix}.{k.value}" if prefix else str(k.value)
             lines[path] = k.start_mark.line + 1
             lines.update(_key_lines(v, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            lines[f"{prefix}[{i}]"] = v.start_mark.line + 1
+            lines.update(_key_lines(v, f"{prefix}[{i}]"))
     return lines
 
 
@@ -125,35 +129,47 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_yaml_file(path: str | Path, what: str, max_bytes: int = MAX_CONFIG_BYTES) -> tuple[dict, dict[str, int]]:
+    """A YAML config file's top-level mapping (numbers like 1e-3 as floats) and the line of each
+    dotted key path (list items as `key[i]`), for error messages; one-line ConfigErrors otherwise."""
+    path = Path(path)
+    try:
+        text = read_regular(path, max_bytes, what).decode("utf-8")
+        data = safe_yaml(text) or {}
+        lines = _key_lines(safe_yaml(text, compose=True) or yaml.MappingNode("", []))
+    except RefusedFile as e:
+        raise ConfigError(str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config ({e})") from e
+    except _AliasRefused as e:
+        raise ConfigError(f"{path}:{e.line}: YAML anchors and aliases (&name, *name) are not allowed "
+                          "in a config") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return _float_strings(data), lines
+
+
+def error_line(e: ConfigError, lines: dict[str, int]) -> int | str:
+    """The YAML line of the key a ConfigError names (its closest enclosing key), '?' if unknown."""
+    key = str(e).split(":", 1)[0]
+    while key and key not in lines:
+        key = key.rpartition(".")[0] if "." in key.rpartition("[")[2] or "[" not in key \
+            else key.rpartition("[")[0]
+    return lines.get(key, "?")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """YAML file (optional) + overrides -> checked RunConfig. Errors name the file and line."""
     data: dict = {}
     lines: dict[str, int] = {}
     if path is not None:
-        path = Path(path)
-        try:
-            text = read_regular(path, MAX_CONFIG_BYTES, "a run config").decode("utf-8")
-            data = safe_yaml(text) or {}
-            lines = _key_lines(safe_yaml(text, compose=True) or yaml.MappingNode("", []))
-        except RefusedFile as e:
-            raise ConfigError(str(e)) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read config ({e})") from e
-        except _AliasRefused as e:
-            raise ConfigError(f"{path}:{e.line}: YAML anchors and aliases (&name, *name) are not allowed "
-                              "in a config") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        data = _float_strings(data)
+        data, lines = read_yaml_file(path, "a run config")
     try:
         from_dict(RunConfig, data)
     except ConfigError as e:
-        key = str(e).split(":", 1)[0].split("[", 1)[0]
-        while key and key not in lines:
-            key = key.rpartition(".")[0]
-        raise ConfigError(f"{path}:{lines.get(key, '?')}: {e}") from None
+        raise ConfigError(f"{path}:{error_line(e, lines)}: {e}") from None
     for ov in overrides:
         key, value = parse_override(ov)
         _set_dotted(data, key, value)

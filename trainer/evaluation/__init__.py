@@ -8,7 +8,11 @@ One module per job:
 - `task`: the evaluator interface (`Task`, `EvalContext`);
 - `zeroshot`, `probe` (linear probe), `retrieval`: one evaluator each;
 - `runner`: `Evaluator`, which runs the configured evaluators, and the results' JSON;
-- `hook`: the training loop's evaluation hook.
+- `hook`: the training loop's evaluation hook;
+- `text`: the text tower alone (STS, text probe); `ranks`: Spearman, ROC AUC;
+- suites (tools/evaluate.py --suite, docs/EVALUATION.md): `suite` (the suite file, out-of-domain
+  label spaces), `suite_run` (every dataset x every model), `cache` (encodings kept on disk, keyed
+  by the weights' content), `suite_report` (results.json, results.md, results.png).
 A model is loaded from a checkpoint by `trainer.checkpoint.load_model`.
 """
 from trainer.evaluation.accuracy import classification_metrics

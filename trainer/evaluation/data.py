@@ -46,6 +46,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 WEBP_IN_PIL = features.check("webp")
 CLIP_BENCHMARK_CLASSES = "classnames.txt"
 CLIP_BENCHMARK_TEMPLATES = "zeroshot_classification_templates.txt"
+CLIP_BENCHMARK_TYPE = "dataset_type.txt"
 
 
 def imagenet_classnames() -> list[str]:
@@ -170,10 +171,29 @@ def _read_json_list(path: Path, what: str) -> list[str]:
     return value
 
 
+def read_list(path: str | Path, what: str) -> list[str]:
+    """A list of class names or templates given by the user or shipped in the repository: a JSON list
+    (`.json`), else a text file with one item a line, where lines starting with `#` are comments
+    (the shipped lists name their sources that way)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return _read_json_list(path, what)
+    items = [line for line in read_lines(path, what) if not line.startswith("#")]
+    if not items:
+        raise ValueError(f"{path}: no {what}")
+    return items
+
+
+def prompt_templates(templates: list[str]) -> list[str]:
+    """Templates with the class as `{}` (the CLIP benchmark writes `{c}`)."""
+    return [t.replace("{c}", "{}") for t in templates]
+
+
 def find_classnames(root: Path, explicit: str | None = None) -> list[str] | None:
-    """classnames.json given explicitly, or in `root` or its parent (demo layout), else None."""
+    """class names given explicitly (read_list), or classnames.json in `root` or its parent (demo
+    layout), else None."""
     if explicit:
-        return _read_json_list(Path(explicit), "class names")
+        return read_list(explicit, "class names")
     for cand in (root / "classnames.json", root.parent / "classnames.json"):
         if cand.is_file():
             return _read_json_list(cand, "class names")
@@ -235,6 +255,10 @@ def _tar_groups(path: Path, bad: BadImages) -> dict[str, dict[str, bytes]]:
     return groups
 
 
+def _image_member(parts: dict[str, bytes]) -> bytes | None:
+    return next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+
+
 def webdataset_samples(paths: Sequence[Path], bad: BadImages) -> list[Sample]:
     """Labelled samples (image bytes + `cls`) from webdataset tars. Samples without a readable label
     or image are reported in `bad` and skipped."""
@@ -244,7 +268,7 @@ def webdataset_samples(paths: Sequence[Path], bad: BadImages) -> list[Sample]:
             if not parts:
                 continue           # reported by _tar_groups
             name = f"{path}:{key}"
-            img = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+            img = _image_member(parts)
             try:
                 if img is None:
                     raise ValueError("sample has no image")
@@ -256,6 +280,31 @@ def webdataset_samples(paths: Sequence[Path], bad: BadImages) -> list[Sample]:
                 continue
             samples.append(Sample(name, label, data=img))
     return samples
+
+
+def webdataset_captioned(paths: Sequence[Path], bad: BadImages) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    """Images (label -1) and their captions from the CLIP benchmark's retrieval shards: each sample's
+    `txt` holds its captions, one a line (a newline inside a caption is written as `\\n`). A caption
+    pair names its image by the sample's name (`shard:key`)."""
+    samples, captions = [], []
+    for path in paths:
+        for key, parts in _tar_groups(path, bad).items():
+            if not parts:
+                continue
+            name = f"{path}:{key}"
+            img = _image_member(parts)
+            try:
+                if img is None:
+                    raise ValueError("sample has no image")
+                if "txt" not in parts:
+                    raise ValueError("sample has no txt captions")
+                lines = [c.replace("\\n", " ").strip() for c in parts["txt"].decode("utf-8").splitlines()]
+            except (ValueError, UnicodeDecodeError) as e:
+                bad.add(name, e)
+                continue
+            samples.append(Sample(name, -1, data=img))
+            captions += [(Path(name), c) for c in lines if c]
+    return samples, captions
 
 
 @dataclass
@@ -333,14 +382,23 @@ class EvalData:
     @classmethod
     def open_clip_benchmark(cls, root: Path, classnames: str | None = None, templates: str | None = None) -> EvalData:
         """A CLIP-benchmark webdataset folder, read as published: `test/` evaluated, `train/` (if
-        there) for the probe; its class names and `{c}` templates unless files are given."""
+        there) for the probe; its class names and `{c}` templates unless files are given. A retrieval
+        set (`dataset_type.txt`: retrieval) has captions instead of classes."""
         bad = BadImages()
-        names = _read_json_list(Path(classnames), "class names") if classnames else \
+        kind = read_lines(root / CLIP_BENCHMARK_TYPE, "a dataset type")[0] \
+            if (root / CLIP_BENCHMARK_TYPE).is_file() else "classification"
+        if kind == "retrieval":
+            samples, captions = webdataset_captioned(split_shards(root / "test"), bad)
+            return cls(str(root), root, LabelledSplit(root / "test", samples, []), None, [], [], captions, bad)
+        if kind != "classification":
+            raise ValueError(f"{root / CLIP_BENCHMARK_TYPE}: dataset type {kind!r} is not supported "
+                             "(classification and retrieval are)")
+        names = read_list(classnames, "class names") if classnames else \
             read_lines(root / CLIP_BENCHMARK_CLASSES, "class names")
         if templates:
-            prompts = _read_json_list(Path(templates), "templates")
+            prompts = prompt_templates(read_list(templates, "templates"))
         elif (root / CLIP_BENCHMARK_TEMPLATES).is_file():
-            prompts = [t.replace("{c}", "{}") for t in read_lines(root / CLIP_BENCHMARK_TEMPLATES, "templates")]
+            prompts = prompt_templates(read_lines(root / CLIP_BENCHMARK_TEMPLATES, "templates"))
         else:
             prompts = imagenet_templates()
         test = LabelledSplit(root / "test", webdataset_samples(split_shards(root / "test"), bad), names)
@@ -377,7 +435,8 @@ class EvalData:
             if split is not None:
                 split.drop_unknown_labels(len(test.classnames), bad)
         tpl = Path(templates) if templates else root / "templates.json"
-        prompts = _read_json_list(tpl, "templates") if (templates or tpl.is_file()) else imagenet_templates()
+        prompts = prompt_templates(read_list(tpl, "templates")) if (templates or tpl.is_file()) \
+            else imagenet_templates()
         cap = root / "val_captions.jsonl"
         captions = read_captions(cap, root, bad) if cap.is_file() else None
         return cls(str(location), root, test, train, test.classnames, prompts, captions, bad)

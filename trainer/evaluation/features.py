@@ -46,10 +46,18 @@ def extract_features(model, samples: Sequence[Sample], transform: EvalTransform,
                          index)
 
 
+def tokenize(model, tokenizer: Callable, texts: Sequence[str]) -> torch.Tensor:
+    """Token rows as long as the model's text context (a tokenizer's default otherwise); a longer
+    text keeps its first tokens and ends with the end-of-text token, as in training."""
+    text = getattr(model, "text", None)
+    pos = getattr(text, "positional_embedding", None)
+    return tokenizer(list(texts)) if pos is None else tokenizer(list(texts), context_length=pos.shape[0])
+
+
 @torch.no_grad()
 def encode_texts(model, tokenizer: Callable, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """[N, D] L2-normalised text embeddings."""
     device = model_device(model)
-    parts = [model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device), normalize=True).float().cpu()
-             for i in range(0, len(texts), batch_size)]
+    parts = [model.encode_text(tokenize(model, tokenizer, texts[i:i + batch_size]).to(device),
+                               normalize=True).float().cpu() for i in range(0, len(texts), batch_size)]
     return torch.cat(parts)

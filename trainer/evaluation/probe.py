@@ -112,8 +112,9 @@ def _no_train_split(data: EvalData) -> str | None:
 
 def evaluate(ctx: EvalContext) -> dict:
     train = ctx.features(ctx.data.train.samples, "probe train images", trunk=True)
-    return linear_probe(train.features, train.labels, ctx.test.features, ctx.test.labels,
-                        len(ctx.data.classnames), ctx.cfg.probe)
+    # the fit is deterministic given the features: a resumed suite run keeps it too
+    return ctx.cached("linear probe", lambda: linear_probe(train.features, train.labels, ctx.test.features,
+                                                           ctx.test.labels, len(ctx.data.classnames), ctx.cfg.probe))
 
 
 TASK = Task("linear_probe", evaluate, trunk_features=True, unavailable=_no_train_split)

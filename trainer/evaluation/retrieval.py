@@ -41,16 +41,17 @@ def retrieval_recall(image_embed: torch.Tensor, text_embed: torch.Tensor, text_t
 
 
 def _no_captions(data: EvalData) -> str | None:
-    return None if data.captions else "no val_captions.jsonl"
+    return None if data.captions else "no captions (val_captions.jsonl, or a CLIP-benchmark retrieval set)"
 
 
 def evaluate(ctx: EvalContext) -> dict:
-    # reuse the embeddings of test images; encode any captioned image that is not among them
+    # reuse the embeddings of test images (captions name them by sample name: a file path, or
+    # shard:key in the CLIP benchmark's retrieval shards); encode any captioned file not among them
     samples, captions = ctx.data.test.samples, ctx.data.captions
-    row_of = {str(samples[i].path): r for r, i in enumerate(ctx.test.index) if samples[i].path is not None}
-    listed = {str(s.path) for s in samples}
+    row_of = {samples[i].name: r for r, i in enumerate(ctx.test.index)}
+    listed = {s.name for s in samples}
     files = sorted({str(p) for p, _ in captions})
-    extra = [Sample(f, -1, path=Path(f)) for f in files if f not in row_of and f not in listed]
+    extra = [Sample(f, -1, path=Path(f)) for f in files if f not in listed]
     embeds = [ctx.test.image_embed]
     if extra:
         ex = ctx.features(extra, "retrieval images", embeddings=True)
@@ -60,11 +61,12 @@ def evaluate(ctx: EvalContext) -> dict:
             embeds.append(ex.image_embed)
     pairs = [(row_of[str(p)], c) for p, c in captions if str(p) in row_of]
     if not pairs:
-        raise ValueError(f"{ctx.data.root / 'val_captions.jsonl'}: none of the captioned images could be read")
+        raise ValueError(f"{ctx.data.root}: none of the captioned images could be read")
     rows = sorted({r for r, _ in pairs})
     remap = {r: i for i, r in enumerate(rows)}
     image_embed = torch.cat(embeds)[rows]
-    text_embed = encode_texts(ctx.model, ctx.tokenizer(), [c for _, c in pairs])
+    text_embed = ctx.cached("retrieval captions", lambda: encode_texts(ctx.model, ctx.tokenizer(),
+                                                                        [c for _, c in pairs]))
     return retrieval_recall(image_embed, text_embed, [remap[r] for r, _ in pairs])
 
 

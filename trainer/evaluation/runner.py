@@ -11,6 +11,7 @@ from typing import Callable
 
 from pipeline.files import write_json_atomic
 from trainer.evaluation import probe, retrieval, zeroshot
+from trainer.evaluation.cache import FeatureCache, cached_image_features
 from trainer.evaluation.config import TASKS, EvalConfig
 from trainer.evaluation.data import BadImages, EvalData, EvalTransform
 from trainer.evaluation.features import extract_features
@@ -27,10 +28,10 @@ class Evaluator:
     tokenizer defaults to pipeline.tokenizer.Tokenizer, made on first use."""
 
     def __init__(self, cfg: EvalConfig, transform: EvalTransform, tokenizer: Callable | None = None,
-                 progress: bool = True):
+                 progress: bool = True, data: EvalData | None = None):
         self.cfg, self.transform, self.progress = cfg, transform, progress
         self.tokenizer = tokenizer
-        self.data = EvalData.open(cfg.data, cfg.classnames, cfg.templates)
+        self.data = data if data is not None else EvalData.open(cfg.data, cfg.classnames, cfg.templates)
 
     def _tokenizer(self) -> Callable:
         if self.tokenizer is None:
@@ -38,8 +39,9 @@ class Evaluator:
             self.tokenizer = Tokenizer()
         return self.tokenizer
 
-    def __call__(self, model, step: int | None = None) -> dict:
-        """Full results (nested dict, JSON-ready). Leaves the model's train/eval mode as it was."""
+    def __call__(self, model, step: int | None = None, cache: FeatureCache | None = None, label: str = "") -> dict:
+        """Full results (nested dict, JSON-ready). Leaves the model's train/eval mode as it was.
+        `cache`: where computed encodings are kept (suite runs); `label` prefixes the progress bars."""
         selected = [t for name, t in EVALUATORS.items() if name in self.cfg.tasks]
         skipped = {t.name: reason for t in selected if (reason := t.unavailable(self.data)) is not None}
         if not getattr(model, "uses_text", True):     # SimCLR: image-only tasks; the others do not apply
@@ -51,12 +53,14 @@ class Evaluator:
         bad = BadImages(list(self.data.bad.items))
         results: dict = {"data": str(self.cfg.data), "step": step, "skipped": None}
         try:
-            test = extract_features(model, self.data.test.samples, self.transform, self.cfg.batch_size, bad,
-                                    embeddings=any(t.image_embed for t in runnable),
-                                    trunk=any(t.trunk_features for t in runnable),
-                                    desc="eval images", progress=self.progress)
+            test = cached_image_features(
+                cache, "test images",
+                lambda: extract_features(model, self.data.test.samples, self.transform, self.cfg.batch_size, bad,
+                                         embeddings=any(t.image_embed for t in runnable),
+                                         trunk=any(t.trunk_features for t in runnable),
+                                         desc=f"{label}eval images", progress=self.progress), bad)
             ctx = EvalContext(model, self.data, test, self.cfg, self.transform, bad, self.progress,
-                              self._tokenizer)
+                              self._tokenizer, cache, label)
             for task in runnable:
                 results[task.name] = task.run(ctx)
         finally:

@@ -8,10 +8,11 @@ data set (then it is skipped, with that reason in the results).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from trainer.evaluation.cache import FeatureCache, cached_image_features
 from trainer.evaluation.config import EvalConfig
 from trainer.evaluation.data import BadImages, EvalData, EvalTransform, Sample
 from trainer.evaluation.features import ImageFeatures, extract_features
@@ -28,12 +29,21 @@ class EvalContext:
     bad: BadImages                     # unreadable images of this evaluation (listing problems included)
     progress: bool
     tokenizer: Callable[[], Callable]  # returns the text tokenizer (made on first use)
+    cache: FeatureCache | None = None  # suite runs: computed encodings kept on disk (cache.py)
+    label: str = ""                    # progress-bar prefix (the suite's dataset and model)
 
     def features(self, samples: Sequence[Sample], desc: str, embeddings: bool = False,
                  trunk: bool = False) -> ImageFeatures:
         """Encodings of more images (another split, extra captioned images)."""
-        return extract_features(self.model, samples, self.transform, self.cfg.batch_size, self.bad,
-                                embeddings=embeddings, trunk=trunk, desc=desc, progress=self.progress)
+        return cached_image_features(
+            self.cache, desc,
+            lambda: extract_features(self.model, samples, self.transform, self.cfg.batch_size, self.bad,
+                                     embeddings=embeddings, trunk=trunk, desc=f"{self.label}{desc}",
+                                     progress=self.progress), self.bad)
+
+    def cached(self, name: str, compute: Callable[[], Any]) -> Any:
+        """`compute()`, kept in the suite's cache when there is one."""
+        return compute() if self.cache is None else self.cache.get(name, compute)
 
 
 def _always_available(data: EvalData) -> str | None:

@@ -17,7 +17,6 @@ end-of-text token. Only the text tower runs; images are never touched.
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +24,9 @@ import numpy as np
 import torch
 
 from pipeline.regular_files import read_regular
+from trainer.evaluation.features import tokenize
 from trainer.evaluation.probe import LinearProbeConfig, linear_probe
+from trainer.evaluation.ranks import rankdata, spearman  # noqa: F401  (rankdata: part of this module's interface)
 
 TEXT_TASKS = ("sts", "text_probe")
 FEATURES = ("embed", "eot")
@@ -54,37 +55,23 @@ def read_tsv(path: Path, columns: tuple[str, ...]) -> tuple[list[tuple[str, ...]
     return rows, bad
 
 
-def rankdata(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties getting the average of the ranks they span (scipy's 'average')."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), np.float64)
-    sorted_values = values[order]
-    start = 0
-    for end in range(1, len(values) + 1):
-        if end == len(values) or sorted_values[end] != sorted_values[start]:
-            ranks[order[start:end]] = (start + end + 1) / 2      # mean of ranks start+1 .. end
-            start = end
-    return ranks
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rank correlation: Pearson's correlation of the (average) ranks."""
-    rx, ry = rankdata(np.asarray(x, np.float64)), rankdata(np.asarray(y, np.float64))
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denominator = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
-    return float((rx * ry).sum() / denominator) if denominator else float("nan")
-
-
 def text_features(model, tokenizer: Callable, sentences: list[str], batch_size: int) -> dict[str, torch.Tensor]:
     """Both features of every sentence, float32 on the CPU."""
     device = next(model.parameters()).device
     out = {name: [] for name in FEATURES}
     with torch.no_grad():
         for i in range(0, len(sentences), batch_size):
-            tokens = tokenizer(sentences[i:i + batch_size]).to(device)
+            tokens = tokenize(model, tokenizer, sentences[i:i + batch_size]).to(device)
             out["embed"].append(model.encode_text(tokens, normalize=False).float().cpu())
             out["eot"].append(model.text(tokens).float().cpu())
     return {name: torch.cat(parts) if parts else torch.empty(0) for name, parts in out.items()}
+
+
+def row_cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Row-wise cosine similarity in float64, exactly 1 for identical rows (x.x / sqrt(x.x * x.x)), so
+    identical sentences tie; torch's cosine_similarity gives 1 +- 1 ulp and ranks them by rounding."""
+    a, b = a.double().numpy(), b.double().numpy()
+    return (a * b).sum(1) / np.sqrt(np.maximum((a * a).sum(1) * (b * b).sum(1), 1e-300))
 
 
 def sts(model, tokenizer: Callable, path: Path, batch_size: int = 256, seed: int = 0) -> dict:
@@ -104,7 +91,7 @@ def sts(model, tokenizer: Callable, path: Path, batch_size: int = 256, seed: int
     draws = rng.integers(0, len(pairs), (BOOTSTRAP_SAMPLES, len(pairs)))
     result: dict = {"num_pairs": len(pairs), "malformed_rows": bad}
     for name in FEATURES:
-        sim = torch.nn.functional.cosine_similarity(first[name], second[name]).numpy().astype(np.float64)
+        sim = row_cosine(first[name], second[name])
         boot = np.array([spearman(sim[d], gold[d]) for d in draws])
         low, high = np.nanpercentile(boot, [2.5, 97.5])
         result[name] = {"spearman": spearman(sim, gold), "ci95": [float(low), float(high)]}

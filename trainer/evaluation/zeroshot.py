@@ -35,10 +35,15 @@ def zero_shot_accuracy(image_embed: torch.Tensor, labels: torch.Tensor, classifi
 
 
 def evaluate(ctx: EvalContext) -> dict:
-    clf = zero_shot_classifier(ctx.model, ctx.tokenizer(), ctx.data.classnames, ctx.data.templates)
+    clf = ctx.cached("zeroshot classifier", lambda: zero_shot_classifier(ctx.model, ctx.tokenizer(),
+                                                                        ctx.data.classnames, ctx.data.templates))
     result = zero_shot_accuracy(ctx.test.image_embed, ctx.test.labels, clf)
     result["num_templates"] = len(ctx.data.templates)
     return result
 
 
-TASK = Task("zeroshot", evaluate, image_embed=True, text=True)
+def _no_classes(data) -> str | None:
+    return None if data.classnames else "no class names (a retrieval set)"
+
+
+TASK = Task("zeroshot", evaluate, image_embed=True, text=True, unavailable=_no_classes)
