@@ -78,7 +78,7 @@ PRESETS = {
     # margin to be significant, so learning is shown by zero-shot and retrieval against chance, with the
     # random encoder as the control that must not clear the same bar.
     "ci": DemoPreset(build_args=("--demo-samples", "1600", "--demo-eval-per-class", "16"),
-                     train_overrides=("optim.epochs=4", "optim.lr=1e-3", "checkpoint.every_steps=1000"),
+                     train_overrides=("optim.epochs=8", "checkpoint.every_steps=1000"),
                      targets=LearningTargets(zero_shot_factor=2.0, zero_shot_models=("slip", "clip"),
                                              random_stays_below=True, retrieval_factor=2.0),
                      finetune_overrides=("optim.epochs=10", "optim.warmup_epochs=1")),
