@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Which change moved SLIP against CLIP on the demo: the images or the caption noise?
 
-    python tools/bench/demo_caption_study.py [key=value ...] --out DIR [--seeds 0 1] [--epochs 5] [--samples 4000]
+    python tools/bench/demo_caption_study.py [key=value ...] --out DIR [--seeds 0 1] [--epochs 7] [--samples 4000]
 
 key=value: shared overrides for both methods' training runs. The structure design of the demo data
 (demokit/data.py) changes two things at once against the colour design: classes no longer defined
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (train.seed)")
-    p.add_argument("--epochs", type=float, default=5, help="optim.epochs for both methods (the demo's: 5)")
+    p.add_argument("--epochs", type=float, default=7, help="optim.epochs for both methods (the demo's: 7)")
     p.add_argument("--samples", type=int, default=4000, help="demo training rows (the demo's: 4000)")
     p.add_argument("--eval-per-class", type=int, default=40, help="held-out images per class (the demo's: 40)")
     p.add_argument("--data-seed", type=int, default=0)
