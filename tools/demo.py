@@ -227,7 +227,11 @@ def suite_results(path: Path, names: dict[str, str]) -> dict[str, dict]:
     if not path.is_file():
         raise StageFailed(f"{path}: the evaluation wrote no results")
     runs = json.loads(path.read_text())["runs"]
-    return {name: runs.get(model, {}) for name, model in names.items()}
+    found = {name: runs.get(model, {}) for name, model in names.items()}
+    missing = [name for name, r in found.items() if HELDOUT not in r]
+    if missing:
+        raise StageFailed(f"{path}: no results on the held-out split for {', '.join(missing)}")
+    return found
 
 
 def _get(results: dict, *keys):
