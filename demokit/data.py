@@ -56,6 +56,14 @@ Layout (docs/ARCHITECTURE.md "Demo data"):
   DIR/source/   yfcc100m_dataset.tsv, yfcc100m_subset_data.tsv, images/ (served over loopback HTTP)
   DIR/shards/   the built shards + manifest.json
   DIR/eval/     {train,val}/<class name>/*.jpg, classnames.json, templates.json, val_captions.jsonl
+  DIR/eval_ood/ val/<class name>/*.jpg, classnames.json, templates.json: the out-of-domain set
+  DIR/eval_text/ sts.tsv (sentence1, sentence2, score), sst/{train,dev}.tsv (sentence, label)
+
+Out-of-domain set (`render_sketch`): the same 16 classes as line drawings on plain paper: the
+object's outline and its pattern's edges in one dark ink, no fill, colour or clutter; up to
+OOD_PER_CLASS images a class. The demo scores it zero-shot only (trainer/configs/eval/demo.yaml).
+Text set (`text_set`): STS pairs graded 0-5 and labelled sentences from the caption grammar, for
+the text tower alone.
 
 A few rows exercise every bad-input rule (video, not in subset, malformed, non-UTF-8, no caption,
 non-http URL, missing image -> HTTP 404, duplicate and missing subset ids).
@@ -72,7 +80,7 @@ from pathlib import Path
 from urllib.parse import quote_plus
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.metadata import url_hash
 
@@ -117,6 +125,9 @@ DESCRIPTION_SHARES = {"empty": 0.40, "unrelated": 0.15, "names": 0.45}
 # title that is a file name, a date or nothing comes with a description in words
 NATURAL_DESCRIPTION_SHARES = {"unrelated": 0.25, "names": 0.75}
 NAMING_SHARES = {"exact": 0.60, "synonym": 0.25, "partial": 0.15}
+OOD_PER_CLASS = 20             # out-of-domain (line drawing) images per class, at most eval_per_class
+STS_ANCHORS = 48               # x 4 graded pairs in eval_text/sts.tsv
+SENTENCES_PER_CLASS = {"train": 12, "dev": 8}   # eval_text/sst/
 MIRROR_PATH = "data/images/{h3a}/{h3b}/{h}.jpg"
 DESIGNS = ("colour", "structure")
 
@@ -210,13 +221,7 @@ def render(s: Scene, w: int, h: int) -> tuple[Image.Image, np.ndarray]:
     clutter = [_clutter_item(rnd, w, h, short) for _ in range(rnd.randint(*CLUTTER))]
     for item in clutter[: len(clutter) // 2 + 1]:      # most behind the object, some in front
         item(d)
-    shape_img = Image.new("L", (w, h), 0)
-    sd = ImageDraw.Draw(shape_img)
-    if s.shape == "circle":
-        sd.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-    else:
-        sd.polygon(_shape_points(s.shape, cx, cy, r, rnd.uniform(0, 2 * math.pi)), fill=255)
-    inside = np.asarray(shape_img) > 127
+    inside = _object_mask(s.shape, w, h, cx, cy, r, rnd)
     second = _pattern_mask(s.pattern, w, h, r, rnd)
     shade = lambda rgb: np.array([max(0, min(255, v + rnd.randint(-20, 20))) for v in rgb], np.uint8)  # noqa: E731
     c1, c2 = shade(COLORS[s.color]), shade(COLORS[s.color2])
@@ -235,6 +240,48 @@ def render(s: Scene, w: int, h: int) -> tuple[Image.Image, np.ndarray]:
             item(cd, 255)
         mask = inside & (np.asarray(covered) == 0)
     return img, mask
+
+
+def _object_mask(shape: str, w: int, h: int, cx: float, cy: float, r: float, rnd: random.Random) -> np.ndarray:
+    """Where the object is (a rotation is drawn from `rnd` for every shape but the circle)."""
+    shape_img = Image.new("L", (w, h), 0)
+    sd = ImageDraw.Draw(shape_img)
+    if shape == "circle":
+        sd.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        sd.polygon(_shape_points(shape, cx, cy, r, rnd.uniform(0, 2 * math.pi)), fill=255)
+    return np.asarray(shape_img) > 127
+
+
+def _edges(mask: np.ndarray, width: int) -> np.ndarray:
+    """The boundary pixels of `mask`, thickened to about `width` px."""
+    edge = np.zeros_like(mask)
+    edge[1:] |= mask[1:] != mask[:-1]
+    edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
+    size = max(3, width | 1)        # MaxFilter takes an odd size
+    return np.asarray(Image.fromarray(edge.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(size))) > 127
+
+
+def render_sketch(s: Scene, w: int, h: int) -> Image.Image:
+    """The out-of-domain rendering of a scene's class: a line drawing on plain paper. The object's
+    outline and its pattern's edges (stripes as hatching, checks as a grid, spots as rings; plain:
+    empty) in one dark ink; no colour fill, no clutter, no gradient. Element sizes follow the scale
+    rule, and lines are >= 2 px at the coarsest 64 px view, so the class stays visible."""
+    rnd = random.Random(f"sketch-{s.seed}")
+    paper = tuple(int(v) for v in np.clip(rnd.uniform(225, 250) + np.array([rnd.uniform(-6, 6) for _ in range(3)]),
+                                          0, 255))
+    ink = tuple(rnd.randint(10, 70) for _ in range(3))
+    short = min(w, h)
+    r = rnd.uniform(*RADIUS) * short
+    x0, y0 = (w - short) / 2, (h - short) / 2
+    cx, cy = x0 + rnd.uniform(r * 1.1, short - r * 1.1), y0 + rnd.uniform(r * 1.1, short - r * 1.1)
+    inside = _object_mask(s.shape, w, h, cx, cy, r, rnd)
+    width = max(2, round(short / 32))          # 2 px at the 64 px view
+    lines = _edges(inside, width) | (_edges(_pattern_mask(s.pattern, w, h, r, rnd), max(2, width // 2)) & inside)
+    a = np.empty((h, w, 3), np.uint8)
+    a[:] = paper
+    a[lines] = ink
+    return Image.fromarray(a)
 
 
 def _clutter_item(rnd: random.Random, w: int, h: int, short: int):
@@ -269,15 +316,22 @@ def draw(cls: str, w: int, h: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
+def draw_sketch(cls: str, w: int, h: int, seed: int) -> bytes:
+    """One JPEG of class `cls` as a line drawing (`render_sketch`): the out-of-domain set."""
+    buf = io.BytesIO()
+    render_sketch(scene(cls, seed), w, h).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def _size(rnd: random.Random) -> tuple[int, int]:
     short, aspect = rnd.randint(96, 300), rnd.uniform(0.6, 1.8)
     return (int(short * aspect), short) if aspect >= 1 else (short, int(short / aspect))
 
 
-def _write_image(job: tuple[str, str, int, int, int]) -> None:
-    path, cls, w, h, seed = job
+def _write_image(job: tuple) -> None:
+    path, cls, w, h, seed, *sketch = job
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(draw(cls, w, h, seed))
+    Path(path).write_bytes((draw_sketch if sketch else draw)(cls, w, h, seed))
 
 
 def _pick(rnd: random.Random, shares: dict[str, float]) -> str:
@@ -342,6 +396,45 @@ def _captions(rnd: random.Random, cls: str, color: str, noisy: bool = True) -> t
     return quote_plus(title), quote_plus(desc)
 
 
+def _other_class(rnd: random.Random, cls: str, shared: int) -> str:
+    """A class that shares `shared` of its two words (pattern, shape) with `cls`."""
+    pattern, shape = cls.split()
+    return rnd.choice([c for c in CLASSNAMES if (c.split()[0] == pattern) + (c.split()[1] == shape) == shared])
+
+
+def text_set(seed: int) -> tuple[list[tuple[str, str, float]], dict[str, list[tuple[str, int]]]]:
+    """The demo's text-only evaluation, from the caption grammar (`naming_text`).
+    STS pairs, graded like STS-B (0-5): each anchor names its class exactly; its partners are another
+    exact wording of the same class and colour (5), a near-synonym of the same class (4), a class
+    sharing the pattern or the shape (2.5), a class sharing neither (0). Labelled sentences
+    (label = the class's index in CLASSNAMES) name the class exactly or with near-synonyms; the
+    partial namings are left out, since they do not determine the class."""
+    rnd = random.Random(f"text-{seed}")
+    pairs = []
+    for _ in range(STS_ANCHORS):
+        cls, color = rnd.choice(CLASSNAMES), rnd.choice(list(COLORS))
+        anchor = naming_text(rnd, cls, color, "exact")
+        pairs += [(anchor, naming_text(rnd, cls, color, "exact"), 5.0),
+                  (anchor, naming_text(rnd, cls, color, "synonym"), 4.0),
+                  (anchor, naming_text(rnd, _other_class(rnd, cls, 1), color, "exact"), 2.5),
+                  (anchor, naming_text(rnd, _other_class(rnd, cls, 0), color, "exact"), 0.0)]
+    rnd.shuffle(pairs)
+    sentences = {split: [(naming_text(rnd, cls, rnd.choice(list(COLORS)), rnd.choice(("exact", "exact", "synonym"))),
+                          ci) for ci, cls in enumerate(CLASSNAMES) for _ in range(n)]
+                 for split, n in SENTENCES_PER_CLASS.items()}
+    return pairs, sentences
+
+
+def write_text_set(folder: Path, seed: int) -> None:
+    """`text_set` as GLUE files: STS-B's `sts.tsv` (sentence1, sentence2, score) and an SST-2-like
+    folder `sst/` (train.tsv, dev.tsv with sentence, label)."""
+    pairs, sentences = text_set(seed)
+    (folder / "sst").mkdir(parents=True, exist_ok=True)
+    (folder / "sts.tsv").write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t{y:g}\n" for a, b, y in pairs))
+    for split, rows in sentences.items():
+        (folder / "sst" / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+
+
 def _meta_row(n: int, pid: int, h: str, title: str, desc: str, url: str, marker: str = "0") -> str:
     f = [str(n), str(pid), h, "1234@N00", "demo", "2012-06-01 12:00:00.0", "1338552000", "", title, desc,
          "", "", "", "", "", f"http://www.flickr.com/photos/demo/{pid}/", url,
@@ -361,17 +454,18 @@ def write_inputs(src: Path, meta: Path, subset: Path, rows: list[str], sub: list
 
 
 def generate(cfg: DemoDataConfig) -> tuple[Path, Path]:
-    """Write DIR/source (metadata, subset, images) and DIR/eval. Returns (metadata, subset) paths.
-    Skipped when DIR/source/done.json records the same settings."""
+    """Write DIR/source (metadata, subset, images), DIR/eval, DIR/eval_ood and DIR/eval_text. Returns
+    (metadata, subset) paths. Skipped when DIR/source/done.json records the same settings."""
     if cfg.design == "colour":
         from demokit import data_colour
         return data_colour.generate(cfg)
     if cfg.design != "structure":
         raise ValueError(f"demo data design {cfg.design!r}: choose {' or '.join(DESIGNS)}")
     out = Path(cfg.out)
-    src, ev = out / "source", out / "eval"
+    src, ev, ood = out / "source", out / "eval", out / "eval_ood"
     done = src / "done.json"
-    settings = {"design": 5, **{k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}}
+    # "design" is the generator's version: 6 added eval_ood/ and eval_text/ (same images and captions as 5)
+    settings = {"design": 6, **{k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}}
     meta, subset = src / "yfcc100m_dataset.tsv", src / "yfcc100m_subset_data.tsv"
     if done.exists() and json.loads(done.read_text()) == settings:
         return meta, subset
@@ -415,6 +509,12 @@ def generate(cfg: DemoDataConfig) -> tuple[Path, Path]:
                 if split == "val":
                     val_caps.append({"file": rel, "caption": r.choice(EVAL_CAPTIONS).format(
                         color=scene(cname, seed).color, name=cname)})
+    # the out-of-domain set: the same classes as line drawings (zero-shot only: no train split)
+    for ci, cname in enumerate(CLASSNAMES):
+        for k in range(min(OOD_PER_CLASS, cfg.eval_per_class)):
+            seed = 3_000_000 + ci * 10_000 + k + cfg.seed * 7919
+            w, hh = _size(random.Random(seed))
+            jobs.append((str(ood / "val" / cname / f"{k:04d}.jpg"), cname, w, hh, seed, "sketch"))
     with Pool(cfg.workers) as pool:
         for _ in pool.imap_unordered(_write_image, jobs, chunksize=64):
             pass
@@ -422,6 +522,9 @@ def generate(cfg: DemoDataConfig) -> tuple[Path, Path]:
     (ev / "classnames.json").write_text(json.dumps(CLASSNAMES, indent=1))
     (ev / "templates.json").write_text(json.dumps(TEMPLATES, indent=1))
     (ev / "val_captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in val_caps))
+    for f in ("classnames.json", "templates.json"):
+        (ood / f).write_text((ev / f).read_text())
+    write_text_set(out / "eval_text", cfg.seed)
     done.write_text(json.dumps(settings))
     return meta, subset
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from demokit.data import (CLASSNAMES, COLORS, PARTS, PATTERNS, SHAPES, SYNONYMS, TITLE_SHARES, _size, render,
-                          scene)
+from demokit.data import (CLASSNAMES, COLORS, PARTS, PATTERNS, SENTENCES_PER_CLASS, SHAPES, STS_ANCHORS, SYNONYMS,
+                          TEMPLATES, TITLE_SHARES, _size, render, scene, text_set)
 from demokit import data_colour
 from pipeline.manifest import load_manifest
 
@@ -73,10 +73,71 @@ def test_demo_cli_builds_structure_set(tmp_path):
     for c in caps:
         cls = Path(c["file"]).parent.name
         assert cls in c["caption"] and any(re.search(rf"\b{col}\b", c["caption"]) for col in COLORS), c
+    check_out_of_domain_set(out / "eval_ood", per_class=2)
+    check_text_set(out / "eval_text")
     # rerunning the same command is a no-op that keeps the shards
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_manifest(out / "shards" / "manifest.json").shards == m.shards
+
+
+def check_out_of_domain_set(ood: Path, per_class: int) -> None:
+    """The same 16 classes in the eval layout (val/ only), drawn as lines on plain light paper."""
+    assert json.loads((ood / "classnames.json").read_text()) == CLASSNAMES
+    assert json.loads((ood / "templates.json").read_text()) == TEMPLATES
+    assert sorted(p.name for p in ood.iterdir()) == ["classnames.json", "templates.json", "val"]
+    assert sorted(p.name for p in (ood / "val").iterdir()) == CLASSNAMES
+    for cn in CLASSNAMES:
+        files = sorted((ood / "val" / cn).glob("*.jpg"))
+        assert len(files) == per_class, cn
+        for f in files:
+            a = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)
+            luma = a @ LUMA
+            # a plain light ground with thin dark lines: most pixels are paper, some ink, no colour fill
+            assert (luma > 200).mean() > 0.7 and (luma < 110).mean() > 0.01, (f, (luma > 200).mean())
+            assert np.median(a.max(-1) - a.min(-1)) < 20, f
+
+
+def _named_class(sentence: str) -> str | None:
+    """The class a sentence names with the exact class words, if it does."""
+    found = [c for c in CLASSNAMES if re.search(rf"\b{c}\b", sentence, re.I)]
+    return found[0] if len(found) == 1 else None
+
+
+def check_text_set(folder: Path) -> None:
+    """STS-B-style graded pairs and GLUE single-sentence files, built from the caption grammar."""
+    lines = (folder / "sts.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["sentence1", "sentence2", "score"]
+    rows = [line.split("\t") for line in lines[1:]]
+    assert all(len(r) == 3 for r in rows) and len(rows) == 4 * STS_ANCHORS
+    by_score: dict[float, list] = {}
+    for a, b, y in rows:
+        by_score.setdefault(float(y), []).append((a, b))
+    assert {k: len(v) for k, v in by_score.items()} == {5.0: STS_ANCHORS, 4.0: STS_ANCHORS, 2.5: STS_ANCHORS,
+                                                        0.0: STS_ANCHORS}
+    for y, pairs in by_score.items():
+        for a, b in pairs:
+            anchor = _named_class(a)
+            assert anchor is not None, a                        # every anchor names its class exactly
+            pattern, shape = anchor.split()
+            if y == 4.0:                                        # a near-synonym of the anchor's pattern or shape
+                assert any(re.search(rf"\b{w}\b", b, re.I) for w in SYNONYMS[pattern] + SYNONYMS[shape]), (a, b)
+                assert _named_class(b) in (None, anchor), (a, b)
+                continue
+            other = _named_class(b)
+            assert other is not None, b
+            shared = (other.split()[0] == pattern) + (other.split()[1] == shape)
+            assert shared == {5.0: 2, 2.5: 1, 0.0: 0}[y], (y, a, b)
+    for split, n in SENTENCES_PER_CLASS.items():
+        lines = (folder / "sst" / f"{split}.tsv").read_text().splitlines()
+        assert lines[0].split("\t") == ["sentence", "label"]
+        rows = [line.split("\t") for line in lines[1:]]
+        labels = [int(y) for _, y in rows]
+        assert sorted(labels) == sorted(list(range(len(CLASSNAMES))) * n), split
+        exact = [(s, y) for s, y in rows if _named_class(s)]
+        assert len(exact) > len(rows) / 2 and all(_named_class(s) == CLASSNAMES[int(y)] for s, y in exact)
+    # deterministic: the same seed gives the same files
+    assert text_set(0) == text_set(0) and text_set(0) != text_set(1)
 
 
 def dominant_class_color(img: Image.Image) -> str:

@@ -94,6 +94,21 @@ def test_ci_demo_learns(tmp_path):
     assert all(rows[name]["finetune_top1"] > 1.5 * chance for name in ("slip", "clip", "random")), rows
     for name in ("slip", "clip", "random"):
         assert list((Path(files["run_finetune_" + name]) / "eval").glob("val_step_*.json"))
+    # the demo suite (trainer/configs/eval/demo.yaml), one evaluation process: every model, the random
+    # baseline included, also on the out-of-domain drawings (zero-shot) and the text set (STS, text probe)
+    assert t["ood_num_images"] == 16 * 16 and t["sts_num_pairs"] > 100 and t["text_probe_num_sentences"] > 100, t
+    for name in ("slip", "clip", "random"):
+        r = rows[name]
+        assert 0 <= r["ood_zeroshot_top1"] <= 100 and 0 <= r["text_probe_top1"] <= 100, r
+        low, high = r["sts_spearman_ci95"]
+        assert -1 <= low <= r["sts_spearman"] <= high <= 1, r
+    ood = t["slip_vs_clip_ood_zeroshot"]      # paired on the same drawings
+    assert ood["n_images"] == t["ood_num_images"] and 0 <= ood["p_two_sided"] <= 1, ood
+    assert rows["slip"]["text_probe_top1"] > 2 * chance, rows        # the sentences name their class
+    suite = json.loads(Path(files["eval_results"]).read_text())
+    assert [d["status"] for d in suite["datasets"]] == ["evaluated"] * 4, suite["datasets"]
+    assert len(list((out / "logs").glob("eval*.log"))) == 1            # one evaluation process
+    assert "| drawings zero-shot top-1 | STS Spearman [95% CI]" in (out / "report.md").read_text()
     # every promised artefact exists
     assert (out / "report.md").read_text().startswith("# Demo report")
     assert list(Path(files["previews"]).glob("*.png")), "no augmentation previews"

@@ -10,8 +10,10 @@ Stages, each through the real command-line tool (logs in OUT/logs/):
  2. augmentation previews of the DALI views (tools/preview_augmentations.py)
  3. train a small SLIP model with the real trainer and the DALI CPU pipeline (demo_slip.yaml)
  4. train a CLIP-only model with the same data, steps and model (demo_clip.yaml)
- 5. evaluate both, and a randomly initialised encoder, on the held-out split: zero-shot with the
-    split's prompt templates, L-BFGS linear probe, retrieval (tools/evaluate.py)
+ 5. evaluate both, and a randomly initialised encoder, in one suite run (tools/evaluate.py --suite
+    trainer/configs/eval/demo.yaml): on the held-out split zero-shot with the split's prompt templates,
+    L-BFGS linear probe, retrieval; zero-shot on the out-of-domain line drawings of the same classes;
+    the text tower alone on graded sentence pairs (STS) and labelled sentences (text probe)
  6. finetune the image towers of SLIP, CLIP and the random encoder end to end on the held-out
     split's labelled train images, the same short budget each (tools/finetune.py,
     finetune_demo.yaml), validated on its val images
@@ -39,6 +41,9 @@ from pipeline.cli import run_main
 ROOT = Path(__file__).resolve().parent.parent
 
 
+DEMO_SUITE = ROOT / "trainer" / "configs" / "eval" / "demo.yaml"
+# the suite's datasets (demo.yaml) the report reads
+HELDOUT, DRAWINGS, STS_SET, SENTENCES = "heldout", "drawings", "captions-sts", "captions-class"
 LABELS = {"slip": "SLIP (trained)", "clip": "CLIP (trained, same budget)", "random": "random init (SLIP arch.)"}
 STAGES = 8
 
@@ -167,17 +172,16 @@ def run_demo(cfg: DemoRunConfig, quiet: bool = False) -> dict:
               [py, "trainer/run.py", "--config", f"trainer/configs/demo_{name}.yaml", f"out_dir={run_dir}",
                f"data.manifest={manifest}", f"eval.data={eval_dir}", *cfg.train_overrides])
 
-    evals = {"slip": out / "eval_slip.json", "clip": out / "eval_clip.json", "random": out / "eval_random.json"}
-    common = ["--data", str(eval_dir), "--batch-size", str(cfg.eval_batch_size)]
-    print(f"\n=== [5/{STAGES}] evaluate SLIP, CLIP and a random encoder  (elapsed {time.time() - t_start:.0f}s)",
-          flush=True)
-    t0 = time.time()
-    for name in ("slip", "clip"):
-        run_stage(f"eval_{name}", [py, "tools/evaluate.py", "--checkpoint", str(final_checkpoint(runs[name])),
-                                   "--out", str(evals[name]), *common], logs, quiet)
-    run_stage("eval_random", [py, "tools/evaluate.py", "--random-init", "--config",
-                              str(runs["slip"] / "config.yaml"), "--out", str(evals["random"]), *common], logs, quiet)
-    timings["evaluate"] = round(time.time() - t0, 1)
+    # one process, one suite (trainer/configs/eval/demo.yaml): every model on every set, encodings cached
+    # under OUT/eval/cache/ (a rerun reuses them), results in OUT/eval/results.json
+    suite_names = {"slip": str(final_checkpoint(runs["slip"])), "clip": str(final_checkpoint(runs["clip"])),
+                   "random": "random-init"}
+    eval_out = out / "eval"
+    stage(5, "evaluate", "evaluate SLIP, CLIP and a random encoder (demo suite: held-out split, drawings, text)",
+          [py, "tools/evaluate.py", "--suite", str(DEMO_SUITE), "--root", str(data),
+           "--checkpoint", suite_names["slip"], suite_names["clip"], "--random-init",
+           "--config", str(runs["slip"] / "config.yaml"), "--out", str(eval_out),
+           "--batch-size", str(cfg.eval_batch_size), "--no-progress"])
 
     print(f"\n=== [6/{STAGES}] finetune the SLIP, CLIP and random-init towers  (elapsed {time.time() - t_start:.0f}s)",
           flush=True)
@@ -197,7 +201,7 @@ def run_demo(cfg: DemoRunConfig, quiet: bool = False) -> dict:
     timings["plot"] = round(time.time() - t0, 1)
     timings["total"] = round(time.time() - t_start, 1)
 
-    report = build_report(cfg, out, runs, evals, timings, finetuned)
+    report = build_report(cfg, out, runs, eval_out / "results.json", suite_names, timings, finetuned)
     write_report(report, out)
     print(f"\n=== [{STAGES}/{STAGES}] report\n" + report_markdown(report), flush=True)
     return report
@@ -217,13 +221,37 @@ def paired_outcomes(a: dict, b: dict) -> tuple[str, str]:
     return "".join(str(a[n]) for n in names), "".join(str(b[n]) for n in names)
 
 
-def build_report(cfg: DemoRunConfig, out: Path, runs: dict, evals: dict, timings: dict,
-                 finetuned: dict | None = None) -> dict:
-    results = {name: json.loads(path.read_text()) for name, path in evals.items()}
+def suite_results(path: Path, names: dict[str, str]) -> dict[str, dict]:
+    """Each demo model's full results per suite dataset ({name: {dataset: results}}) from the suite's
+    results.json; `names` maps the demo's names (slip, clip, random) to the suite's model names."""
+    if not path.is_file():
+        raise StageFailed(f"{path}: the evaluation wrote no results")
+    runs = json.loads(path.read_text())["runs"]
+    found = {name: runs.get(model, {}) for name, model in names.items()}
+    missing = [name for name, r in found.items() if HELDOUT not in r]
+    if missing:
+        raise StageFailed(f"{path}: no results on the held-out split for {', '.join(missing)}")
+    return found
+
+
+def _get(results: dict, *keys):
+    """results[k1][k2]... or None where any level is absent (a set the suite skipped)."""
+    for k in keys:
+        if not isinstance(results, dict) or k not in results:
+            return None
+        results = results[k]
+    return results
+
+
+def build_report(cfg: DemoRunConfig, out: Path, runs: dict, results_json: Path, names: dict[str, str],
+                 timings: dict, finetuned: dict | None = None) -> dict:
+    everything = suite_results(results_json, names)
+    results = {name: r.get(HELDOUT, {}) for name, r in everything.items()}
     tuned = {name: finetune_result(d) for name, d in (finetuned or {}).items()}
     rows = {}
     for name, r in results.items():
         zs, lp, rt = r.get("zeroshot", {}), r.get("linear_probe", {}), r.get("retrieval", {})
+        every = everything[name]
         rows[name] = {
             "zeroshot_top1": zs.get("top1"), "zeroshot_top5": zs.get("top5"),
             "zeroshot_mean_per_class": zs.get("mean_per_class"),
@@ -231,9 +259,17 @@ def build_report(cfg: DemoRunConfig, out: Path, runs: dict, evals: dict, timings
             "text_to_image_R@1": rt.get("text_to_image_R@1"), "image_to_text_R@1": rt.get("image_to_text_R@1"),
             "text_to_image_R@5": rt.get("text_to_image_R@5"), "text_to_image_R@10": rt.get("text_to_image_R@10"),
             "finetune_top1": tuned[name]["val_top1"] if name in tuned else None,
+            # out of domain: the same classes as line drawings, zero-shot only
+            "ood_zeroshot_top1": _get(every, DRAWINGS, "zeroshot", "top1"),
+            # the text tower alone: STS Spearman (projected embedding; bootstrap 95% interval), text probe
+            "sts_spearman": _get(every, STS_SET, "sts", "embed", "spearman"),
+            "sts_spearman_ci95": _get(every, STS_SET, "sts", "embed", "ci95"),
+            "sts_spearman_eot": _get(every, STS_SET, "sts", "eot", "spearman"),
+            "text_probe_top1": _get(every, SENTENCES, "text_probe", "embed", "top1"),
+            "text_probe_top1_eot": _get(every, SENTENCES, "text_probe", "eot", "top1"),
             "train_steps": train_steps(runs[name]) if name in runs else 0,
             "train_seconds": timings.get(f"train_{name}"),
-            "eval_file": str(evals[name]),
+            "eval_file": str(results_json),
         }
     zs_any = results["slip"]["zeroshot"]
     chance, n_images = zs_any["chance_top1"], zs_any["num_images"]
@@ -249,6 +285,11 @@ def build_report(cfg: DemoRunConfig, out: Path, runs: dict, evals: dict, timings
                                          results["clip"]["zeroshot"].get("top1_correct")),
         "slip_vs_clip_probe": mcnemar(results["slip"]["linear_probe"].get("top1_correct"),
                                       results["clip"]["linear_probe"].get("top1_correct")),
+        "slip_vs_clip_ood_zeroshot": mcnemar(_get(everything["slip"], DRAWINGS, "zeroshot", "top1_correct"),
+                                             _get(everything["clip"], DRAWINGS, "zeroshot", "top1_correct")),
+        "ood_num_images": _get(everything["slip"], DRAWINGS, "zeroshot", "num_images"),
+        "sts_num_pairs": _get(everything["slip"], STS_SET, "sts", "num_pairs"),
+        "text_probe_num_sentences": _get(everything["slip"], SENTENCES, "text_probe", "embed", "num_images"),
         # finetuning: a pretrained tower against random initialisation, same budget, same images
         **({f"finetune_{name}_vs_random": mcnemar(*paired_outcomes(tuned[name]["top1_by_image"],
                                                                   tuned["random"]["top1_by_image"]))
@@ -260,6 +301,8 @@ def build_report(cfg: DemoRunConfig, out: Path, runs: dict, evals: dict, timings
     bad = {name: r["bad_images"]["count"] for name, r in results.items()}
     files = {
         "data": str(out / "data"), "shards": str(out / "data" / "shards"), "eval_split": str(out / "data" / "eval"),
+        "eval_ood": str(out / "data" / "eval_ood"), "eval_text": str(out / "data" / "eval_text"),
+        "eval_results": str(results_json),
         "previews": str(out / "previews"),
         **{f"run_{n}": str(d) for n, d in runs.items()},
         **{f"plots_{n}": str(d / "plots") for n, d in runs.items()},
@@ -391,6 +434,8 @@ def report_markdown(report: dict) -> str:
         "run; docs/DEMO.md repeats the comparison over seeds and with clean captions. SLIP's step costs 3 image "
         "passes vs 1, and neither method is tuned here.",
         "",
+        *suite_lines(report),
+        "",
         *finetune_lines(t),
         "",
         "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings_s"].items()),
@@ -399,6 +444,39 @@ def report_markdown(report: dict) -> str:
         *[f"- {k}: {v}" for k, v in report["files"].items()],
     ]
     return "\n".join(lines)
+
+
+def _ci(r: dict) -> str:
+    ci = r.get("sts_spearman_ci95")
+    return "-" if r.get("sts_spearman") is None else \
+        f"{r['sts_spearman']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{r['sts_spearman']:.2f}"
+
+
+def suite_lines(report: dict) -> list[str]:
+    """The rest of the demo suite: out-of-domain drawings (zero-shot), and the text tower alone."""
+    t, rows = report["targets"], report["rows"]
+    lines = [
+        f"Out of domain and text alone (trainer/configs/eval/demo.yaml): line drawings of the same 16 classes "
+        f"({_fmt(t.get('ood_num_images'))} images, zero-shot only, chance {t['chance_top1']:.1f}%); STS on "
+        f"{_fmt(t.get('sts_num_pairs'))} caption pairs graded 0-5 (Spearman of the projected embeddings' cosine, "
+        f"bootstrap 95% interval); a linear probe on frozen text features classifying sentences into the 16 "
+        f"classes ({_fmt(t.get('text_probe_num_sentences'))} dev sentences).",
+        "",
+        "| model | drawings zero-shot top-1 | STS Spearman [95% CI] | STS Spearman (pre-projection) "
+        "| text probe top-1 | text probe (pre-projection) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in rows.items():
+        eot = r.get("sts_spearman_eot")
+        lines.append(f"| {LABELS[name]} | {_fmt(r.get('ood_zeroshot_top1'))} | {_ci(r)} | "
+                     f"{'-' if eot is None else f'{eot:.2f}'} | {_fmt(r.get('text_probe_top1'))} | "
+                     f"{_fmt(r.get('text_probe_top1_eot'))} |")
+    s, c = rows["slip"], rows["clip"]
+    if s.get("ood_zeroshot_top1") is not None and c.get("ood_zeroshot_top1") is not None:
+        lines += ["", "SLIP vs CLIP on the drawings (paired on the same images): "
+                  + _paired("zero-shot", s["ood_zeroshot_top1"] - c["ood_zeroshot_top1"],
+                            t.get("slip_vs_clip_ood_zeroshot")) + "."]
+    return lines
 
 
 def finetune_lines(t: dict) -> list[str]:
