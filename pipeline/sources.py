@@ -239,10 +239,23 @@ class CocoSource:
         stats and the download info the builder's finalize stage takes."""
         from pipeline.build_errors import BuildError
         from pipeline.download_run import done_ids, remove_incomplete
+        if cfg.limit is not None or cfg.sample_fraction != 1.0:
+            raise InputError("--limit and --sample-fraction are not supported for COCO builds")
         scan = ScanStats()
         records = self.read(scan, cfg.max_caption_chars)
         if not records:
             raise BuildError(f"no image with a caption in {self.describe()}: nothing to build")
+        # shards are resumed by id, so they must all come from one selection and one packing: refuse a
+        # rerun with other settings rather than mixing old and new shards (the URL builds' rule too)
+        marker = cfg.state_dir / "pack.json"
+        settings = {**cfg.selection_fingerprint(), "shard_size": cfg.shard_size, "image_size": cfg.image_size,
+                    "resize_mode": cfg.resize_mode, "encode_quality": cfg.encode_quality}
+        settings = json.loads(json.dumps(settings, default=str))
+        if marker.exists() and json.loads(marker.read_text()) != settings and any(cfg.shard_dir.glob("*.tar")):
+            raise InputError(f"{cfg.out}: already holds shards built with other settings ({marker}); "
+                             "use a new --out or delete it")
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(settings))
         cfg.shard_dir.mkdir(parents=True, exist_ok=True)
         redone = remove_incomplete(cfg.shard_dir)
         done = done_ids(cfg.shard_dir)

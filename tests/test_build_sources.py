@@ -195,3 +195,14 @@ def test_redcaps_and_headerless_lists_select_their_rows(tmp_path):
 def test_a_missing_list_is_one_line(tmp_path):
     proc = build_cli("--preset", "cc12m", "--url-list", str(tmp_path / "cc12m.tsv"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'cc12m.tsv'}: no such file"
+
+
+def test_coco_rerun_with_other_settings_is_refused(coco):
+    """Shards resume by id, so a rerun that would pack differently must not mix with the old shards."""
+    root = coco.parent
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--preset", "coco", "--images",
+                           str(root / "train2017"), "--captions", str(root / "captions_train2017.json"), "--out",
+                           str(coco), "--manifest-dir", str(coco / "m"), *SMALL, "--shard-size", "3"],
+                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert proc.returncode != 0 and "already holds shards built with other settings" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in (coco / "shards").glob("*.tar")) == ["00000.tar", "00001.tar"]
