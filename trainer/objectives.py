@@ -67,6 +67,11 @@ tried. This is evidence at small scale, not a guarantee: the trainer logs the cl
 modality and warns when it falls below `nclip_min_usage` of min(K, global batch) (trainer/loop.py).
 "nclip_batch_entropy" reports (H(mean p_image) + H(mean p_text)) / 2: it stays high without collapse;
 the per-modality terms and the argmax histograms are returned for that monitoring.
+`nclip_targets` chooses how q is made: "sharpen" (above, the default), "centre" (DINO: the teacher
+logits minus an EMA of their global batch mean; the centre is the objective's state, all-reduced so
+every rank holds the same, checkpointed by the loop) or "sinkhorn" (SwAV: Sinkhorn-Knopp over the
+global batch, tau_t as epsilon, so every cluster gets about B/K of the targets). Both are global
+over ranks (tests/test_distributed_losses.py); docs/NCLIP.md has the study of them.
 
 xCLIP = CLIP + nclip_weight * nCLIP (nclip_weight 1.0, an equal-weight multi-task sum as in the paper).
 """

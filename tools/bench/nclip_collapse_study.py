@@ -471,13 +471,16 @@ def run_trainer(args) -> int:
                 r[f"{name}_min"] = min(x[name] for x in steps)
         r["usage_fraction"] = min(sum(x[f"nclip_{m}_clusters_batch"] for x in last) / len(last)
                                   for m in ("image", "text")) / min(s_k(args), args.batch)
+        # the gate's second clause in the trainer: the worse modality's sample entropy over ln K
+        r["sample_entropy_fraction"] = max(r[f"nclip_{m}_sample_entropy"] for m in ("image", "text")) / math.log(s_k(args))
+        r["confirmed"] = r["usage_fraction"] >= GATE_USAGE and r["sample_entropy_fraction"] <= GATE_SAMPLE_ENTROPY
         evals = [x for x in recs if "event" not in x and any(k.startswith("eval/") for k in x)]
         if evals:
             r["eval"] = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
         runs.append(r)
         results_path.write_text(json.dumps(runs, indent=1))
         print(json.dumps(r), flush=True)
-    (out / "trainer.md").write_text(trainer_markdown(runs))
+    (out / "trainer.md").write_text(trainer_markdown(runs) + "\n" + trainer_summary(runs))
     return 0
 
 
@@ -485,15 +488,37 @@ def s_k(args) -> int:
     return ModelConfig.preset("vit_tiny").nclip_clusters
 
 
+def _top1(r: dict, task: str) -> float:
+    return next((v for k, v in r.get("eval", {}).items() if task in k and "top1" in k), float("nan"))
+
+
+def trainer_summary(runs: list[dict]) -> str:
+    """Per setting and objective over seeds: mean usage and sample entropy fraction, whether every
+    seed passes the full gate, mean zero-shot and probe top-1."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["setting"], r["objective"]), []).append(r)
+    cols = ["setting", "objective", "seeds", "usage (mean; min)", "sample H / ln K (mean; max)",
+            "gate in every seed", "zero-shot top-1 (mean)", "probe top-1 (mean)"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for (setting, objective), rs in groups.items():
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        u, h = [r["usage_fraction"] for r in rs], [r.get("sample_entropy_fraction", float("nan")) for r in rs]
+        lines.append("| " + " | ".join([setting, objective, str(len(rs)), f"{mean(u):.2f}; {min(u):.2f}",
+                                         f"{mean(h):.2f}; {max(h):.2f}", "yes" if all(r.get("confirmed") for r in rs) else "no",
+                                         f"{mean([_top1(r, 'zeroshot') for r in rs]):.3f}",
+                                         f"{mean([_top1(r, 'probe') for r in rs]):.3f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def trainer_markdown(runs: list[dict]) -> str:
-    cols = ["setting", "objective", "seed", "usage (last fifth)", "img clusters batch", "txt clusters batch",
+    cols = ["setting", "objective", "seed", "usage (last fifth)", "sample H / ln K", "img clusters batch", "txt clusters batch",
             "img clusters window", "img batch H", "img sample H", "txt sample H", "zero-shot top-1", "probe top-1"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in runs:
-        ev = r.get("eval", {})
-        zs = next((v for k, v in ev.items() if "zeroshot" in k and "top1" in k), float("nan"))
-        pr = next((v for k, v in ev.items() if "probe" in k and "top1" in k), float("nan"))
+        zs, pr = _top1(r, "zeroshot"), _top1(r, "probe")
         lines.append("| " + " | ".join([r["setting"], r["objective"], str(r["seed"]), f"{r['usage_fraction']:.2f}",
+                                         f"{r.get('sample_entropy_fraction', float('nan')):.2f}",
                                          f"{r['nclip_image_clusters_batch']:.1f}", f"{r['nclip_text_clusters_batch']:.1f}",
                                          f"{r['nclip_image_clusters_window']:.1f}", f"{r['nclip_image_batch_entropy']:.2f}",
                                          f"{r['nclip_image_sample_entropy']:.2f}", f"{r['nclip_text_sample_entropy']:.2f}",
