@@ -132,7 +132,7 @@ def objective_parts(name: str) -> ObjectiveParts:
     return OBJECTIVE_PARTS[name]
 
 
-# How nCLIP's pseudo-labels q are made from the detached logits (docs/NCLIP.md, "Structural remedies"):
+# How nCLIP's pseudo-labels q are made from the detached logits (docs/NCLIP.md, second round):
 # "sharpen" softmax(l / tau_t); "centre" softmax((l - c) / tau_t) with c DINO's EMA of the global
 # batch-mean logits; "sinkhorn" SwAV's Sinkhorn-Knopp equipartition over the global batch (eps = tau_t).
 NCLIP_TARGETS = ("sharpen", "centre", "sinkhorn")
