@@ -1,5 +1,5 @@
-"""nCLIP's target makers (trainer/objectives.py `nclip_targets`, docs/NCLIP.md "Structural
-remedies"): Sinkhorn equipartition, DINO teacher centring and its exact resume, the config choice.
+"""nCLIP's target makers (trainer/objectives.py `nclip_targets`, docs/NCLIP.md "Second
+round"): Sinkhorn equipartition, DINO teacher centring and its exact resume, the config choice.
 The 2-rank checks (global over ranks) are in tests/test_distributed_losses.py, the trainer's
 checkpointed centre in tests/test_nclip_monitoring.py."""
 from __future__ import annotations

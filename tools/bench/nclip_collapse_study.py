@@ -301,7 +301,7 @@ SHARPNESS = (0.0, 0.25, 0.5, 1.0)
 SMOOTHNESS = (1.0, 2.0)
 DEFAULT = Setting(0.1, 0.04, 1.0, 1.0)     # the defaults the first round questioned
 CURRENT = Setting(0.1, 0.07, 0.25, 2.0)    # the defaults the first round chose (reference of the second)
-# second round (docs/NCLIP.md, "Second round: structural remedies"): the new target makers without extra terms
+# second round (docs/NCLIP.md, "Second round"): the new target makers without extra terms
 # (DINO / SwAV), with sharpness only, with the current weights; two student and two teacher
 # temperatures (for "sinkhorn" the teacher temperature is SwAV's epsilon); plus the current defaults
 TARGETS_GRID = [Setting(ts, tt, ws, wm, tg) for tg in ("centre", "sinkhorn") for ts in (0.1, 0.05)
