@@ -39,7 +39,20 @@ SCENARIOS = {
     "nclip": ObjectiveConfig(name="nclip"),
     "xclip": ObjectiveConfig(name="xclip", nclip_weight=0.5),
     "slip_local_chunk": ObjectiveConfig(name="slip", clip_gather_with_grad=False),   # the deprecated spelling
+    # nCLIP's target makers: Sinkhorn's sums and the teacher centre run over the global batch
+    "nclip_sinkhorn": ObjectiveConfig(name="nclip", nclip_targets="sinkhorn"),
+    "xclip_centre": ObjectiveConfig(name="xclip", nclip_targets="centre", nclip_centre_momentum=0.5),
 }
+
+
+def objective_after_warm_up(scenario: str, model, batch):
+    """The scenario's objective; with a teacher centre, one call first so the measured call uses a
+    centre that came from the (global) batch."""
+    objective = build_objective(SCENARIOS[scenario])
+    if objective.centre is not None:
+        with torch.no_grad():
+            objective(model(batch))
+    return objective
 
 
 def fresh_model(scenario: str):
@@ -78,11 +91,13 @@ def worker(rank: int, port: int, out_dir: str):
     results["gather"] = distributed.gather_no_grad(x * 10), x.grad.clone()
 
     batch = half(full_batch(), rank)
-    for name, objective_cfg in SCENARIOS.items():
+    for name in SCENARIOS:
         model = DistributedDataParallel(fresh_model(name))
-        losses = build_objective(objective_cfg)(model(batch))
+        objective = objective_after_warm_up(name, model.module, batch)
+        losses = objective(model(batch))
         losses["loss"].backward()  # DDP averages the gradients over the two ranks
-        results[name] = {"losses": {k: v.detach() for k, v in losses.items()}, "grads": grads(model.module)}
+        results[name] = {"losses": {k: v.detach() for k, v in losses.items()}, "grads": grads(model.module),
+                         "state": objective.state_dict()}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.cleanup()
 
@@ -151,8 +166,9 @@ def test_single_process_has_no_group():
 def test_two_ranks_equal_one_process(ranks, scenario):
     model = fresh_model(scenario)
     objective_cfg = SCENARIOS[scenario]
+    objective = objective_after_warm_up(scenario, model, full_batch())
     out = model(full_batch())
-    full = build_objective(objective_cfg)(out)
+    full = objective(out)
     loss = full["loss"]
     mode = objective_cfg.clip_gradient if objective_cfg.name in ("clip", "slip", "xclip") else None
     if mode in ("local_chunk", "reference"):
@@ -169,6 +185,9 @@ def test_two_ranks_equal_one_process(ranks, scenario):
     for key in ("loss", *[k for k in full if k.endswith("_loss")]):
         mean = sum(r[scenario]["losses"][key] for r in ranks) / WORLD
         torch.testing.assert_close(mean, full[key], rtol=1e-10, atol=1e-12, msg=f"{scenario} {key}")
+    for r in ranks:   # the centre: the same on both ranks, and that of the whole batch
+        for mod, centre in objective.state_dict().get("nclip_centre", {}).items():
+            torch.testing.assert_close(r[scenario]["state"]["nclip_centre"][mod], centre, rtol=1e-10, atol=1e-12)
     for r in ranks:
         got = r[scenario]["grads"]
         for name, g in expected.items():

@@ -79,14 +79,24 @@ NCLIP_RUN = [a for a in COMMON if not a.startswith(("objective.name=", "optim.ep
                                                     "train.log_every="))]
 
 
+# every sample its own cluster would be healthy; min_usage 1.0 makes the warning fire for sure. The
+# teacher centre (objective state) makes the run the reference of the exact-resume test too.
+NCLIP_ARGS = [*NCLIP_RUN, "objective.name=nclip", "data.recipe.num_ssl_views=0", "optim.epochs=2",
+              "train.log_every=1", "checkpoint.every_steps=2", "checkpoint.keep_every=2",
+              "objective.nclip_min_usage=1.0",
+              "objective.nclip_targets=centre"]
+
+
 @pytest.fixture(scope="module")
-def nclip_run(tmp_path_factory):
-    shards = make_shards(tmp_path_factory.mktemp("shards"))
+def nclip_shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def nclip_run(tmp_path_factory, nclip_shards):
     out = tmp_path_factory.mktemp("nclip")
-    # every sample its own cluster would be healthy; min_usage 1.0 makes the warning fire for sure
-    proc = torchrun([*NCLIP_RUN, "objective.name=nclip", "data.recipe.num_ssl_views=0", "optim.epochs=2",
-                     "train.log_every=2", "checkpoint.every_steps=0", "objective.nclip_min_usage=1.0",
-                     f"data.manifest={shards}", f"out_dir={out}", "debug.save_cluster_counts=true"])
+    proc = torchrun([*NCLIP_ARGS, "train.log_every=2", f"data.manifest={nclip_shards}", f"out_dir={out}",
+                     "debug.save_cluster_counts=true"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -126,3 +136,25 @@ def test_plot_metrics_draws_the_nclip_panels(nclip_run):
     assert proc.returncode == 0, proc.stderr
     for name in ("nclip_clusters", "nclip_entropy"):
         assert (nclip_run / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_teacher_centre_is_checkpointed_and_resumes_exactly(nclip_run, nclip_shards, tmp_path):
+    """A new run resumed from the reference run's step-2 checkpoint gives the same losses at step 4,
+    which needs the all-reduced teacher centre from the checkpoint (a zero centre gives others)."""
+    from trainer import checkpoint as ckpt
+    from trainer.models import ModelConfig
+    step2 = ckpt.checkpoint_path(nclip_run / "checkpoints", 2)
+    state = ckpt.load_checkpoint(step2)
+    for mod in ("image", "text"):
+        centre = state["objective"]["nclip_centre"][mod]
+        assert centre.shape == (ModelConfig.preset("vit_tiny").nclip_clusters,)
+        assert torch.isfinite(centre).all() and centre.abs().max() > 0
+    out = tmp_path / "resumed"
+    resumed = torchrun([*NCLIP_ARGS, "train.log_every=2", f"data.manifest={nclip_shards}", f"out_dir={out}",
+                        "--resume", str(step2)])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    ref, got = step_records(nclip_run), step_records(out)
+    assert sorted(got) == [4]
+    for key in ("loss", "nclip_pred", "nclip_image_sample_entropy"):
+        assert got[4][key] == pytest.approx(ref[4][key], rel=1e-6, abs=1e-7), key

@@ -208,6 +208,15 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@torch.no_grad()
+def all_reduce_no_grad(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """A copy of `x` reduced over ranks ("sum" or "max"), without gradient."""
+    x = x.detach().clone()
+    if get_world_size() > 1:
+        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return x
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

@@ -172,6 +172,8 @@ class Trainer:
             "optimizer": c.optimizer.state_dict(),
             "scheduler": c.scheduler.state_dict(),
             "scaler": c.scaler.state_dict() if c.scaler is not None else None,
+            # objective state (nCLIP's teacher centre: the same on every rank, all-reduced)
+            "objective": c.objective.state_dict() if hasattr(c.objective, "state_dict") else {},
             "step": self.state.step,
             "samples_seen": self.state.samples_seen,
             "nonfinite_total": self.state.nonfinite_total,
@@ -193,6 +195,8 @@ class Trainer:
         c.scheduler.load_state_dict(s["scheduler"])
         if c.scaler is not None and s.get("scaler"):
             c.scaler.load_state_dict(s["scaler"])
+        if hasattr(c.objective, "load_state_dict"):
+            c.objective.load_state_dict(s.get("objective", {}))
         self.state.step = int(s["step"])
         self.state.samples_seen = int(s["samples_seen"])
         self.state.nonfinite_total = int(s.get("nonfinite_total", 0))

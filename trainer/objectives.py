@@ -67,6 +67,11 @@ tried. This is evidence at small scale, not a guarantee: the trainer logs the cl
 modality and warns when it falls below `nclip_min_usage` of min(K, global batch) (trainer/loop.py).
 "nclip_batch_entropy" reports (H(mean p_image) + H(mean p_text)) / 2: it stays high without collapse;
 the per-modality terms and the argmax histograms are returned for that monitoring.
+`nclip_targets` chooses how q is made: "sharpen" (above, the default), "centre" (DINO: the teacher
+logits minus an EMA of their global batch mean; the centre is the objective's state, all-reduced so
+every rank holds the same, checkpointed by the loop) or "sinkhorn" (SwAV: Sinkhorn-Knopp over the
+global batch, tau_t as epsilon, so every cluster gets about B/K of the targets). Both are global
+over ranks (tests/test_distributed_losses.py); docs/NCLIP.md has the study of them.
 
 xCLIP = CLIP + nclip_weight * nCLIP (nclip_weight 1.0, an equal-weight multi-task sum as in the paper).
 """
@@ -78,8 +83,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from trainer.distributed import (all_reduce_with_grad, gather_no_grad, gather_with_grad, get_rank,
-                                 get_world_size)
+from trainer.distributed import (all_reduce_no_grad, all_reduce_with_grad, gather_no_grad, gather_with_grad,
+                                 get_rank, get_world_size)
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,12 @@ def objective_parts(name: str) -> ObjectiveParts:
     return OBJECTIVE_PARTS[name]
 
 
+# How nCLIP's pseudo-labels q are made from the detached logits (docs/NCLIP.md, second round):
+# "sharpen" softmax(l / tau_t); "centre" softmax((l - c) / tau_t) with c DINO's EMA of the global
+# batch-mean logits; "sinkhorn" SwAV's Sinkhorn-Knopp equipartition over the global batch (eps = tau_t).
+NCLIP_TARGETS = ("sharpen", "centre", "sinkhorn")
+NclipTargets = Literal[NCLIP_TARGETS]
+
 CLIP_GRADIENTS = ("gather_with_grad", "global_logits", "local_chunk", "reference")
 ClipGradient = Literal[CLIP_GRADIENTS]
 
@@ -144,6 +155,9 @@ class ObjectiveConfig:
     nclip_teacher_temperature: float = 0.07
     nclip_sharpness_weight: float = 0.25
     nclip_smoothness_weight: float = 2.0
+    nclip_targets: NclipTargets = "sharpen"
+    nclip_centre_momentum: float = 0.9        # "centre": DINO's default
+    nclip_sinkhorn_iterations: int = 3        # "sinkhorn": SwAV's default
     # the trainer warns (once per modality) and records an event when the clusters used in a global
     # batch fall below this fraction of min(K, global batch); 0 turns the warning off
     nclip_min_usage: float = 0.1
@@ -156,6 +170,12 @@ class ObjectiveConfig:
         for f in ("ssl_temperature", "nclip_student_temperature", "nclip_teacher_temperature"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
+        if self.nclip_targets not in NCLIP_TARGETS:
+            raise ValueError(f"nclip_targets {self.nclip_targets!r}: choose one of {NCLIP_TARGETS}")
+        if not 0 <= self.nclip_centre_momentum < 1:
+            raise ValueError(f"nclip_centre_momentum must be in [0, 1), got {self.nclip_centre_momentum}")
+        if self.nclip_sinkhorn_iterations < 1:
+            raise ValueError(f"nclip_sinkhorn_iterations must be >= 1, got {self.nclip_sinkhorn_iterations}")
         if not 0 <= self.nclip_min_usage <= 1:
             raise ValueError(f"nclip_min_usage must be in [0, 1], got {self.nclip_min_usage}")
 
@@ -253,14 +273,77 @@ def _entropy_of_mean(p: torch.Tensor) -> torch.Tensor:
 CLUSTER_COUNTS = {"image": "nclip_image_cluster_counts", "text": "nclip_text_cluster_counts"}
 
 
+class TeacherCentre:
+    """DINO's teacher centring: per modality an EMA of the GLOBAL batch-mean logits (all-reduced, so
+    every rank holds the same centre), subtracted from the teacher logits before sharpening. It
+    updates once per objective call (each micro-batch), after the targets of that call are made.
+    Its state travels in the trainer's checkpoints (Objective.state_dict) for an exact resume."""
+
+    def __init__(self, momentum: float = 0.9):
+        self.momentum = momentum
+        self.centres: dict[str, torch.Tensor] = {}
+
+    def get(self, modality: str, logits: torch.Tensor) -> torch.Tensor:
+        c = self.centres.get(modality)
+        return torch.zeros_like(logits[0]) if c is None else c.to(logits)
+
+    @torch.no_grad()
+    def update(self, modality: str, logits: torch.Tensor) -> None:
+        count = torch.tensor([float(logits.shape[0])], device=logits.device, dtype=logits.dtype)
+        total = all_reduce_no_grad(torch.cat([logits.sum(0), count]))
+        mean = total[:-1] / total[-1]
+        self.centres[modality] = self.momentum * self.get(modality, logits) + (1 - self.momentum) * mean
+
+    def state_dict(self) -> dict:
+        return {m: c.detach().cpu().clone() for m, c in self.centres.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.centres = {m: c.clone() for m, c in state.items()}
+
+
+@torch.no_grad()
+def sinkhorn_targets(logits: torch.Tensor, epsilon: float, iterations: int = 3) -> torch.Tensor:
+    """SwAV's Sinkhorn-Knopp over the GLOBAL batch (all ranks' rows, equal local batches): targets
+    whose rows sum to 1 and whose clusters share the global batch about equally (each cluster's
+    column sums to about B/K), so no target assignment can collapse."""
+    scaled = logits / epsilon
+    q = torch.exp(scaled - all_reduce_no_grad(scaled.max(), "max")).t()    # [K, B_local]; shift cancels
+    k, b = q.shape[0], q.shape[1] * get_world_size()
+    tiny = torch.finfo(q.dtype).tiny
+    q = q / all_reduce_no_grad(q.sum()).clamp_min(tiny)
+    for _ in range(iterations):
+        q = q / all_reduce_no_grad(q.sum(1, keepdim=True)).clamp_min(tiny) / k    # each cluster 1/K
+        q = q / q.sum(0, keepdim=True).clamp_min(tiny) / b                        # each sample 1/B
+    return (q * b).t()
+
+
+def nclip_targets(logits: torch.Tensor, modality: str, teacher_temperature: float,
+                  targets: NclipTargets = "sharpen", centre: TeacherCentre | None = None,
+                  sinkhorn_iterations: int = 3) -> torch.Tensor:
+    """The pseudo-labels q of one modality from its detached logits (see NCLIP_TARGETS)."""
+    logits = logits.detach()
+    if targets == "sharpen":
+        return F.softmax(logits / teacher_temperature, dim=-1)
+    if targets == "sinkhorn":
+        return sinkhorn_targets(logits, teacher_temperature, sinkhorn_iterations)
+    if targets == "centre":
+        if centre is None:
+            raise ValueError('nclip targets "centre" need a TeacherCentre (the objective keeps one)')
+        q = F.softmax((logits - centre.get(modality, logits)) / teacher_temperature, dim=-1)
+        centre.update(modality, logits)
+        return q
+    raise ValueError(f"nclip targets {targets!r}: choose one of {NCLIP_TARGETS}")
+
+
 def nclip_loss(image_logits, text_logits, student_temperature: float = 0.1,
                teacher_temperature: float = 0.07, sharpness_weight: float = 0.25,
-               smoothness_weight: float = 2.0) -> dict:
+               smoothness_weight: float = 2.0, targets: NclipTargets = "sharpen",
+               centre: TeacherCentre | None = None, sinkhorn_iterations: int = 3) -> dict:
     li, lt = _f32(image_logits), _f32(text_logits)
     log_p_image = F.log_softmax(li / student_temperature, dim=-1)
     log_p_text = F.log_softmax(lt / student_temperature, dim=-1)
-    q_image = F.softmax(li.detach() / teacher_temperature, dim=-1)
-    q_text = F.softmax(lt.detach() / teacher_temperature, dim=-1)
+    q_image = nclip_targets(li, "image", teacher_temperature, targets, centre, sinkhorn_iterations)
+    q_text = nclip_targets(lt, "text", teacher_temperature, targets, centre, sinkhorn_iterations)
     pred = (-(q_text * log_p_image).sum(-1).mean() - (q_image * log_p_text).sum(-1).mean()) / 2
     p_image, p_text = log_p_image.exp(), log_p_text.exp()
     sample_entropy_image = -(p_image * log_p_image).sum(-1).mean()
@@ -300,6 +383,15 @@ def _histogram(index: torch.Tensor, k: int) -> torch.Tensor:
 class Objective:
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
+        # nCLIP's teacher centre is the one piece of objective state (checkpointed by the loop)
+        self.centre = TeacherCentre(cfg.nclip_centre_momentum) if cfg.nclip_targets == "centre" else None
+
+    def state_dict(self) -> dict:
+        return {"nclip_centre": self.centre.state_dict()} if self.centre is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.centre is not None and "nclip_centre" in state:
+            self.centre.load_state_dict(state["nclip_centre"])
 
     def __call__(self, out: dict) -> dict:
         # the similarity matmuls must not be downcast by an enclosing autocast
@@ -332,7 +424,8 @@ class Objective:
         if parts.nclip:
             terms.update(nclip_loss(out["image_cluster_logits"], out["text_cluster_logits"],
                                     cfg.nclip_student_temperature, cfg.nclip_teacher_temperature,
-                                    cfg.nclip_sharpness_weight, cfg.nclip_smoothness_weight))
+                                    cfg.nclip_sharpness_weight, cfg.nclip_smoothness_weight,
+                                    cfg.nclip_targets, self.centre, cfg.nclip_sinkhorn_iterations))
             loss = loss + (cfg.nclip_weight if parts.clip else 1.0) * terms["nclip_loss"]
         if parts.classify:
             terms.update(classification_loss(out["logits"], out["target"]))

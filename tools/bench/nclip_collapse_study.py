@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from trainer.models import ModelConfig, NCLIPHead, Prototypes  # noqa: E402
-from trainer.objectives import nclip_loss  # noqa: E402
+from trainer.objectives import NCLIP_TARGETS, TeacherCentre, nclip_loss  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -68,16 +68,26 @@ class Setting:
     teacher_t: float
     sharpness: float
     smoothness: float
+    targets: str = "sharpen"      # objective.nclip_targets: sharpen | centre | sinkhorn
 
     @property
     def label(self) -> str:
-        return f"ts={self.student_t:g} tt={self.teacher_t:g} ws={self.sharpness:g} wm={self.smoothness:g}"
+        base = f"ts={self.student_t:g} tt={self.teacher_t:g} ws={self.sharpness:g} wm={self.smoothness:g}"
+        return base if self.targets == "sharpen" else f"{base} tg={self.targets}"
 
     @classmethod
     def parse(cls, text: str) -> "Setting":
-        """From "TS,TT,WS,WM" or a label "ts=.. tt=.. ws=.. wm=..". """
+        """From "TS,TT,WS,WM[,TARGETS]" or a label "ts=.. tt=.. ws=.. wm=..[ tg=..]". """
         ts, tt, ws, wm = (float(x) for x in re.findall(r"[-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?", text))
-        return cls(ts, tt, ws, wm)
+        named = [t for t in NCLIP_TARGETS if re.search(rf"\b{t}\b", text)]
+        return cls(ts, tt, ws, wm, named[0] if named else "sharpen")
+
+    def overrides(self) -> list[str]:
+        """The trainer's objective.* overrides for this setting."""
+        return [f"objective.nclip_student_temperature={self.student_t}",
+                f"objective.nclip_teacher_temperature={self.teacher_t}",
+                f"objective.nclip_sharpness_weight={self.sharpness}",
+                f"objective.nclip_smoothness_weight={self.smoothness}", f"objective.nclip_targets={self.targets}"]
 
 
 @dataclass(frozen=True)
@@ -98,10 +108,11 @@ class Pairs:
     image: torch.Tensor     # [N, D_image] encoder inputs or frozen features
     text: torch.Tensor      # [N, D_text]
     label: torch.Tensor     # [N] class (for retrieval); -1 unknown
+    n_train: int = -1       # rows before this train, the rest are held out (-1: the setup's default split)
 
     def split(self, n_train: int) -> tuple["Pairs", "Pairs"]:
-        a = Pairs(self.image[:n_train], self.text[:n_train], self.label[:n_train])
-        b = Pairs(self.image[n_train:], self.text[n_train:], self.label[n_train:])
+        a = Pairs(self.image[:n_train], self.text[:n_train], self.label[:n_train], n_train)
+        b = Pairs(self.image[n_train:], self.text[n_train:], self.label[n_train:], 0)
         return a, b
 
 
@@ -161,6 +172,18 @@ def demo_features(demo: Path, cache: Path, images_as: str = "pixels") -> Pairs:
     from pipeline.tokenizer import Tokenizer
     from trainer.models import TextTransformer, VisionTransformer
     images, captions = read_demo(demo)
+    labels = [caption_class(c) for c in captions]
+    n_train = -1
+    held = demo / "eval" / "val_captions.jsonl"
+    if held.exists():
+        # today's demo design (pattern x shape, colour a nuisance, noisy captions): the shards train,
+        # the labelled held-out split (eval/val/<class>/*.jpg with its captions) measures
+        classes = json.loads((demo / "eval" / "classnames.json").read_text())
+        rows = [json.loads(line) for line in held.read_text().splitlines()]
+        n_train = len(images)
+        labels = [-1] * n_train + [classes.index(Path(r["file"]).parent.name) for r in rows]
+        images += [(demo / "eval" / r["file"]).read_bytes() for r in rows]
+        captions += [r["caption"] for r in rows]
     cfg = ModelConfig.preset("vit_tiny")
     torch.manual_seed(0)
     visual, text = VisionTransformer(cfg).eval(), TextTransformer(cfg).eval()
@@ -179,13 +202,14 @@ def demo_features(demo: Path, cache: Path, images_as: str = "pixels") -> Pairs:
         else:
             feats_i.append(torch.stack([pixels(j, 16).flatten() for j in images[s:s + 256]]))
         feats_t.append(text(tok(captions[s:s + 256], context_length=cfg.context_length)))
-    # a fixed shuffle, so the held-out split is not one shard's captions
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    # a fixed shuffle, so the held-out split is not one shard's captions (within the training rows
+    # only when the demo has its own held-out split)
+    n = len(images) if n_train < 0 else n_train
+    order = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(0)), torch.arange(n, len(images))])
     feats_i = torch.cat(feats_i)
     if images_as != "vit":
-        feats_i = feats_i - feats_i.mean(0)
-    pairs = Pairs(feats_i[order], torch.cat(feats_t)[order],
-                  torch.tensor([caption_class(c) for c in captions])[order])
+        feats_i = feats_i - feats_i[:n].mean(0)
+    pairs = Pairs(feats_i[order], torch.cat(feats_t)[order], torch.tensor(labels)[order], n_train)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(asdict(pairs), cache)
     return pairs
@@ -223,10 +247,12 @@ def train_heads(pairs: Pairs, setup: Setup, setting: Setting, seed: int, encoder
     opt = (torch.optim.Adam(model.parameters(), lr=setup.lr) if encoders
            else torch.optim.AdamW(model.parameters(), lr=setup.lr, weight_decay=0.0))
     g = torch.Generator().manual_seed(seed)
+    centre = TeacherCentre() if setting.targets == "centre" else None
     for _ in range(setup.steps):
         idx = torch.randint(0, len(pairs.label), (setup.batch,), generator=g)
         li, lt = model(pairs.image[idx], pairs.text[idx])
-        loss = nclip_loss(li, lt, setting.student_t, setting.teacher_t, setting.sharpness, setting.smoothness)
+        loss = nclip_loss(li, lt, setting.student_t, setting.teacher_t, setting.sharpness, setting.smoothness,
+                          setting.targets, centre)
         opt.zero_grad(set_to_none=True)
         loss["nclip_loss"].backward()
         opt.step()
@@ -273,7 +299,13 @@ def measure(model: Heads, held: Pairs, setup: Setup, student_t: float) -> dict[s
 TEMPERATURES = ((0.1, 0.04), (0.1, 0.07), (0.2, 0.05))
 SHARPNESS = (0.0, 0.25, 0.5, 1.0)
 SMOOTHNESS = (1.0, 2.0)
-DEFAULT = Setting(0.1, 0.04, 1.0, 1.0)     # the defaults the study questions
+DEFAULT = Setting(0.1, 0.04, 1.0, 1.0)     # the defaults the first round questioned
+CURRENT = Setting(0.1, 0.07, 0.25, 2.0)    # the defaults the first round chose (reference of the second)
+# second round (docs/NCLIP.md, "Second round"): the new target makers without extra terms
+# (DINO / SwAV), with sharpness only, with the current weights; two student and two teacher
+# temperatures (for "sinkhorn" the teacher temperature is SwAV's epsilon); plus the current defaults
+TARGETS_GRID = [Setting(ts, tt, ws, wm, tg) for tg in ("centre", "sinkhorn") for ts in (0.1, 0.05)
+                for tt in (0.04, 0.07) for ws, wm in ((0.0, 0.0), (0.25, 0.0), (0.25, 2.0))] + [CURRENT]
 GATE_USAGE = 0.30                          # worst case usage_batch (docs/NCLIP.md: the criterion)
 GATE_SAMPLE_ENTROPY = 0.5                  # worst case sample_entropy / ln K
 TIE = 0.02                                 # retrieval within this of the best counts as a tie
@@ -283,8 +315,8 @@ def grid() -> list[Setting]:
     return [Setting(ts, tt, ws, wm) for (ts, tt), ws, wm in itertools.product(TEMPERATURES, SHARPNESS, SMOOTHNESS)]
 
 
-def changes_from_default(s: Setting) -> int:
-    return sum(a != b for a, b in zip(asdict(s).values(), asdict(DEFAULT).values()))
+def changes_from_default(s: Setting, reference: Setting = DEFAULT) -> int:
+    return sum(a != b for a, b in zip(asdict(s).values(), asdict(reference).values()))
 
 
 def summarise(runs: list[dict], gate_sample_entropy: float = GATE_SAMPLE_ENTROPY) -> list[dict]:
@@ -311,7 +343,7 @@ def summarise(runs: list[dict], gate_sample_entropy: float = GATE_SAMPLE_ENTROPY
     return table
 
 
-def ranked(table: list[dict]) -> list[dict]:
+def ranked(table: list[dict], reference: Setting = DEFAULT) -> list[dict]:
     """Gated rows first, by worst-case retrieval; within TIE of the best the fewest changes from the
     defaults, then the higher worst-case usage."""
     passed = sorted((r for r in table if r["gate"]), key=lambda r: -r["worst_retrieval"])
@@ -320,7 +352,7 @@ def ranked(table: list[dict]) -> list[dict]:
     best = passed[0]["worst_retrieval"]
     def key(r):
         tied = r["worst_retrieval"] >= best - TIE
-        return (not tied, changes_from_default(Setting.parse(r["setting"])) if tied else 0,
+        return (not tied, changes_from_default(Setting.parse(r["setting"]), reference) if tied else 0,
                 -r["worst_retrieval"] if not tied else -r["worst_usage_batch"])
     return sorted(passed, key=key)
 
@@ -337,6 +369,10 @@ def markdown(table: list[dict], setups: list[str]) -> str:
                                                        "batch_entropy", "agree", "retrieval")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def all_runs(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def run_heads(args) -> int:
@@ -361,7 +397,8 @@ def run_heads(args) -> int:
             base = SETUPS[name]
             setup = Setup(**{**asdict(base), "k": base.k * k_factor,
                              "steps": base.steps // 3 if args.quick else base.steps})
-            train, held = pairs.split(len(pairs.label) - 1024 if name == "mlp" else len(pairs.label) * 3 // 4)
+            train, held = pairs.split(len(pairs.label) - 1024 if name == "mlp" else
+                                      pairs.n_train if pairs.n_train > 0 else len(pairs.label) * 3 // 4)
             t0 = time.perf_counter()
             model = train_heads(train, setup, setting, seed, encoders)
             r = {"setting": setting.label, "k_factor": k_factor, "setup": name, "seed": seed,
@@ -371,17 +408,19 @@ def run_heads(args) -> int:
             print(f"{name:5s} K={setup.k:5d} seed {seed} {setting.label}: usage_batch {r['usage_batch']:.2f} "
                   f"sample_H {r['sample_entropy']:.2f} R@1 {r['retrieval']:.2f} ({r['seconds']:.1f}s)", flush=True)
 
-    sweep(grid(), 1)
+    settings, reference = (TARGETS_GRID, CURRENT) if args.grid == "targets" else (grid(), DEFAULT)
+    sweep(settings, 1)
     gate_h = args.gate_sample_entropy
-    top = [Setting.parse(r["setting"])
-           for r in ranked(summarise([r for r in runs if r["k_factor"] == 1], gate_h))[:args.k_top]]
-    if DEFAULT not in top:
-        top.append(DEFAULT)
+    labels = {s.label for s in settings}
+    first = [r for r in runs if r["setting"] in labels and r["k_factor"] == 1]      # this grid's runs only
+    top = [Setting.parse(r["setting"]) for r in ranked(summarise(first, gate_h), reference)[:args.k_top]]
+    if reference not in top:
+        top.append(reference)
     for factor in args.k_factors:
         sweep(top, factor)
-    table = summarise(runs, gate_h)
+    table = summarise([r for r in all_runs(results_path) if r["setting"] in labels], gate_h)
     (out / "heads.md").write_text(markdown(table, list(data)))
-    order = ranked(table)
+    order = ranked(table, reference)
     print("\nranked (gate passed):")
     for r in order[:10]:
         print(f"  {r['setting']} K x{r['k_factor']}: worst R@1 {r['worst_retrieval']:.3f} "
@@ -405,12 +444,13 @@ def run_trainer(args) -> int:
         if (s.label, objective, seed) in done:
             continue
         run_dir = out / "runs" / f"{objective}_{text.replace(',', '_')}_s{seed}"
-        cmd = [sys.executable, str(ROOT / "trainer" / "run.py"), "--config", str(ROOT / "trainer/configs/demo_clip.yaml"),
+        # the demo's SLIP config (its tower: conv stem, ln_pre) with the objective swapped, no SSL views
+        cmd = [sys.executable, str(ROOT / "trainer" / "run.py"), "--config", str(ROOT / "trainer/configs" / args.config),
                "--overwrite", "--resume", "none", f"out_dir={run_dir}", f"objective.name={objective}", f"train.seed={seed}",
-               f"objective.nclip_student_temperature={s.student_t}", f"objective.nclip_teacher_temperature={s.teacher_t}",
-               f"objective.nclip_sharpness_weight={s.sharpness}", f"objective.nclip_smoothness_weight={s.smoothness}",
+               *s.overrides(), "data.recipe.num_ssl_views=0",
                f"data.manifest={demo / 'shards' / 'manifest.json'}", f"eval.data={demo / 'eval'}",
-               f"optim.epochs={args.epochs}", f"data.batch_size={args.batch}", f"train.log_every={args.log_every}",
+               f"optim.epochs={args.epochs}", *([f"optim.lr={args.lr}"] if args.lr else []),
+               f"data.batch_size={args.batch}", f"train.log_every={args.log_every}",
                f"train.torch_threads={args.threads}", "data.num_threads=1", "checkpoint.every_steps=0",
                "eval.tasks=[zeroshot,linear_probe]"]
         t0 = time.perf_counter()
@@ -431,13 +471,16 @@ def run_trainer(args) -> int:
                 r[f"{name}_min"] = min(x[name] for x in steps)
         r["usage_fraction"] = min(sum(x[f"nclip_{m}_clusters_batch"] for x in last) / len(last)
                                   for m in ("image", "text")) / min(s_k(args), args.batch)
+        # the gate's second clause in the trainer: the worse modality's sample entropy over ln K
+        r["sample_entropy_fraction"] = max(r[f"nclip_{m}_sample_entropy"] for m in ("image", "text")) / math.log(s_k(args))
+        r["confirmed"] = r["usage_fraction"] >= GATE_USAGE and r["sample_entropy_fraction"] <= GATE_SAMPLE_ENTROPY
         evals = [x for x in recs if "event" not in x and any(k.startswith("eval/") for k in x)]
         if evals:
             r["eval"] = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
         runs.append(r)
         results_path.write_text(json.dumps(runs, indent=1))
         print(json.dumps(r), flush=True)
-    (out / "trainer.md").write_text(trainer_markdown(runs))
+    (out / "trainer.md").write_text(trainer_markdown(runs) + "\n" + trainer_summary(runs))
     return 0
 
 
@@ -445,15 +488,37 @@ def s_k(args) -> int:
     return ModelConfig.preset("vit_tiny").nclip_clusters
 
 
+def _top1(r: dict, task: str) -> float:
+    return next((v for k, v in r.get("eval", {}).items() if task in k and "top1" in k), float("nan"))
+
+
+def trainer_summary(runs: list[dict]) -> str:
+    """Per setting and objective over seeds: mean usage and sample entropy fraction, whether every
+    seed passes the full gate, mean zero-shot and probe top-1."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["setting"], r["objective"]), []).append(r)
+    cols = ["setting", "objective", "seeds", "usage (mean; min)", "sample H / ln K (mean; max)",
+            "gate in every seed", "zero-shot top-1 (mean)", "probe top-1 (mean)"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for (setting, objective), rs in groups.items():
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        u, h = [r["usage_fraction"] for r in rs], [r.get("sample_entropy_fraction", float("nan")) for r in rs]
+        lines.append("| " + " | ".join([setting, objective, str(len(rs)), f"{mean(u):.2f}; {min(u):.2f}",
+                                         f"{mean(h):.2f}; {max(h):.2f}", "yes" if all(r.get("confirmed") for r in rs) else "no",
+                                         f"{mean([_top1(r, 'zeroshot') for r in rs]):.3f}",
+                                         f"{mean([_top1(r, 'probe') for r in rs]):.3f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def trainer_markdown(runs: list[dict]) -> str:
-    cols = ["setting", "objective", "seed", "usage (last fifth)", "img clusters batch", "txt clusters batch",
+    cols = ["setting", "objective", "seed", "usage (last fifth)", "sample H / ln K", "img clusters batch", "txt clusters batch",
             "img clusters window", "img batch H", "img sample H", "txt sample H", "zero-shot top-1", "probe top-1"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in runs:
-        ev = r.get("eval", {})
-        zs = next((v for k, v in ev.items() if "zeroshot" in k and "top1" in k), float("nan"))
-        pr = next((v for k, v in ev.items() if "probe" in k and "top1" in k), float("nan"))
+        zs, pr = _top1(r, "zeroshot"), _top1(r, "probe")
         lines.append("| " + " | ".join([r["setting"], r["objective"], str(r["seed"]), f"{r['usage_fraction']:.2f}",
+                                         f"{r.get('sample_entropy_fraction', float('nan')):.2f}",
                                          f"{r['nclip_image_clusters_batch']:.1f}", f"{r['nclip_text_clusters_batch']:.1f}",
                                          f"{r['nclip_image_clusters_window']:.1f}", f"{r['nclip_image_batch_entropy']:.2f}",
                                          f"{r['nclip_image_sample_entropy']:.2f}", f"{r['nclip_text_sample_entropy']:.2f}",
@@ -474,6 +539,8 @@ def main(argv=None) -> int:
     h.add_argument("--k-top", type=int, default=3, help="how many of the best settings the K sweep tries")
     h.add_argument("--threads", type=int, default=1)
     h.add_argument("--quick", action="store_true", help="a third of the steps (a smoke run, not a result)")
+    h.add_argument("--grid", choices=("weights", "targets"), default="weights",
+                   help="weights: the first round's grid; targets: the second round's (centre / sinkhorn)")
     h.add_argument("--gate-sample-entropy", type=float, default=GATE_SAMPLE_ENTROPY,
                    help="the gate's bound on the worst sample entropy / ln K (1 turns that clause off)")
     t = sub.add_parser("trainer", help="finalists through trainer/run.py on the demo build")
@@ -483,6 +550,8 @@ def main(argv=None) -> int:
     t.add_argument("--objectives", nargs="+", default=["nclip", "xclip"])
     t.add_argument("--seeds", type=int, default=1)
     t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--lr", type=float, help="optim.lr (the CI demo preset: 1e-3); default: the config's")
+    t.add_argument("--config", default="demo_slip.yaml", help="under trainer/configs (the first round: demo_clip.yaml)")
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--log-every", type=int, default=5)
     t.add_argument("--threads", type=int, default=1)
