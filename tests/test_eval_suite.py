@@ -253,7 +253,7 @@ EVAL_CONFIGS = ROOT / "trainer" / "configs" / "eval"
 
 def test_the_shipped_suites_load_and_their_lists_name_their_sources():
     suites = {p.stem: load_suite(p) for p in sorted(EVAL_CONFIGS.glob("*.yaml"))}
-    assert set(suites) == {"slip_zeroshot", "imagenet", "imagenet_ood"}
+    assert set(suites) == {"slip_zeroshot", "imagenet", "imagenet_ood", "demo"}
     for path in (EVAL_CONFIGS / "lists").rglob("*.txt"):
         assert any(line.startswith("# Source: ") for line in path.read_text().splitlines()[:4]), path
     slip = {d.name: d for d in suites["slip_zeroshot"].datasets}

@@ -45,7 +45,7 @@ def labelled(tmp_path_factory):
 def pretrained(tmp_path_factory) -> Path:
     """A SLIP checkpoint in the trainer's format (random weights: what matters here is the plumbing)."""
     path = tmp_path_factory.mktemp("pretrained") / "step_00000010.pt"
-    cfg = ModelConfig.preset("vit_tiny")
+    cfg = ModelConfig.preset("vit_tiny", vision_stem="conv", vision_ln_pre=True)   # finetune_demo.yaml's tower
     torch.manual_seed(0)
     run = RunConfig(model=cfg)
     run.objective.name = "slip"
