@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
+from typing import Callable
 
-from pipeline.build import BuildConfig
+from pipeline.build import BuildConfig, BuildError
+from pipeline.cli import report
+from pipeline.manifest import Manifest, ShardError
+from pipeline.metadata import InputError
 from pipeline.distributed_download import DISTRIBUTORS
 
 # BuildConfig fields exposed as --flags (name -> help)
@@ -47,3 +52,15 @@ def build_config(a: argparse.Namespace, **fixed) -> BuildConfig:
     kw.setdefault("allow_private_network", a.allow_private_network)
     return BuildConfig(out=a.out, progress=not a.no_progress, resize_only_if_bigger=not a.no_resize_only_if_bigger,
                        **kw)
+
+
+def run_build(make: Callable[[], Manifest]) -> int:
+    """Run one build and print its manifest as one JSON line; a bad input or a failed build is one clear
+    line and exit status 2 (pipeline/cli.py)."""
+    try:
+        m = make()
+    except (InputError, BuildError, ShardError) as e:
+        return report(e, 2)
+    print(json.dumps({"manifest": str(Path(m.root) / "manifest.json"), "shards": len(m.shards),
+                      "samples": m.total_samples}))
+    return 0

@@ -153,6 +153,23 @@ def test_load_model_leaves_out_the_ssl_head(tmp_path):
     assert _same_weights(loaded, model)
 
 
+def test_a_text_only_load_has_no_image_side_and_the_same_text_tower(tmp_path):
+    """Textual evaluation loads the text side alone: no image-side module exists, the text embeddings
+    equal the whole model's, and a text tower of another shape is still refused."""
+    from trainer.models import IMAGE_SIDE
+    path, model, cfg = _tiny_run(tmp_path, stored_config=True)
+    text, _ = ckpt.load_model(path, text_only=True)
+    assert text.visual is None and not [k for k in text.state_dict() if k.startswith(IMAGE_SIDE)]
+    tokens = torch.randint(1, 400, (3, cfg.model.context_length))
+    with torch.no_grad():
+        assert torch.equal(text.encode_text(tokens), model.eval().encode_text(tokens))
+    state = ckpt.load_checkpoint(path)
+    state["model"]["text_projection"] = torch.zeros(3, 3)
+    torch.save(state, path)
+    with pytest.raises(ckpt.CheckpointError, match="text_projection"):
+        ckpt.load_model(path, text_only=True)
+
+
 def test_rng_round_trip():
     state = ckpt.to_safe(ckpt.rng_state())
     expected = (random.random(), np.random.rand(), torch.rand(1).item())

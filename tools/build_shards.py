@@ -16,18 +16,15 @@ list's file name). Inputs that cannot be used end with one `error:` line and exi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from pipeline.build import BuildError, build  # noqa: E402
-from pipeline.build_options import add_build_options, build_config  # noqa: E402
-from pipeline.cli import report, run_main  # noqa: E402
-from pipeline.manifest import ShardError  # noqa: E402
-from pipeline.metadata import InputError  # noqa: E402
+from pipeline.build import build  # noqa: E402
+from pipeline.build_options import add_build_options, build_config, run_build  # noqa: E402
+from pipeline.cli import run_main  # noqa: E402
 from pipeline.sources import FORMATS, PRESETS, CocoSource, UrlListSource  # noqa: E402
 
 SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl"}
@@ -76,13 +73,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     source = source_from_args(a)
     name = a.name or a.preset or (a.url_list.stem if a.url_list else "shards")
-    try:
-        m = build(build_config(a, source=source, name=name))
-    except (InputError, BuildError, ShardError) as e:
-        return report(e, 2)
-    print(json.dumps({"manifest": str(Path(m.root) / "manifest.json"), "shards": len(m.shards),
-                      "samples": m.total_samples}))
-    return 0
+    return run_build(lambda: build(build_config(a, source=source, name=name)))
 
 
 if __name__ == "__main__":   # img2dataset uses multiprocessing "spawn"

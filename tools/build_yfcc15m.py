@@ -16,19 +16,16 @@ limited to `--max-download-bytes` of body and `--max-download-seconds` in all.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from pipeline.build import BuildConfig, BuildError, build  # noqa: E402
+from pipeline.build import BuildConfig, build  # noqa: E402
 from pipeline.build_lock import BuildLock  # noqa: E402
-from pipeline.build_options import add_build_options, build_config  # noqa: E402
-from pipeline.manifest import ShardError  # noqa: E402
-from pipeline.metadata import InputError  # noqa: E402
-from pipeline.cli import report, run_main  # noqa: E402
+from pipeline.build_options import add_build_options, build_config, run_build  # noqa: E402
+from pipeline.cli import run_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,18 +81,9 @@ def _run_demo(a: argparse.Namespace):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    try:
-        if a.demo:
-            m = run_demo(a)
-        else:
-            if a.metadata is None:
-                raise SystemExit("--metadata is required (or --demo)")
-            m = build(config_from_args(a))
-    except (InputError, BuildError, ShardError) as e:    # one line that says what to do (pipeline/cli.py)
-        return report(e, 2)
-    print(json.dumps({"manifest": str(Path(m.root) / "manifest.json"), "shards": len(m.shards),
-                      "samples": m.total_samples}))
-    return 0
+    if not a.demo and a.metadata is None:
+        raise SystemExit("--metadata is required (or --demo)")
+    return run_build(lambda: run_demo(a) if a.demo else build(config_from_args(a)))
 
 
 if __name__ == "__main__":   # img2dataset uses multiprocessing "spawn"

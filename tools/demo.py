@@ -60,9 +60,9 @@ class LearningTargets:
     # cannot be noise of one small split. None: not a target.
     probe_margin: float | None = None
     probe_min_z: float | None = None
-    # finetuned SLIP tower ahead of the finetuned random-init tower by an exact McNemar test at p < this.
-    # No preset sets it yet: at the demo's budgets the pretrained towers' lead after finetuning is not
-    # stable (p from 0.0003 to 0.9 across seeds and split sizes; docs/FINETUNE.md).
+    # each of these finetuned towers ahead of the finetuned random-init tower (same recipe, steps and
+    # validation images) by an exact McNemar test at p < finetune_max_p
+    finetune_models: tuple[str, ...] = ()
     finetune_max_p: float | None = None
 
 
@@ -82,11 +82,14 @@ PRESETS = {
     # CI-sized: 1,600 rows, 8 epochs (384 steps). Too few held-out images and steps for the probe
     # margin to be significant, and too few steps for SLIP's zero-shot (9.8% measured, chance 6.25%;
     # docs/DEMO.md), so learning is shown by CLIP's zero-shot and both models' retrieval against
-    # chance, with the random encoder as the control that must not clear the same bars.
+    # chance, with the random encoder as the control that must not clear the same bars; and by
+    # finetuning: the CLIP tower finetuned ahead of random init finetuned the same way (McNemar p
+    # 0.0027, 0.011 and 0.021 in three runs; SLIP's tower is reported, not a target: p 0.5 at this budget).
     "ci": DemoPreset(build_args=("--demo-samples", "1600", "--demo-eval-per-class", "16"),
                      train_overrides=("optim.epochs=8", "checkpoint.every_steps=1000"),
                      targets=LearningTargets(zero_shot_factor=2.0, zero_shot_models=("clip",),
-                                             random_stays_below=True, retrieval_factor=2.0),
+                                             random_stays_below=True, retrieval_factor=2.0,
+                                             finetune_models=("clip",), finetune_max_p=0.05),
                      finetune_overrides=("optim.epochs=10", "optim.warmup_epochs=1")),
 }
 
@@ -341,10 +344,10 @@ def check_targets(wanted: LearningTargets, rows: dict, stats: dict) -> list[dict
         check(f"{probe} (points)", stats["slip_probe_margin_over_random"], wanted.probe_margin)
     if wanted.probe_min_z is not None:
         check(f"{probe} (one-sided z)", stats["slip_probe_margin_z"], wanted.probe_min_z)
-    if wanted.finetune_max_p is not None:
-        m = stats.get("finetune_slip_vs_random")
+    for name in wanted.finetune_models:
+        m = stats.get(f"finetune_{name}_vs_random")
         ahead = m is not None and m["only_a_right"] > m["only_b_right"]
-        check("finetuned SLIP tower ahead of finetuned random init (exact McNemar p)",
+        check(f"finetuned {name.upper()} tower ahead of finetuned random init (exact McNemar p)",
               m["p_two_sided"] if ahead else None, wanted.finetune_max_p, above=False)
     return checks
 

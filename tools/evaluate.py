@@ -111,10 +111,10 @@ def probe_config(args, base: LinearProbeConfig) -> LinearProbeConfig:
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
-def random_model(run_cfg: RunConfig, seed: int, device: str) -> torch.nn.Module:
+def random_model(run_cfg: RunConfig, seed: int, device: str, text_only: bool = False) -> torch.nn.Module:
     """The run's model, randomly initialised from `seed`: the untrained baseline."""
     torch.manual_seed(seed)
-    return build_model(run_cfg.model, run_cfg.objective.name).to(device).eval()
+    return build_model(run_cfg.model, run_cfg.objective.name, text_only=text_only).to(device).eval()
 
 
 def check_checkpoint_file(path: str) -> None:
@@ -133,15 +133,19 @@ def evaluate(args) -> int:
     if args.random_init and not args.config:
         sys.exit("--random-init needs --config (the model to initialise)")
     t0 = time.time()
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    text = bool(set(tasks) & set(TEXT_TASKS))
+    if text and not set(tasks) <= set(TEXT_TASKS):
+        raise ValueError(f"--tasks {','.join(tasks)}: text tasks ({','.join(TEXT_TASKS)}) and image tasks "
+                         "read different data; run them separately")
     if args.random_init:
         run_cfg = load_config(args.config)
-        model = random_model(run_cfg, args.seed, args.device)
+        model = random_model(run_cfg, args.seed, args.device, text_only=text)
     else:
         args.checkpoint = args.checkpoint[0]
         check_checkpoint_file(args.checkpoint)
-        model, run_cfg = load_model(args.checkpoint, args.config, args.device)
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    if set(tasks) & set(TEXT_TASKS):
+        model, run_cfg = load_model(args.checkpoint, args.config, args.device, text_only=text)
+    if text:
         return evaluate_text(args, model, run_cfg, tasks, t0)
     cfg = EvalConfig(data=args.data, tasks=tasks, batch_size=args.batch_size or run_cfg.eval.batch_size,
                      classnames=args.classnames, templates=args.templates,
@@ -165,13 +169,8 @@ def evaluate(args) -> int:
 
 
 def evaluate_text(args, model, run_cfg: RunConfig, tasks: tuple[str, ...], t0: float) -> int:
-    """The text tower alone on a GLUE file or folder (trainer/evaluation/text.py)."""
-    if not set(tasks) <= set(TEXT_TASKS):
-        raise ValueError(f"--tasks {','.join(tasks)}: text tasks ({','.join(TEXT_TASKS)}) and image tasks "
-                         "read different data; run them separately")
-    if not getattr(model, "uses_text", False):
-        raise ValueError(f"{run_cfg.objective.name}: the model has no text tower; the text tasks do not apply")
-    model.visual = None          # the image tower is never run: drop it
+    """The text tower alone on a GLUE file or folder (trainer/evaluation/text.py); `model` was built
+    text-only, so the image tower was never built or loaded."""
     from pipeline.tokenizer import Tokenizer
     tokenizer, batch = Tokenizer(), args.batch_size or run_cfg.eval.batch_size
     results: dict = {"data": args.data}

@@ -33,7 +33,7 @@ from torch import nn
 
 from pipeline.regular_files import RefusedFile, is_regular, open_regular
 from trainer.dataclass_io import ConfigError, from_dict
-from trainer.models import build_model
+from trainer.models import IMAGE_SIDE, build_model
 
 if TYPE_CHECKING:
     from trainer.config import RunConfig
@@ -276,20 +276,23 @@ def _run_config(path: Path, state: dict, config: str | Path | None) -> RunConfig
 
 
 def load_model(path: str | Path, config: str | Path | None = None,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig]:
+               device: str | torch.device = "cpu", text_only: bool = False) -> tuple[nn.Module, RunConfig]:
     """(model, run_config) of a checkpoint: the run's model with the checkpoint's weights, on `device`,
     in eval mode. The run configuration is `config` (a YAML path) if given, else the one stored in the
     checkpoint, else `<run dir>/config.yaml`. A checkpoint of another architecture, a damaged file (CRC-32)
-    or non-finite weights are a CheckpointError."""
+    or non-finite weights are a CheckpointError. `text_only`: the text side alone (textual evaluation);
+    the image side's tensors are dropped as the file is read, never built into the model."""
     path = Path(path)
     state = load_checkpoint(path)
     run_cfg = _run_config(path, state, config)
-    model = build_model(run_cfg.model, run_cfg.objective.name)
-    weights = _strip_prefixes(state.get("model", state))
-    check_model_state(model, weights, str(path), ignore=TRAINING_ONLY)
-    if not weights_finite({k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY)}):
+    model = build_model(run_cfg.model, run_cfg.objective.name, text_only=text_only)
+    skip = TRAINING_ONLY + (IMAGE_SIDE if text_only else ())
+    weights = {k: v for k, v in _strip_prefixes(state.get("model", state)).items() if not k.startswith(skip)}
+    del state
+    check_model_state(model, weights, str(path), ignore=skip)
+    if not weights_finite(weights):
         raise CheckpointError(f"{path}: the checkpoint's weights are not finite (NaN or inf); use an earlier one")
-    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY)}, strict=False)
+    model.load_state_dict(weights, strict=False)   # the skipped keys: checked above, strictly
     return model.to(device).eval(), run_cfg
 
 

@@ -386,35 +386,48 @@ class Prototypes(nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 
+# parameter names of the image side; a text-only model (text_only=True) has none of them
+IMAGE_SIDE = ("visual.", "image_projection", "ssl_head.", "image_cluster_head.")
+
+
 class SLIPModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, objective: str, ssl_norm: str = "ln"):
+    def __init__(self, cfg: ModelConfig, objective: str, ssl_norm: str = "ln", text_only: bool = False):
+        """`text_only`: build the text side alone (evaluating the text tower by itself never builds, loads or
+        runs the image tower; see IMAGE_SIDE)."""
         super().__init__()
         parts = objective_parts(objective)
         if parts.classify:
             raise ValueError(f"objective {objective!r} is finetuning: its model is trainer/classifier.py's "
                              "ImageClassifier (trainer/finetune.py builds it)")
-        self.cfg, self.objective = cfg, objective
+        if text_only and not parts.text:
+            raise ValueError(f"{objective}: the model has no text tower; the text tasks do not apply")
+        self.cfg, self.objective, self.text_only = cfg, objective, text_only
         self.uses_clip, self.uses_ssl, self.uses_nclip = parts.clip, parts.simclr, parts.nclip
         self.uses_text = parts.text
+        image = not text_only
 
-        self.visual = VisionTransformer(cfg)
+        self.visual = VisionTransformer(cfg) if image else None
         if self.uses_text:
             self.text = TextTransformer(cfg)
         if self.uses_clip:
-            self.image_projection = nn.Parameter(torch.randn(cfg.vision_width, cfg.embed_dim) * cfg.vision_width ** -0.5)
+            if image:
+                self.image_projection = nn.Parameter(torch.randn(cfg.vision_width, cfg.embed_dim)
+                                                     * cfg.vision_width ** -0.5)
             self.text_projection = nn.Parameter(torch.randn(cfg.text_width, cfg.embed_dim) * cfg.text_width ** -0.5)
             self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
-        if self.uses_ssl:
+        if self.uses_ssl and image:
             self.ssl_norm = ssl_norm
             self.ssl_head = SimCLRHead(cfg.vision_width, cfg.ssl_mlp_dim, cfg.ssl_emb_dim, ssl_norm)
         if self.uses_nclip:
-            self.image_cluster_head = NCLIPHead(cfg.vision_width, cfg.nclip_hidden_dim, cfg.nclip_bottleneck_dim)
+            if image:
+                self.image_cluster_head = NCLIPHead(cfg.vision_width, cfg.nclip_hidden_dim, cfg.nclip_bottleneck_dim)
             self.text_cluster_head = NCLIPHead(cfg.text_width, cfg.nclip_hidden_dim, cfg.nclip_bottleneck_dim)
             self.prototypes = Prototypes(cfg.nclip_bottleneck_dim, cfg.nclip_clusters)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def set_grad_checkpointing(self, enabled: bool = True):
-        self.visual.transformer.grad_checkpointing = enabled
+        if self.visual is not None:
+            self.visual.transformer.grad_checkpointing = enabled
         if self.uses_text:
             self.text.transformer.grad_checkpointing = enabled
 
@@ -477,10 +490,14 @@ class SLIPModel(nn.Module):
         return out
 
 
-def build_model(cfg: ModelConfig, objective: str, global_batch_size: int | None = None) -> SLIPModel:
-    """The model for `objective`; `global_batch_size` (per view, all ranks) resolves ssl_norm="auto".
+def build_model(cfg: ModelConfig, objective: str, global_batch_size: int | None = None,
+                text_only: bool = False) -> SLIPModel:
+    """The model for `objective`; `global_batch_size` (per view, all ranks) resolves ssl_norm="auto";
+    `text_only`: the text side alone (SLIPModel).
 
     Call after `init_distributed()`: "auto" looks at the world size.
     """
+    if text_only:
+        return SLIPModel(cfg, objective, text_only=True)
     return SLIPModel(cfg, objective, ssl_norm=resolve_ssl_norm(cfg, global_batch_size))
 

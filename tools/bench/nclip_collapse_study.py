@@ -439,7 +439,8 @@ def run_trainer(args) -> int:
     if results_path.exists():
         runs = json.loads(results_path.read_text())
     done = {(r["setting"], r["objective"], r["seed"]) for r in runs}
-    for text, objective, seed in itertools.product(args.setting, args.objectives, range(args.seeds)):
+    # seed by seed, every setting each time: a stage cut short still compares all settings on the same seeds
+    for seed, text, objective in itertools.product(range(args.seeds), args.setting, args.objectives):
         s = Setting.parse(text)
         if (s.label, objective, seed) in done:
             continue

@@ -259,10 +259,9 @@ def _image_member(parts: dict[str, bytes]) -> bytes | None:
     return next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
 
 
-def webdataset_samples(paths: Sequence[Path], bad: BadImages) -> list[Sample]:
-    """Labelled samples (image bytes + `cls`) from webdataset tars. Samples without a readable label
-    or image are reported in `bad` and skipped."""
-    samples: list[Sample] = []
+def _tar_samples(paths: Sequence[Path], bad: BadImages, member: str, parse):
+    """(name, image bytes, parse(parts[member])) for every sample of the tars that has an image and a
+    parsable `member`; the others are reported in `bad` and skipped."""
     for path in paths:
         for key, parts in _tar_groups(path, bad).items():
             if not parts:
@@ -272,38 +271,31 @@ def webdataset_samples(paths: Sequence[Path], bad: BadImages) -> list[Sample]:
             try:
                 if img is None:
                     raise ValueError("sample has no image")
-                if "cls" not in parts:
-                    raise ValueError("sample has no cls label")
-                label = int(parts["cls"].decode().strip())
+                if member not in parts:
+                    raise ValueError(f"sample has no {member} member")
+                value = parse(parts[member])
             except (ValueError, UnicodeDecodeError) as e:
                 bad.add(name, e)
                 continue
-            samples.append(Sample(name, label, data=img))
-    return samples
+            yield name, img, value
+
+
+def webdataset_samples(paths: Sequence[Path], bad: BadImages) -> list[Sample]:
+    """Labelled samples (image bytes + `cls`) from webdataset tars."""
+    return [Sample(name, label, data=img)
+            for name, img, label in _tar_samples(paths, bad, "cls", lambda b: int(b.decode().strip()))]
 
 
 def webdataset_captioned(paths: Sequence[Path], bad: BadImages) -> tuple[list[Sample], list[tuple[Path, str]]]:
     """Images (label -1) and their captions from the CLIP benchmark's retrieval shards: each sample's
     `txt` holds its captions, one a line (a newline inside a caption is written as `\\n`). A caption
     pair names its image by the sample's name (`shard:key`)."""
+    def lines(b: bytes) -> list[str]:
+        return [c.replace("\\n", " ").strip() for c in b.decode("utf-8").splitlines()]
     samples, captions = [], []
-    for path in paths:
-        for key, parts in _tar_groups(path, bad).items():
-            if not parts:
-                continue
-            name = f"{path}:{key}"
-            img = _image_member(parts)
-            try:
-                if img is None:
-                    raise ValueError("sample has no image")
-                if "txt" not in parts:
-                    raise ValueError("sample has no txt captions")
-                lines = [c.replace("\\n", " ").strip() for c in parts["txt"].decode("utf-8").splitlines()]
-            except (ValueError, UnicodeDecodeError) as e:
-                bad.add(name, e)
-                continue
-            samples.append(Sample(name, -1, data=img))
-            captions += [(Path(name), c) for c in lines if c]
+    for name, img, text in _tar_samples(paths, bad, "txt", lines):
+        samples.append(Sample(name, -1, data=img))
+        captions += [(Path(name), c) for c in text if c]
     return samples, captions
 
 
