@@ -22,7 +22,8 @@ def _demo_tool():
 def test_each_preset_applies_its_own_targets():
     demo = _demo_tool()
     stats = {"chance_top1": 6.25, "num_eval_images": 256,                   # R@10 chance 3.9%
-             "slip_probe_margin_over_random": 4.0, "slip_probe_margin_z": 3.0}
+             "slip_probe_margin_over_random": 4.0, "slip_probe_margin_z": 3.0,
+             "finetune_clip_vs_random": {"n_images": 256, "only_a_right": 35, "only_b_right": 16, "p_two_sided": 0.011}}
     rows = {"slip": {"zeroshot_top1": 20.0, "text_to_image_R@10": 10.0},
             "clip": {"zeroshot_top1": 13.0, "text_to_image_R@10": 9.0},
             "random": {"zeroshot_top1": 6.0, "text_to_image_R@10": 4.0}}
@@ -35,12 +36,20 @@ def test_each_preset_applies_its_own_targets():
     assert [c["target"] for c in ci] == [
         "CLIP zero-shot top-1 >= 2x chance", "random encoder zero-shot top-1 < 2x chance",
         "SLIP text->image R@10 >= 2x chance", "CLIP text->image R@10 >= 2x chance",
-        "random encoder text->image R@10 < 2x chance"]
+        "random encoder text->image R@10 < 2x chance",
+        "finetuned CLIP tower ahead of finetuned random init (exact McNemar p)"]
     assert all(c["met"] for c in ci)
     rows["random"]["zeroshot_top1"] = 12.5                                  # the control reaching the bar fails
     assert [c["met"] for c in demo.check_targets(demo.PRESETS["ci"].targets, rows, stats)][1] is False
     rows["random"]["text_to_image_R@10"] = 8.0                              # so does the retrieval control
     assert [c["met"] for c in demo.check_targets(demo.PRESETS["ci"].targets, rows, stats)][4] is False
+    tuned = stats["finetune_clip_vs_random"]
+    tuned["p_two_sided"] = 0.08                                              # a lead that may be chance fails
+    assert demo.check_targets(demo.PRESETS["ci"].targets, rows, stats)[5]["met"] is False
+    tuned.update(only_a_right=16, only_b_right=35, p_two_sided=0.011)       # so does random init ahead
+    assert demo.check_targets(demo.PRESETS["ci"].targets, rows, stats)[5]["met"] is False
+    del stats["finetune_clip_vs_random"]                                     # and no finetuning record at all
+    assert demo.check_targets(demo.PRESETS["ci"].targets, rows, stats)[5]["met"] is False
 
 
 def test_slip_vs_clip_is_a_paired_exact_mcnemar_test():

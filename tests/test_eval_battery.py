@@ -177,3 +177,32 @@ def test_a_clip_benchmark_retrieval_folder_is_read_as_published(tmp_path):
     (root / "dataset_type.txt").write_text("multilabel\n")
     with pytest.raises(ValueError, match="dataset type 'multilabel' is not supported"):
         EvalData.open(str(root))
+
+
+def test_the_text_tasks_never_build_an_image_tower(glue, tmp_path, monkeypatch):
+    """Text tasks alone, from --data or from a suite of text sets only: building any image tower fails
+    the run, so passing means none was built (and none of its weights loaded)."""
+    import importlib.util
+    import trainer.models as models
+
+    def no_image_tower(*args, **kwargs):
+        raise AssertionError("an image tower was built for a text-only evaluation")
+
+    spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(models, "VisionTransformer", no_image_tower)
+    config = str(ROOT / "trainer" / "configs" / "demo_clip.yaml")
+    assert tool.main(["--random-init", "--config", config, "--data", str(glue / "sts.tsv"), "--tasks", "sts",
+                      "--out", str(tmp_path / "sts.json")]) == 0
+    assert json.loads((tmp_path / "sts.json").read_text())["sts"]["num_pairs"] == 60
+    suite = tmp_path / "text.yaml"
+    suite.write_text("datasets:\n  - name: sts\n    path: sts.tsv\n    tasks: [sts]\n"
+                     "  - name: sst\n    path: sst_planted\n    tasks: [text_probe]\n")
+    assert tool.main(["--suite", str(suite), "--root", str(glue), "--random-init", "--config", config,
+                      "--out", str(tmp_path / "suite"), "--no-progress"]) == 0
+    records = json.loads((tmp_path / "suite" / "results.json").read_text())["records"]
+    assert {r["dataset"] for r in records} == {"sts", "sst"}
+    with pytest.raises(AssertionError, match="image tower was built"):   # the spy does catch a build
+        tool.main(["--random-init", "--config", config, "--data", str(glue / "sst_planted"),
+                   "--tasks", "zeroshot"])

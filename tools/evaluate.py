@@ -112,7 +112,7 @@ def probe_config(args, base: LinearProbeConfig) -> LinearProbeConfig:
 
 
 def random_model(run_cfg: RunConfig, seed: int, device: str, text_only: bool = False) -> torch.nn.Module:
-    """The run's model, randomly initialised from `seed`: the untrained baseline."""
+    """The run's model, randomly initialised from `seed`: the untrained baseline (`text_only`: build_model)."""
     torch.manual_seed(seed)
     return build_model(run_cfg.model, run_cfg.objective.name, text_only=text_only).to(device).eval()
 
@@ -171,6 +171,8 @@ def evaluate(args) -> int:
 def evaluate_text(args, model, run_cfg: RunConfig, tasks: tuple[str, ...], t0: float) -> int:
     """The text tower alone on a GLUE file or folder (trainer/evaluation/text.py); `model` was built
     text-only, so the image tower was never built or loaded."""
+    if not model.uses_text:
+        raise ValueError(f"{run_cfg.objective.name}: the model has no text tower; the text tasks do not apply")
     from pipeline.tokenizer import Tokenizer
     tokenizer, batch = Tokenizer(), args.batch_size or run_cfg.eval.batch_size
     results: dict = {"data": args.data}
@@ -215,12 +217,15 @@ def evaluate_suite(args) -> int:
         key = model_key(model, {"model": to_dict(run_cfg.model), "objective": run_cfg.objective.name})
         models.append(SuiteModel(name, model, run_cfg, key))
 
+    # a suite of text sets only never builds or loads an image tower (a model without a text tower is
+    # loaded whole, and the suite lists the text tasks as not applicable to it)
+    text_only = all(d.text for d in suite.datasets)
     for path in names:
         check_checkpoint_file(path)
-        add(path, *load_model(path, None, args.device))
+        add(path, *load_model(path, None, args.device, text_only=text_only))
     if args.random_init:
         run_cfg = load_config(args.config) if args.config else models[0].run_cfg
-        add("random-init", random_model(run_cfg, args.seed, args.device), run_cfg)
+        add("random-init", random_model(run_cfg, args.seed, args.device, text_only=text_only), run_cfg)
     results = run_suite(suite, args.root, models, args.out, progress=not args.no_progress,
                         sigkill_after_writes=args.debug_sigkill_after_cache_writes)
     results.update(suite=str(args.suite), root=str(args.root), batch_size=suite.batch_size,

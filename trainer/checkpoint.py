@@ -286,7 +286,7 @@ def load_model(path: str | Path, config: str | Path | None = None,
     state = load_checkpoint(path)
     run_cfg = _run_config(path, state, config)
     model = build_model(run_cfg.model, run_cfg.objective.name, text_only=text_only)
-    skip = TRAINING_ONLY + (IMAGE_SIDE if text_only else ())
+    skip = TRAINING_ONLY + (IMAGE_SIDE if model.text_only else ())
     weights = {k: v for k, v in _strip_prefixes(state.get("model", state)).items() if not k.startswith(skip)}
     del state
     check_model_state(model, weights, str(path), ignore=skip)

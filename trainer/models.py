@@ -392,15 +392,14 @@ IMAGE_SIDE = ("visual.", "image_projection", "ssl_head.", "image_cluster_head.")
 
 class SLIPModel(nn.Module):
     def __init__(self, cfg: ModelConfig, objective: str, ssl_norm: str = "ln", text_only: bool = False):
-        """`text_only`: build the text side alone (evaluating the text tower by itself never builds, loads or
-        runs the image tower; see IMAGE_SIDE)."""
+        """`text_only`: build the text side alone where the objective has one (evaluating the text tower by
+        itself never builds, loads or runs the image tower; see IMAGE_SIDE)."""
         super().__init__()
         parts = objective_parts(objective)
         if parts.classify:
             raise ValueError(f"objective {objective!r} is finetuning: its model is trainer/classifier.py's "
                              "ImageClassifier (trainer/finetune.py builds it)")
-        if text_only and not parts.text:
-            raise ValueError(f"{objective}: the model has no text tower; the text tasks do not apply")
+        text_only = text_only and parts.text      # a model without a text tower is built whole
         self.cfg, self.objective, self.text_only = cfg, objective, text_only
         self.uses_clip, self.uses_ssl, self.uses_nclip = parts.clip, parts.simclr, parts.nclip
         self.uses_text = parts.text
