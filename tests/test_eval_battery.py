@@ -26,6 +26,27 @@ def test_a_clip_benchmark_folder_is_read_as_published(benchmark_folder):
     assert data.captions is None and not data.bad.items
 
 
+def test_templates_written_with_braces_alone_are_read_too(tmp_path):
+    root = write_clip_benchmark(tmp_path / "wds", CLASSES, test=(1, 3), train=None,
+                                templates=("a photo of a {}.", "itap of a {c}."))
+    data = EvalData.open(str(root))
+    assert data.templates == ["a photo of a {}.", "itap of a {}."] and data.train is None
+    assert [t.format("cat") for t in data.templates] == ["a photo of a cat.", "itap of a cat."]
+
+
+def test_webp_and_png_members_decode_to_their_exact_pixels():
+    """Lossless members (the benchmark's WebP, and PNG) come back pixel for pixel, in RGB order."""
+    import cv2
+    from eval_testing import encoded
+    from trainer.evaluation.data import _decode
+    for ext in ("webp", "png"):
+        data = encoded(2, 7, ext)
+        source_rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        decoded = np.asarray(_decode(data, None).convert("RGB"))
+        assert decoded.shape == (40, 48, 3) and np.array_equal(decoded, source_rgb), ext
+        assert decoded[..., 0].mean() > decoded[..., 2].mean() + 100     # BGR channel 2 is red: bright in RGB's 0
+
+
 def test_webp_and_jpeg_members_both_decode(benchmark_folder):
     model = build_model(ModelConfig.preset("vit_tiny"), "clip")
     cfg = EvalConfig(data=str(benchmark_folder), tasks=("zeroshot", "linear_probe"), batch_size=8)

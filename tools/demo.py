@@ -269,6 +269,7 @@ def build_report(cfg: DemoRunConfig, out: Path, runs: dict, results_json: Path, 
             "sts_spearman": _get(every, STS_SET, "sts", "embed", "spearman"),
             "sts_spearman_ci95": _get(every, STS_SET, "sts", "embed", "ci95"),
             "sts_spearman_eot": _get(every, STS_SET, "sts", "eot", "spearman"),
+            "sts_spearman_eot_ci95": _get(every, STS_SET, "sts", "eot", "ci95"),
             "text_probe_top1": _get(every, SENTENCES, "text_probe", "embed", "top1"),
             "text_probe_top1_eot": _get(every, SENTENCES, "text_probe", "eot", "top1"),
             "train_steps": train_steps(runs[name]) if name in runs else 0,
@@ -453,10 +454,9 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _ci(r: dict) -> str:
-    ci = r.get("sts_spearman_ci95")
-    return "-" if r.get("sts_spearman") is None else \
-        f"{r['sts_spearman']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{r['sts_spearman']:.2f}"
+def _ci(r: dict, key: str = "sts_spearman") -> str:
+    value, ci = r.get(key), r.get(key + "_ci95")
+    return "-" if value is None else f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.2f}"
 
 
 def suite_lines(report: dict) -> list[str]:
@@ -469,14 +469,13 @@ def suite_lines(report: dict) -> list[str]:
         f"bootstrap 95% interval); a linear probe on frozen text features classifying sentences into the 16 "
         f"classes ({_fmt(t.get('text_probe_num_sentences'))} dev sentences).",
         "",
-        "| model | drawings zero-shot top-1 | STS Spearman [95% CI] | STS Spearman (pre-projection) "
+        "| model | drawings zero-shot top-1 | STS Spearman [95% CI] | STS Spearman (pre-projection) [95% CI] "
         "| text probe top-1 | text probe (pre-projection) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in rows.items():
-        eot = r.get("sts_spearman_eot")
         lines.append(f"| {LABELS[name]} | {_fmt(r.get('ood_zeroshot_top1'))} | {_ci(r)} | "
-                     f"{'-' if eot is None else f'{eot:.2f}'} | {_fmt(r.get('text_probe_top1'))} | "
+                     f"{_ci(r, 'sts_spearman_eot')} | {_fmt(r.get('text_probe_top1'))} | "
                      f"{_fmt(r.get('text_probe_top1_eot'))} |")
     s, c = rows["slip"], rows["clip"]
     if s.get("ood_zeroshot_top1") is not None and c.get("ood_zeroshot_top1") is not None:
