@@ -259,9 +259,9 @@ def _image_member(parts: dict[str, bytes]) -> bytes | None:
     return next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
 
 
-def _tar_samples(paths: Sequence[Path], bad: BadImages, member: str, parse):
+def _tar_samples(paths: Sequence[Path], bad: BadImages, member: str, what: str, parse):
     """(name, image bytes, parse(parts[member])) for every sample of the tars that has an image and a
-    parsable `member`; the others are reported in `bad` and skipped."""
+    parsable `member` (`what` names it in the report); the others are reported in `bad` and skipped."""
     for path in paths:
         for key, parts in _tar_groups(path, bad).items():
             if not parts:
@@ -272,7 +272,7 @@ def _tar_samples(paths: Sequence[Path], bad: BadImages, member: str, parse):
                 if img is None:
                     raise ValueError("sample has no image")
                 if member not in parts:
-                    raise ValueError(f"sample has no {member} member")
+                    raise ValueError(f"sample has no {what}")
                 value = parse(parts[member])
             except (ValueError, UnicodeDecodeError) as e:
                 bad.add(name, e)
@@ -283,7 +283,7 @@ def _tar_samples(paths: Sequence[Path], bad: BadImages, member: str, parse):
 def webdataset_samples(paths: Sequence[Path], bad: BadImages) -> list[Sample]:
     """Labelled samples (image bytes + `cls`) from webdataset tars."""
     return [Sample(name, label, data=img)
-            for name, img, label in _tar_samples(paths, bad, "cls", lambda b: int(b.decode().strip()))]
+            for name, img, label in _tar_samples(paths, bad, "cls", "cls label", lambda b: int(b.decode().strip()))]
 
 
 def webdataset_captioned(paths: Sequence[Path], bad: BadImages) -> tuple[list[Sample], list[tuple[Path, str]]]:
@@ -293,7 +293,7 @@ def webdataset_captioned(paths: Sequence[Path], bad: BadImages) -> tuple[list[Sa
     def lines(b: bytes) -> list[str]:
         return [c.replace("\\n", " ").strip() for c in b.decode("utf-8").splitlines()]
     samples, captions = [], []
-    for name, img, text in _tar_samples(paths, bad, "txt", lines):
+    for name, img, text in _tar_samples(paths, bad, "txt", "txt captions", lines):
         samples.append(Sample(name, -1, data=img))
         captions += [(Path(name), c) for c in text if c]
     return samples, captions
