@@ -384,6 +384,11 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
 
 
+def _target_value(v) -> str:
+    """A target's measured value: percentages to one decimal, a small p-value in two digits."""
+    return f"{v:.2g}" if isinstance(v, float) and 0 < abs(v) < 0.05 else _fmt(v)
+
+
 def slip_vs_clip_verdict(t: dict) -> str:
     """What this one run shows about SLIP against CLIP, in words, at the 5% level."""
     parts = []
@@ -428,7 +433,7 @@ def report_markdown(report: dict) -> str:
     lines += [
         "",
         f"Targets applied (preset {t['preset']!r}): {'all met' if t['met'] else 'NOT MET'}",
-        *[f"- {'yes' if k['met'] else 'NO '} {k['target']}: {_fmt(k['value'])} (needs {k['op']} {k['needed']:.2f})"
+        *[f"- {'yes' if k['met'] else 'NO '} {k['target']}: {_target_value(k['value'])} (needs {k['op']} {k['needed']:.2f})"
           for k in t["checks"]],
         "",
         f"SLIP linear probe over the random encoder: {t['slip_probe_margin_over_random']:+.1f} points, "
