@@ -84,7 +84,8 @@ PRESETS = {
     # docs/DEMO.md), so learning is shown by CLIP's zero-shot and both models' retrieval against
     # chance, with the random encoder as the control that must not clear the same bars; and by
     # finetuning: the CLIP tower finetuned ahead of random init finetuned the same way (McNemar p
-    # 0.001, 0.0027, 0.011 and 0.021 in four runs; SLIP's tower is reported, not a target: p 0.5 at this budget).
+    # 0.001, 0.0027, 0.011 and 0.021 in four runs; SLIP's tower is reported, not a target: p 0.34-0.5
+    # at this budget).
     "ci": DemoPreset(build_args=("--demo-samples", "1600", "--demo-eval-per-class", "16"),
                      train_overrides=("optim.epochs=8", "checkpoint.every_steps=1000"),
                      targets=LearningTargets(zero_shot_factor=2.0, zero_shot_models=("clip",),
