@@ -440,7 +440,8 @@ def run_trainer(args) -> int:
         runs = json.loads(results_path.read_text())
     done = {(r["setting"], r["objective"], r["seed"]) for r in runs}
     # seed by seed, every setting each time: a stage cut short still compares all settings on the same seeds
-    for seed, text, objective in itertools.product(range(args.seeds), args.setting, args.objectives):
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for seed, text, objective in itertools.product(seeds, args.setting, args.objectives):
         s = Setting.parse(text)
         if (s.label, objective, seed) in done:
             continue
@@ -549,7 +550,8 @@ def main(argv=None) -> int:
     t.add_argument("--demo", required=True)
     t.add_argument("--setting", nargs="+", required=True, help="TS,TT,WS,WM (student, teacher temperature, weights)")
     t.add_argument("--objectives", nargs="+", default=["nclip", "xclip"])
-    t.add_argument("--seeds", type=int, default=1)
+    t.add_argument("--seeds", type=int, default=1, help="how many training seeds")
+    t.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     t.add_argument("--epochs", type=int, default=2)
     t.add_argument("--lr", type=float, help="optim.lr (the CI demo preset: 1e-3); default: the config's")
     t.add_argument("--config", default="demo_slip.yaml", help="under trainer/configs (the first round: demo_clip.yaml)")
