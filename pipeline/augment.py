@@ -21,11 +21,10 @@ run on the finished batch, on the training device (`SLIPLoader(batch_transform=.
 """
 from __future__ import annotations
 
-import io
 from typing import Any, Callable, Protocol
 
-from PIL import Image
 
+from pipeline.image_open import open_image
 from pipeline.plan import BatchPlan
 from pipeline.recipe import AugmentationRecipe
 
@@ -62,7 +61,7 @@ def undecodable_samples(plan: BatchPlan) -> dict[int, str]:
     found = {}
     for index, data in zip(plan.indices.tolist(), plan.encoded):
         try:
-            Image.open(io.BytesIO(data)).convert("RGB")
+            open_image(data).convert("RGB")
         except Exception:   # PIL raises many types for a corrupt image; all mean the same here
             found[index] = LATE_DECODE_FAILURE
     return found

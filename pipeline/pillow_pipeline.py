@@ -23,7 +23,6 @@ are kept in flight ahead of the consumer, and output memory is recycled (`Buffer
 from __future__ import annotations
 
 import collections
-import io
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -32,6 +31,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from pipeline.augment import BadSampleError, PlanSource, undecodable_samples
+from pipeline.image_open import open_image
 from pipeline.plan import BatchPlan
 from pipeline.rand_augment import apply_pil, fill_colour
 from pipeline.recipe import AugmentationRecipe
@@ -95,7 +95,7 @@ class PillowAugmenter:
 
     def _augment(self, encoded: np.ndarray, i: int, views: list, images: list[torch.Tensor], rand_augment) -> None:
         s = self.recipe.image_size
-        img = Image.open(io.BytesIO(encoded))
+        img = open_image(encoded, load=False)
         w, h = img.size
         # each view's window in source pixels, (x0, y0, x1, y1); x0 > x1 is a mirrored window
         boxes = [(start[i, 1] * w, start[i, 0] * h, end[i, 1] * w, end[i, 0] * h) for start, end, _, _ in views]

@@ -161,3 +161,55 @@ def test_labelled_shards_take_class_names_from_a_classnames_txt_beside_them(shar
     found = open_labelled(root / "train")
     assert found.classnames == ["a", "b", "c"] and found.skipped["label_not_a_class"] == 1
     assert open_labelled(shards, num_classes=2).labels.max() == 1      # no names: the range given
+
+
+def _lossless_twins(tmp_path, n: int = 12):
+    """The same noisy pixels as lossless WebP members (as the CLIP benchmark publishes) and as PNG."""
+    import cv2
+    roots = {ext: tmp_path / ext for ext in ("webp", "png")}
+    rng = np.random.default_rng(5)
+    tars = {}
+    for ext, root in roots.items():
+        root.mkdir()
+        tars[ext] = tarfile.open(root / "0.tar", "w")
+    for k in range(n):
+        rgb = rng.integers(0, 256, (36 + k % 3, 44, 3), dtype=np.uint8)
+        rgb[..., k % 3] //= 4                       # a class you can see: a darker channel
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        members = {"webp": cv2.imencode(".webp", bgr, [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes(),   # >100: lossless
+                   "png": cv2.imencode(".png", bgr)[1].tobytes()}
+        for ext, tar in tars.items():
+            _add(tar, f"s{k:03d}.{ext}", members[ext])
+            _add(tar, f"s{k:03d}.cls", str(k % 3).encode())
+    for tar in tars.values():
+        tar.close()
+    assert members["webp"][:4] == b"RIFF"
+    return {ext: open_labelled(root, classnames=["a", "b", "c"]) for ext, root in roots.items()}
+
+
+def test_webp_shards_train_and_validate_exactly_like_their_png_twins(tmp_path):
+    """pillow-simd here cannot decode WebP: the pillow augmenter, the bad-sample scan and the validation
+    hook open it through OpenCV, so WebP members give the very pixels of the same images in PNG."""
+    from pipeline.augment import undecodable_samples
+    from trainer.evaluation.data import EvalTransform
+    from trainer.finetune import ValidationHook
+    sets = _lossless_twins(tmp_path)
+    recipe = _recipe(rand_augment=RandAugmentRecipe())
+    batches = {}
+    for ext, data in sets.items():
+        loader = SLIPLoader(data, recipe, 6, None, backend="pillow", seed=4)
+        batches[ext] = [b for _, b in zip(range(2), loader)]
+        assert loader.bad_samples == 0, (ext, loader.bad_reasons)
+    for webp, png in zip(batches["webp"], batches["png"]):
+        assert torch.equal(webp["label"], png["label"]) and torch.equal(webp["clip_image"], png["clip_image"])
+    # a failed batch's scan names only the broken sample, never a good WebP
+    plan = SLIPLoader(sets["webp"], recipe, 6, None, backend="pillow", seed=4).make_batch(0, 0)
+    plan.encoded[1] = plan.encoded[1][:40]
+    assert list(undecodable_samples(plan)) == [int(plan.indices[1])]
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
+    results = {ext: ValidationHook(data, EvalTransform(32, 36), 5, torch.device("cpu"))(model, step=0)
+               for ext, data in sets.items()}
+    assert results["webp"]["val_bad_images"] == 0 and results["webp"]["val_images"] == 12
+    assert results["webp"] == results["png"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import io
 import sys
 import textwrap
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from pipeline.cli import report, run_main  # noqa: E402
+from pipeline.image_open import open_image  # noqa: E402
 
 TILE = 192
 PAD = 8
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     columns = ["stored image", "CLIP view"] + [f"SimCLR view {v}" for v in range(1, recipe.num_ssl_views + 1)]
     rows = []
     for i, index in enumerate(batch["index"].tolist()):
-        original = Image.open(io.BytesIO(loader.reader.image(index)))
+        original = open_image(loader.reader.image(index))
         labels = [f"{original.width}x{original.height}"]
         labels += [describe(params[v], i, ssl=v != "clip_image") for v in views]
         tiles = [fit(original)] + [to_image(batch[v][i], recipe.mean, recipe.std) for v in views]

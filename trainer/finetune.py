@@ -21,17 +21,16 @@ parts that differ (`build_finetune_parts`):
 """
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
 
 from pipeline.batch_mix import MixDraw, apply_erasing, apply_mix
 from pipeline.files import write_json_atomic
+from pipeline.image_open import open_image
 from pipeline.labelled import LabelledSet, open_labelled
 from trainer.classifier import ImageClassifier, load_image_tower
 from trainer.evaluation.accuracy import classification_metrics
@@ -100,9 +99,7 @@ class ValidationHook:
 
     def _load(self, i: int) -> torch.Tensor | None:
         try:
-            img = Image.open(io.BytesIO(self.data.image(i)))
-            img.load()
-            return self.transform(img)
+            return self.transform(open_image(self.data.image(i)))
         except Exception:   # an unreadable validation image (or none at all) is counted, never fatal
             return None
 

@@ -23,7 +23,6 @@ listed: a FIFO or a device named like an image is never opened.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import tarfile
 from dataclasses import dataclass, field
@@ -32,9 +31,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, features
+from PIL import Image
 from tqdm import tqdm
 
+from pipeline.image_open import open_image
 from pipeline.regular_files import is_regular, read_regular
 from pipeline.shards import MAX_IMAGE_BYTES, iter_tar_samples
 
@@ -43,7 +43,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_LIST_BYTES = 64 << 20      # classnames.json, templates.json, val_captions.jsonl
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WEBP_IN_PIL = features.check("webp")
 CLIP_BENCHMARK_CLASSES = "classnames.txt"
 CLIP_BENCHMARK_TEMPLATES = "zeroshot_classification_templates.txt"
 CLIP_BENCHMARK_TYPE = "dataset_type.txt"
@@ -128,27 +127,10 @@ class BadImages:
         return {"count": len(self.items), "files": self.items}
 
 
-def _is_webp(data: bytes) -> bool:
-    return len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP"
-
-
-def _decode_webp(data: bytes) -> Image.Image:
-    """A WebP image through OpenCV (pillow-simd is built without WebP)."""
-    import cv2
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if pixels is None:
-        raise ValueError("undecodable WebP image")
-    return Image.fromarray(cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB))
-
-
 def _decode(data: bytes | None, path: str | Path | None) -> Image.Image:
     if data is None:
         data = read_regular(Path(path), MAX_IMAGE_BYTES, "an image")
-    if _is_webp(data) and not WEBP_IN_PIL:
-        return _decode_webp(data)
-    img = Image.open(io.BytesIO(data))
-    img.load()  # force the full decode here so truncated files fail now
-    return img
+    return open_image(data)    # fully decoded, so a truncated file fails now; WebP through OpenCV
 
 
 # ============================================================================ labelled sets
