@@ -151,3 +151,20 @@ def test_finetuning_runs_on_two_ranks_with_gloo(labelled, pretrained, tmp_path):
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 6 and all(np.isfinite(r["loss"]) for r in steps)   # 97 images / (8 x 2 ranks)
     assert [r["step"] for r in records if "eval/val_top1" in r] == [6]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_finetuning_on_the_gpu_with_dali_bf16_and_compile(labelled, pretrained, tmp_path):
+    """The GPU path: RandAugment on DALI's GPU graph, erasing and mixing on the device, bf16 autocast,
+    torch.compile. The CPU tests above run the same logic with pillow or DALI on the CPU in fp32."""
+    out = tmp_path / "gpu"
+    proc = finetune(["--checkpoint", str(pretrained),
+                     *_common(labelled, out, "data.backend=dali", "data.device=gpu", "train.precision=bf16",
+                              "train.compile=true")], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = _records(out)
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 18 and all(np.isfinite(r["loss"]) for r in steps)
+    evals = [r for r in records if "eval/val_top1" in r]
+    assert [r["step"] for r in evals] == [6, 12, 18] and all(r["eval/val_images"] == 32 for r in evals)

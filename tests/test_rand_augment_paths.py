@@ -25,19 +25,21 @@ def _images() -> list[np.ndarray]:
 IMAGES = _images()
 
 
-def dali_apply(draw: RandAugmentDraw) -> np.ndarray:
+def dali_apply(draw: RandAugmentDraw, gpu: bool = False) -> np.ndarray:
     inputs = dali_rand_augment.graph_inputs(draw, S)
     names = list(inputs)
 
-    @pipeline_def(batch_size=B, num_threads=1, device_id=None)
+    @pipeline_def(batch_size=B, num_threads=1, device_id=0 if gpu else None)
     def pipe():
         outs = fn.external_source(source=lambda: [IMAGES] + [inputs[n] for n in names], num_outputs=len(names) + 1,
                                   batch=True, layout=["HWC"] + [""] * len(names))
-        return dali_rand_augment.apply_graph(fn.cast(outs[0], dtype=types.FLOAT), dict(zip(names, outs[1:])),
+        image = outs[0].gpu() if gpu else outs[0]
+        return dali_rand_augment.apply_graph(fn.cast(image, dtype=types.FLOAT), dict(zip(names, outs[1:])),
                                              draw.op.shape[1], S, FILL)
     p = pipe()
     p.build()
-    return np.stack([np.asarray(t) for t in p.run()[0]])
+    out = p.run()[0]
+    return np.stack([np.asarray(t) for t in (out.as_cpu() if gpu else out)])
 
 
 def pil_apply(draw: RandAugmentDraw, resample=Image.BICUBIC) -> np.ndarray:
@@ -96,3 +98,14 @@ def test_two_operations_compose_in_the_drawn_order():
     assert np.abs(got - want).max() <= 1
     swapped = RandAugmentDraw(op[:, ::-1].copy(), draw.apply, draw.argument[:, ::-1].copy())
     assert np.abs(pil_apply(swapped) - want).mean() > 10        # order matters for this pair
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gpu_graph_applies_the_same_operations_as_the_cpu_graph():
+    """Every operation on DALI's GPU graph (per-sample operands moved to the device) against the CPU
+    graph that the tests above compare with PIL."""
+    for name in OPS:
+        draw = one_op(name)
+        cpu, gpu = dali_apply(draw), dali_apply(draw, gpu=True)
+        assert np.abs(cpu - gpu).mean() < 0.5 and np.abs(cpu - gpu).max() <= 2, name
