@@ -123,7 +123,10 @@ def glue(tmp_path_factory):
             sentences = [_sentence(rng, "alpha" if y else "omega") for y in labels]
             if shuffle:
                 labels = rng.permutation(labels)
-            (d / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in zip(sentences, labels)))
+            rows = "".join(f"{s}\t{y}\n" for s, y in zip(sentences, labels))
+            if split == "dev" and not shuffle:
+                rows += "alpha omega cat\t7\n"        # a label the probe never trained on: counted, not scored
+            (d / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
     return root
 
 
@@ -150,7 +153,10 @@ def test_a_text_probe_learns_a_planted_signal_and_not_shuffled_labels(glue, tmp_
         out = tmp_path / f"{name}.json"
         proc = evaluate("--data", str(glue / name), "--tasks", "text_probe", "--out", str(out))
         assert proc.returncode == 0, proc.stderr[-2000:]
-        top1[name] = json.loads(out.read_text())["text_probe"]["eot"]["top1"]
+        result = json.loads(out.read_text())["text_probe"]
+        top1[name] = result["eot"]["top1"]
+        assert result["dev_rows_with_unseen_label"] == (name == "sst_planted"), name
+        assert result["eot"]["num_images"] == 120, result["eot"]      # the unseen-label row is not scored
     assert top1["sst_planted"] > 90
     assert 30 < top1["sst_shuffled"] < 70          # chance is 50 on 120 dev sentences
 

@@ -353,3 +353,35 @@ def test_sts_reports_scipys_spearman_of_the_cosine_similarities(tmp_path):
         expected = spearmanr(cosine, [g for _, _, g in pairs]).statistic
         assert got[name]["spearman"] == pytest.approx(expected, abs=1e-6)
     assert got["num_pairs"] == 10
+
+
+def test_the_cache_key_follows_the_weights_not_the_checkpoint_path(tmp_path):
+    """`last.pt` is overwritten as training goes on: the same weights under two paths share one key,
+    new weights under the same path get another, and the SimCLR head (not loaded) does not count."""
+    import shutil
+    from trainer.config import RunConfig
+    from trainer.checkpoint import load_model
+    from trainer.evaluation.cache import model_key
+
+    def save(path: Path, seed: int):
+        cfg = ModelConfig.preset("vit_tiny")
+        torch.manual_seed(seed)
+        run = RunConfig(model=cfg)
+        run.objective.name = "slip"
+        run.data.recipe.image_size = cfg.image_size
+        torch.save({"model": build_model(cfg, "slip").state_dict(), "config": to_dict(run), "step": seed}, path)
+
+    def key(path: Path) -> str:
+        model, run = load_model(path)
+        return model_key(model, {"model": to_dict(run.model)})
+
+    save(tmp_path / "step_1.pt", 1)
+    shutil.copy(tmp_path / "step_1.pt", tmp_path / "last.pt")
+    first = key(tmp_path / "last.pt")
+    assert key(tmp_path / "step_1.pt") == first
+    save(tmp_path / "last.pt", 2)                       # training went on: same path, new weights
+    assert key(tmp_path / "last.pt") != first
+    model, run = load_model(tmp_path / "step_1.pt")
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.startswith("ssl_head.")).add_(1.0)
+    assert model_key(model, {"model": to_dict(run.model)}) == first

@@ -109,12 +109,14 @@ def text_probe(model, tokenizer: Callable, folder: Path, batch_size: int = 256,
     index = {y: i for i, y in enumerate(labels)}
     train = [(s, index[y]) for s, y in splits["train"][0]]
     dev = [(s, index[y]) for s, y in splits["dev"][0] if y in index]
+    unseen = len(splits["dev"][0]) - len(dev)     # a dev label the probe never trained on: counted, not scored
     if not train or not dev:
         raise ValueError(f"{folder}: no usable labelled sentences in train.tsv and dev.tsv")
     x_train = text_features(model, tokenizer, [s for s, _ in train], batch_size)
     x_dev = text_features(model, tokenizer, [s for s, _ in dev], batch_size)
     y_train, y_dev = torch.tensor([y for _, y in train]), torch.tensor([y for _, y in dev])
-    result: dict = {"num_classes": len(labels), "malformed_rows": splits["train"][1] + splits["dev"][1]}
+    result: dict = {"num_classes": len(labels), "malformed_rows": splits["train"][1] + splits["dev"][1],
+                    "dev_rows_with_unseen_label": unseen}
     for name in FEATURES:
         result[name] = linear_probe(x_train[name], y_train, x_dev[name], y_dev, len(labels), probe)
     return result
