@@ -496,3 +496,24 @@ def test_layout_pairs_are_unique():
     for tower in ("timm", "native"):
         pairs: list[Pair] = layout(cfg if tower == "native" else ModelConfig.preset("vit_tiny"), tower)
         assert len({p.ours for p in pairs}) == len(pairs) == len({p.theirs for p in pairs})
+
+
+def test_finetuning_starts_from_a_converted_or_foreign_image_tower(tmp_path):
+    """The finetuning classifier takes the image tower of a SLIP reference checkpoint, of its conversion,
+    and of an OpenCLIP folder, tensor for tensor; its fresh head is not touched."""
+    from trainer.classifier import ImageClassifier, load_image_tower
+    case = cases("slip_reference")["slip"]
+    slip_checkpoint(tmp_path / "ref.pt", case)
+    converted = read_slip_reference(tmp_path / "ref.pt")
+    converted.save(tmp_path / "ours.pt")
+    openclip_folder(tmp_path / "oc", cases("openclip")["tiny_native_quickgelu"])
+    for source, state, cfg in ((tmp_path / "ref.pt", converted.state, converted.model),
+                               (tmp_path / "ours.pt", converted.state, converted.model),
+                               (tmp_path / "oc", read_openclip(tmp_path / "oc").state, read_openclip(tmp_path / "oc").model)):
+        torch.manual_seed(0)
+        model = ImageClassifier(cfg, num_classes=5)
+        head = {k: v.clone() for k, v in model.head.state_dict().items()}
+        load_image_tower(model, source)
+        assert_same_state({k: v for k, v in model.state_dict().items() if k.startswith("visual.")},
+                          {k: v for k, v in state.items() if k.startswith("visual.")})
+        assert all(torch.equal(v, model.head.state_dict()[k]) for k, v in head.items()), source
