@@ -1,10 +1,11 @@
 """Encoded image bytes to a PIL image, WebP included.
 
 The pillow-simd that `make setup` builds has no WebP codec (`PIL.features.check("webp")` is False),
-yet img2dataset can write WebP and the CLIP benchmark publishes its shards in WebP. Every place that
-decodes with PIL (the pillow augmenter, the scan that names a failed batch's bad samples, evaluation,
-finetuning's validation) opens images here, and WebP goes through OpenCV (installed with img2dataset)
-when PIL cannot read it. DALI decodes WebP itself.
+yet img2dataset can write WebP and the CLIP benchmark publishes its shards in WebP. The PIL decoders
+of samples (the pillow augmenter, the scan that names a failed batch's bad samples, evaluation,
+finetuning's validation, previews) open images here, and WebP goes through OpenCV (installed with
+img2dataset) when PIL cannot read it. DALI decodes WebP itself. The builder's own check
+(`pipeline/verify.py`) reads the JPEGs it writes; `pipeline/indexing.py` handles WebP headers itself.
 """
 from __future__ import annotations
 

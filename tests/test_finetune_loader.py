@@ -187,12 +187,14 @@ def _lossless_twins(tmp_path, n: int = 12):
     return {ext: open_labelled(root, classnames=["a", "b", "c"]) for ext, root in roots.items()}
 
 
-def test_webp_shards_train_and_validate_exactly_like_their_png_twins(tmp_path):
+def test_webp_shards_train_and_validate_exactly_like_their_png_twins(tmp_path, monkeypatch):
     """pillow-simd here cannot decode WebP: the pillow augmenter, the bad-sample scan and the validation
     hook open it through OpenCV, so WebP members give the very pixels of the same images in PNG."""
     from pipeline.augment import undecodable_samples
     from trainer.evaluation.data import EvalTransform
     from trainer.finetune import ValidationHook
+    import pipeline.image_open
+    monkeypatch.setattr(pipeline.image_open, "WEBP_IN_PIL", False)   # the OpenCV path, also under a Pillow with WebP
     sets = _lossless_twins(tmp_path)
     recipe = _recipe(rand_augment=RandAugmentRecipe())
     batches = {}

@@ -1,5 +1,6 @@
-"""RandAugment on the DALI graph (CPU here) against the pillow path's timm operations, operation by
-operation on the same 8-bit images, and the drawn order of two operations kept."""
+"""RandAugment on the DALI graph (CPU; the GPU graph in the last, GPU-marked test) against the pillow
+path's timm operations, operation by operation on the same 8-bit images, and the drawn order of two
+operations kept."""
 import numpy as np
 import pytest
 from PIL import Image
