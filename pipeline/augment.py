@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
-
 from pipeline.image_open import open_image
 from pipeline.plan import BatchPlan
 from pipeline.recipe import AugmentationRecipe

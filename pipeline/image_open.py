@@ -14,13 +14,9 @@ import io
 import numpy as np
 from PIL import Image, features
 
+from pipeline.webp_header import is_webp
+
 WEBP_IN_PIL = features.check("webp")
-
-
-def is_webp(data) -> bool:
-    """Whether `data` (bytes or a uint8 array, as a plan holds them) starts with a WebP header."""
-    head = bytes(memoryview(data)[:12])
-    return len(head) == 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP"
 
 
 def _decode_webp(data: bytes) -> Image.Image:

@@ -16,9 +16,15 @@ import warnings
 warnings.filterwarnings("ignore", "image file could not be identified because WEBP support not installed")
 
 
+def is_webp(data) -> bool:
+    """Whether `data` (bytes or a uint8 array, as a plan holds them) starts with a WebP RIFF header."""
+    head = bytes(memoryview(data)[:12])
+    return len(head) == 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+
+
 def webp_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a WebP image, or None when `data` is not one with a readable header."""
-    if len(data) < 30 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+    if len(data) < 30 or not is_webp(data):
         return None
     chunk = data[12:16]
     if chunk == b"VP8 ":

@@ -361,7 +361,7 @@ def test_the_cache_key_follows_the_weights_not_the_checkpoint_path(tmp_path):
     import shutil
     from trainer.config import RunConfig
     from trainer.checkpoint import load_model
-    from trainer.evaluation.cache import model_key
+    from trainer.evaluation.cache import run_model_key
 
     def save(path: Path, seed: int):
         cfg = ModelConfig.preset("vit_tiny")
@@ -372,8 +372,7 @@ def test_the_cache_key_follows_the_weights_not_the_checkpoint_path(tmp_path):
         torch.save({"model": build_model(cfg, "slip").state_dict(), "config": to_dict(run), "step": seed}, path)
 
     def key(path: Path) -> str:
-        model, run = load_model(path)
-        return model_key(model, {"model": to_dict(run.model)})
+        return run_model_key(*load_model(path))      # the key tools/evaluate.py gives a checkpoint
 
     save(tmp_path / "step_1.pt", 1)
     shutil.copy(tmp_path / "step_1.pt", tmp_path / "last.pt")
@@ -384,4 +383,4 @@ def test_the_cache_key_follows_the_weights_not_the_checkpoint_path(tmp_path):
     model, run = load_model(tmp_path / "step_1.pt")
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if n.startswith("ssl_head.")).add_(1.0)
-    assert model_key(model, {"model": to_dict(run.model)}) == first
+    assert run_model_key(model, run) == first

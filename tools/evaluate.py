@@ -197,7 +197,7 @@ def evaluate_text(args, model, run_cfg: RunConfig, tasks: tuple[str, ...], t0: f
 def evaluate_suite(args) -> int:
     """Every checkpoint (and the random baseline) on every dataset of the suite: results folder."""
     from trainer.dataclass_io import to_dict
-    from trainer.evaluation.cache import model_key
+    from trainer.evaluation.cache import run_model_key
     from trainer.evaluation.suite import load_suite
     from trainer.evaluation.suite_report import markdown, write_outputs
     from trainer.evaluation.suite_run import SuiteModel, run_suite
@@ -214,8 +214,7 @@ def evaluate_suite(args) -> int:
     models = []
 
     def add(name, model, run_cfg):
-        key = model_key(model, {"model": to_dict(run_cfg.model), "objective": run_cfg.objective.name})
-        models.append(SuiteModel(name, model, run_cfg, key))
+        models.append(SuiteModel(name, model, run_cfg, run_model_key(model, run_cfg)))
 
     # a suite of text sets only never builds or loads an image tower (a model without a text tower is
     # loaded whole, and the suite lists the text tasks as not applicable to it)

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.files import atomic_output
 from trainer.checkpoint import TRAINING_ONLY
+from trainer.dataclass_io import to_dict
 from trainer.evaluation.data import BadImages
 from trainer.evaluation.features import ImageFeatures
 
@@ -41,6 +42,11 @@ def model_key(model: torch.nn.Module, architecture: dict) -> str:
         h.update(str((t.dtype, tuple(t.shape))).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def run_model_key(model: torch.nn.Module, run_cfg) -> str:
+    """`model_key` of a loaded run's model: its weights, model config and objective."""
+    return model_key(model, {"model": to_dict(run_cfg.model), "objective": run_cfg.objective.name})
 
 
 class FeatureCache:
