@@ -22,7 +22,9 @@ amendment made there (the sample-entropy clause dropped).
 
 `trainer`: runs trainer/run.py on the demo build (vit_tiny, CPU) for nCLIP and xCLIP with each given
 setting and collects the cluster-usage metrics the loop logs and the final zero-shot / linear-probe
-results.
+results. `--init-from CKPT` starts every run's towers (not its cluster heads) from a checkpoint,
+e.g. a CLIP run on the same build: do the heads find confident clusters when the towers already
+share what an image and its caption have in common?
 
 Measures (per modality, then the worse of image and text):
 - usage_batch: distinct argmax clusters in a held-out batch of the training batch size, over
@@ -454,7 +456,7 @@ def run_trainer(args) -> int:
                f"optim.epochs={args.epochs}", *([f"optim.lr={args.lr}"] if args.lr else []),
                f"data.batch_size={args.batch}", f"train.log_every={args.log_every}",
                f"train.torch_threads={args.threads}", "data.num_threads=1", "checkpoint.every_steps=0",
-               "eval.tasks=[zeroshot,linear_probe]"]
+               "eval.tasks=[zeroshot,linear_probe]", *([f"model.init_from={args.init_from}"] if args.init_from else [])]
         t0 = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -465,7 +467,7 @@ def run_trainer(args) -> int:
         steps = [r for r in recs if "event" not in r and "nclip_image_clusters_batch" in r]
         last = steps[-max(1, len(steps) // 5):]        # the last fifth of the logged steps
         r = {"setting": s.label, "objective": objective, "seed": seed, "seconds": time.perf_counter() - t0,
-             "steps": steps[-1]["step"], "usage_warnings": [e["message"] for e in recs if e.get("event") == "nclip_usage"]}
+             "steps": steps[-1]["step"], "init_from": args.init_from or "", "usage_warnings": [e["message"] for e in recs if e.get("event") == "nclip_usage"]}
         for key in ("clusters_batch", "clusters_window", "batch_entropy", "sample_entropy"):
             for mod in ("image", "text"):
                 name = f"nclip_{mod}_{key}"
@@ -555,6 +557,8 @@ def main(argv=None) -> int:
     t.add_argument("--epochs", type=int, default=2)
     t.add_argument("--lr", type=float, help="optim.lr (the CI demo preset: 1e-3); default: the config's")
     t.add_argument("--config", default="demo_slip.yaml", help="under trainer/configs (the first round: demo_clip.yaml)")
+    t.add_argument("--init-from", help="model.init_from: start the towers from this checkpoint (the fourth round: "
+                   "a CLIP run on the same build); the cluster heads start fresh")
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--log-every", type=int, default=5)
     t.add_argument("--threads", type=int, default=1)
