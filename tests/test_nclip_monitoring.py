@@ -12,7 +12,7 @@ import torch
 from test_trainer import COMMON, events, make_shards, step_records, torchrun
 from trainer.metrics import ClusterUsageMeter
 from trainer.objectives import CLUSTER_COUNTS, ObjectiveConfig, nclip_loss
-from trainer.policies import CollapseWatch
+from trainer.policies import CollapseWatch, UniformWatch
 
 
 def test_loss_reports_histograms_and_entropies_per_modality():
@@ -72,6 +72,37 @@ def test_collapse_watch_uses_min_of_k_and_batch_and_warns_once():
         ObjectiveConfig(name="nclip", nclip_min_usage=1.5)
 
 
+def test_uniform_watch_measures_the_gap_to_ln_k_and_warns_once():
+    k = {"image": 1024, "text": 1024}
+    watch = UniformWatch(0.02)
+    flat, healthy = math.log(1024) - 0.005, math.log(1024) - 0.5
+    found = watch.check({"image": flat, "text": healthy}, k)
+    assert [(m, round(kl, 6)) for m, _, kl in found] == [("image", 0.005)]
+    assert "near-uniform" in found[0][1] and "nclip_min_kl" in found[0][1]
+    assert watch.check({"image": flat, "text": healthy}, k) == []          # once per modality
+    # the bar is in nats below ln K, whatever K: 0.015 below ln 32768 warns, 0.025 below does not
+    assert len(UniformWatch(0.02).check({"text": math.log(32768) - 0.015}, {"text": 32768})) == 1
+    assert UniformWatch(0.02).check({"text": math.log(32768) - 0.025}, {"text": 32768}) == []
+    assert UniformWatch(0.0).check({"image": math.log(1024)}, k) == []      # 0 turns it off
+    with pytest.raises(ValueError, match="nclip_min_kl"):
+        ObjectiveConfig(name="nclip", nclip_min_kl=-1)
+
+
+def test_fresh_heads_sit_well_above_the_uniform_bar():
+    """The default bar must not fire on a healthy start: the vit_tiny and ViT-B/16 heads at initialisation
+    give a mean KL(p || uniform) far above objective.nclip_min_kl on random features."""
+    from trainer.models import ModelConfig, NCLIPHead, Prototypes
+    for preset in ("vit_tiny", "vit_b16"):
+        cfg = ModelConfig.preset(preset)
+        torch.manual_seed(0)
+        head = NCLIPHead(cfg.vision_width, cfg.nclip_hidden_dim, cfg.nclip_bottleneck_dim)
+        protos = Prototypes(cfg.nclip_bottleneck_dim, cfg.nclip_clusters)
+        logits = protos(head(torch.randn(256, cfg.vision_width))) / ObjectiveConfig().nclip_student_temperature
+        p = torch.softmax(logits, -1)
+        kl = math.log(cfg.nclip_clusters) + (p * p.log()).sum(-1).mean().item()
+        assert kl > 5 * ObjectiveConfig().nclip_min_kl, (preset, kl)
+
+
 # ----------------------------------------------------------------------------- a real 2-rank run
 
 STEPS = 4
@@ -83,7 +114,7 @@ NCLIP_RUN = [a for a in COMMON if not a.startswith(("objective.name=", "optim.ep
 # teacher centre (objective state) makes the run the reference of the exact-resume test too.
 NCLIP_ARGS = [*NCLIP_RUN, "objective.name=nclip", "data.recipe.num_ssl_views=0", "optim.epochs=2",
               "train.log_every=1", "checkpoint.every_steps=2", "checkpoint.keep_every=2",
-              "objective.nclip_min_usage=1.0",
+              "objective.nclip_min_usage=1.0", "objective.nclip_min_kl=100",   # above ln K: fires for sure
               "objective.nclip_targets=centre"]
 
 
@@ -124,6 +155,12 @@ def test_logged_cluster_counts_are_global(nclip_run):
     warned = events(nclip_run, "nclip_usage")
     assert sorted(e["modality"] for e in warned) == ["image", "text"]
     assert all(e["step"] == 2 and 0 <= e["fraction"] < 1 for e in warned)
+    # the near-uniform warning reads the logged global sample entropy: KL = ln K - that entropy
+    flat = events(nclip_run, "nclip_uniform")
+    assert sorted(e["modality"] for e in flat) == ["image", "text"]
+    for e in flat:
+        logged = recs[2][f"nclip_{e['modality']}_sample_entropy"]
+        assert e["step"] == 2 and math.isclose(e["kl"], math.log(1024) - logged, rel_tol=1e-9, abs_tol=1e-9), e
 
 
 def test_plot_metrics_draws_the_nclip_panels(nclip_run):

@@ -35,7 +35,7 @@ from trainer.metrics import (ClusterUsageMeter, MetricsLogger, RunningMean, Thro
                              model_flops_utilisation)
 from trainer.objectives import CLUSTER_COUNTS
 from trainer.optim import WarmupCosine
-from trainer.policies import (CollapseWatch, DebugFaults, Every, NonFiniteLossError, NonFinitePolicy, StopSignals,
+from trainer.policies import (CollapseWatch, UniformWatch, DebugFaults, Every, NonFiniteLossError, NonFinitePolicy, StopSignals,
                               last_good_text)
 
 if TYPE_CHECKING:
@@ -125,6 +125,7 @@ class Trainer:
         self.eval_due = Every(eval_every if c.evaluate is not None else 0)
         self.cluster_usage = ClusterUsageMeter(CLUSTER_COUNTS)   # nCLIP only; read at log steps
         self.collapse_watch = CollapseWatch(cfg.objective.nclip_min_usage)
+        self.uniform_watch = UniformWatch(cfg.objective.nclip_min_kl)
         self._metrics: MetricsLogger | None = None
         self._metrics_opened = False
         self.step_offset = 0      # steps taken minus the schedule position; non-zero after a converted resume
@@ -394,6 +395,9 @@ class Trainer:
         self.metrics.log(st.step, rec)
         for mod, message, fraction in self.collapse_watch.check(usage):
             self.metrics.event(st.step, "nclip_usage", message, modality=mod, fraction=fraction)
+        entropy = {mod: rec[f"nclip_{mod}_sample_entropy"] for mod in usage if f"nclip_{mod}_sample_entropy" in rec}
+        for mod, message, kl in self.uniform_watch.check(entropy, {mod: usage[mod]["k"] for mod in entropy}):
+            self.metrics.event(st.step, "nclip_uniform", message, modality=mod, kl=kl)
         speed.restart()
         return rec["loss"]
 

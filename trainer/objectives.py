@@ -161,6 +161,9 @@ class ObjectiveConfig:
     # the trainer warns (once per modality) and records an event when the clusters used in a global
     # batch fall below this fraction of min(K, global batch); 0 turns the warning off
     nclip_min_usage: float = 0.1
+    # ... and when the mean per-sample KL(p || uniform) falls below this many nats: outputs so flat that
+    # the clusters carry nothing (nCLIP alone from scratch on the CI demo ends there; docs/NCLIP.md); 0: off
+    nclip_min_kl: float = 0.02
 
     def __post_init__(self):
         objective_parts(self.name)   # raises on an unknown name
@@ -178,6 +181,8 @@ class ObjectiveConfig:
             raise ValueError(f"nclip_sinkhorn_iterations must be >= 1, got {self.nclip_sinkhorn_iterations}")
         if not 0 <= self.nclip_min_usage <= 1:
             raise ValueError(f"nclip_min_usage must be in [0, 1], got {self.nclip_min_usage}")
+        if self.nclip_min_kl < 0:
+            raise ValueError(f"nclip_min_kl must be >= 0, got {self.nclip_min_kl}")
 
 
 def _gather_keep_local(x: torch.Tensor) -> torch.Tensor:

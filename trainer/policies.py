@@ -2,6 +2,7 @@
 signals, and the debug faults the tests inject."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 from dataclasses import dataclass, field
@@ -65,6 +66,31 @@ class CollapseWatch:
                                    f"global batch of {int(u['samples_batch'])} (K = {int(u['k'])}), "
                                    f"{100 * fraction:.1f}% of min(K, batch) < {100 * self.min_fraction:.0f}% "
                                    "(objective.nclip_min_usage; see docs/NCLIP.md)", fraction))
+        return found
+
+
+@dataclass
+class UniformWatch:
+    """Warns once per modality when nCLIP's outputs go near-uniform: the mean per-sample KL(p || uniform)
+    = ln K - (mean per-sample entropy) below `min_kl` nats. That is the other way nCLIP collapses:
+    every sample spread almost evenly over all K clusters, so the clusters carry nothing while the
+    argmax of the nearly equal logits still lands all over the batch and the usage watch stays quiet.
+    Freshly initialised heads sit well above the bar (cosine logits over the student temperature:
+    about 1 / (2 d tau^2) nats for a d-dim bottleneck). 0 turns it off."""
+    min_kl: float
+    warned: set[str] = field(default_factory=set)
+
+    def check(self, sample_entropy: dict[str, float], k: dict[str, int]) -> list[tuple[str, str, float]]:
+        """(modality, message, KL in nats) for each modality that newly falls below the bar."""
+        found = []
+        for mod, h in sample_entropy.items():
+            kl = math.log(k[mod]) - h
+            if self.min_kl and kl < self.min_kl and mod not in self.warned:
+                self.warned.add(mod)
+                found.append((mod, f"nCLIP {mod} outputs are near-uniform: mean per-sample entropy {h:.4f} nats, "
+                                   f"{kl:.4f} below ln K = {math.log(k[mod]):.4f} (K = {k[mod]}), under "
+                                   f"objective.nclip_min_kl = {self.min_kl:g}: every sample is spread almost evenly "
+                                   "over all clusters, so the cluster counts are argmax noise (see docs/NCLIP.md)", kl))
         return found
 
 

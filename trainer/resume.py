@@ -43,7 +43,7 @@ from trainer.config import RunConfig, to_dict
 from trainer.distributed import rank0_only
 from trainer.run_dir import RunDirLock, move_run_aside, remove_stale_temps
 
-MAY_DIFFER = ("out_dir", "checkpoint", "eval", "debug", "dist", "objective.nclip_min_usage",
+MAY_DIFFER = ("out_dir", "checkpoint", "eval", "debug", "dist", "objective.nclip_min_usage", "objective.nclip_min_kl",
               "data.batch_size", "data.num_threads", "data.device", "data.backend",
               "optim.accum_steps", "optim.max_steps",
               "train.precision", "train.compile", "train.torch_threads", "train.log_every", "train.peak_tflops",

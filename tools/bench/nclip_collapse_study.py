@@ -467,7 +467,8 @@ def run_trainer(args) -> int:
         steps = [r for r in recs if "event" not in r and "nclip_image_clusters_batch" in r]
         last = steps[-max(1, len(steps) // 5):]        # the last fifth of the logged steps
         r = {"setting": s.label, "objective": objective, "seed": seed, "seconds": time.perf_counter() - t0,
-             "steps": steps[-1]["step"], "init_from": args.init_from or "", "usage_warnings": [e["message"] for e in recs if e.get("event") == "nclip_usage"]}
+             "steps": steps[-1]["step"], "init_from": args.init_from or "", "usage_warnings": [e["message"] for e in recs if e.get("event") == "nclip_usage"],
+             "uniform_warnings": [f"step {e['step']}: {e['message']}" for e in recs if e.get("event") == "nclip_uniform"]}
         for key in ("clusters_batch", "clusters_window", "batch_entropy", "sample_entropy"):
             for mod in ("image", "text"):
                 name = f"nclip_{mod}_{key}"
@@ -517,15 +518,22 @@ def trainer_summary(runs: list[dict]) -> str:
 
 def trainer_markdown(runs: list[dict]) -> str:
     cols = ["setting", "objective", "seed", "usage (last fifth)", "sample H / ln K", "img clusters batch", "txt clusters batch",
-            "img clusters window", "img batch H", "img sample H", "txt sample H", "zero-shot top-1", "probe top-1"]
+            "img clusters window", "img batch H", "img sample H", "txt sample H", "KL to uniform (nats)",
+            "near-uniform warning", "zero-shot top-1", "probe top-1"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    ln_k = math.log(ModelConfig.preset("vit_tiny").nclip_clusters)
     for r in runs:
+        # the worse modality's mean per-sample KL(p || uniform) over the last fifth: what nclip_min_kl watches
+        kl = ln_k - max(r["nclip_image_sample_entropy"], r["nclip_text_sample_entropy"])
+        warned = r.get("uniform_warnings")
+        first = min(int(w.split(":")[0].split()[1]) for w in warned) if warned else None
         zs, pr = _top1(r, "zeroshot"), _top1(r, "probe")
         lines.append("| " + " | ".join([r["setting"], r["objective"], str(r["seed"]), f"{r['usage_fraction']:.2f}",
                                          f"{r.get('sample_entropy_fraction', float('nan')):.2f}",
                                          f"{r['nclip_image_clusters_batch']:.1f}", f"{r['nclip_text_clusters_batch']:.1f}",
                                          f"{r['nclip_image_clusters_window']:.1f}", f"{r['nclip_image_batch_entropy']:.2f}",
                                          f"{r['nclip_image_sample_entropy']:.2f}", f"{r['nclip_text_sample_entropy']:.2f}",
+                                         f"{kl:.4f}", "n/a" if warned is None else (f"step {first}" if warned else "no"),
                                          f"{zs:.3f}", f"{pr:.3f}"]) + " |")
     return "\n".join(lines) + "\n"
 
