@@ -47,12 +47,23 @@ class NonFinitePolicy:
 
 
 @dataclass
-class CollapseWatch:
+class _OncePerModality:
+    """The once-per-modality memory both nCLIP watches share."""
+    warned: set[str] = field(default_factory=set, kw_only=True)
+
+    def _newly(self, mod: str, below: bool) -> bool:
+        if not below or mod in self.warned:
+            return False
+        self.warned.add(mod)
+        return True
+
+
+@dataclass
+class CollapseWatch(_OncePerModality):
     """Warns once per modality when nCLIP's clusters used in a global batch fall below
     `min_fraction` of min(K, global batch): with K above the batch no batch can use more than the
     batch size, so a fraction of K alone would mean nothing. 0 turns it off."""
     min_fraction: float
-    warned: set[str] = field(default_factory=set)
 
     def check(self, usage: dict[str, dict[str, float]]) -> list[tuple[str, str, float]]:
         """(modality, message, fraction) for each modality that newly falls below the threshold."""
@@ -60,8 +71,7 @@ class CollapseWatch:
         for mod, u in usage.items():
             bound = min(u["k"], u["samples_batch"])
             fraction = u["clusters_batch"] / bound if bound else 1.0
-            if self.min_fraction and fraction < self.min_fraction and mod not in self.warned:
-                self.warned.add(mod)
+            if self._newly(mod, bool(self.min_fraction) and fraction < self.min_fraction):
                 found.append((mod, f"nCLIP {mod} clusters are collapsing: {int(u['clusters_batch'])} used in a "
                                    f"global batch of {int(u['samples_batch'])} (K = {int(u['k'])}), "
                                    f"{100 * fraction:.1f}% of min(K, batch) < {100 * self.min_fraction:.0f}% "
@@ -70,7 +80,7 @@ class CollapseWatch:
 
 
 @dataclass
-class UniformWatch:
+class UniformWatch(_OncePerModality):
     """Warns once per modality when nCLIP's outputs go near-uniform: the mean per-sample KL(p || uniform)
     = ln K - (mean per-sample entropy) below `min_kl` nats. That is the other way nCLIP collapses:
     every sample spread almost evenly over all K clusters, so the clusters carry nothing while the
@@ -78,15 +88,13 @@ class UniformWatch:
     Freshly initialised heads sit well above the bar (cosine logits over the student temperature:
     about 1 / (2 d tau^2) nats for a d-dim bottleneck). 0 turns it off."""
     min_kl: float
-    warned: set[str] = field(default_factory=set)
 
     def check(self, sample_entropy: dict[str, float], k: dict[str, int]) -> list[tuple[str, str, float]]:
         """(modality, message, KL in nats) for each modality that newly falls below the bar."""
         found = []
         for mod, h in sample_entropy.items():
             kl = math.log(k[mod]) - h
-            if self.min_kl and kl < self.min_kl and mod not in self.warned:
-                self.warned.add(mod)
+            if self._newly(mod, bool(self.min_kl) and kl < self.min_kl):
                 found.append((mod, f"nCLIP {mod} outputs are near-uniform: mean per-sample entropy {h:.4f} nats, "
                                    f"{kl:.4f} below ln K = {math.log(k[mod]):.4f} (K = {k[mod]}), under "
                                    f"objective.nclip_min_kl = {self.min_kl:g}: every sample is spread almost evenly "
