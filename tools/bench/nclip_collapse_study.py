@@ -435,19 +435,22 @@ def run_heads(args) -> int:
 
 def run_trainer(args) -> int:
     out = Path(args.out)
-    demo = Path(args.demo)
+    # absolute: the trainer runs with cwd=ROOT, so a path relative to the caller's directory would miss
+    demo = Path(args.demo).resolve()
+    init_from = str(Path(args.init_from).resolve()) if args.init_from else ""
     runs = []
     results_path = out / "trainer.json"
     if results_path.exists():
         runs = json.loads(results_path.read_text())
-    done = {(r["setting"], r["objective"], r["seed"]) for r in runs}
+    done = {(r["setting"], r["objective"], r["seed"], r.get("init_from", "")) for r in runs}
     # seed by seed, every setting each time: a stage cut short still compares all settings on the same seeds
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for seed, text, objective in itertools.product(seeds, args.setting, args.objectives):
         s = Setting.parse(text)
-        if (s.label, objective, seed) in done:
+        if (s.label, objective, seed, init_from) in done:
             continue
-        run_dir = out / "runs" / f"{objective}_{text.replace(',', '_')}_s{seed}"
+        start = f"_from_{Path(init_from).stem}" if init_from else ""
+        run_dir = out / "runs" / f"{objective}_{text.replace(',', '_')}_s{seed}{start}"
         # the demo's SLIP config (its tower: conv stem, ln_pre) with the objective swapped, no SSL views
         cmd = [sys.executable, str(ROOT / "trainer" / "run.py"), "--config", str(ROOT / "trainer/configs" / args.config),
                "--overwrite", "--resume", "none", f"out_dir={run_dir}", f"objective.name={objective}", f"train.seed={seed}",
@@ -456,7 +459,7 @@ def run_trainer(args) -> int:
                f"optim.epochs={args.epochs}", *([f"optim.lr={args.lr}"] if args.lr else []),
                f"data.batch_size={args.batch}", f"train.log_every={args.log_every}",
                f"train.torch_threads={args.threads}", "data.num_threads=1", "checkpoint.every_steps=0",
-               "eval.tasks=[zeroshot,linear_probe]", *([f"model.init_from={args.init_from}"] if args.init_from else [])]
+               "eval.tasks=[zeroshot,linear_probe]", *([f"model.init_from={init_from}"] if init_from else [])]
         t0 = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -467,8 +470,9 @@ def run_trainer(args) -> int:
         steps = [r for r in recs if "event" not in r and "nclip_image_clusters_batch" in r]
         last = steps[-max(1, len(steps) // 5):]        # the last fifth of the logged steps
         r = {"setting": s.label, "objective": objective, "seed": seed, "seconds": time.perf_counter() - t0,
-             "steps": steps[-1]["step"], "init_from": args.init_from or "", "usage_warnings": [e["message"] for e in recs if e.get("event") == "nclip_usage"],
-             "uniform_warnings": [f"step {e['step']}: {e['message']}" for e in recs if e.get("event") == "nclip_uniform"]}
+             "steps": steps[-1]["step"], "init_from": init_from, "usage_warnings": [e["message"] for e in recs if e.get("event") == "nclip_usage"],
+             "uniform_warnings": [{"step": e["step"], "modality": e.get("modality"), "kl": e.get("kl")}
+                                  for e in recs if e.get("event") == "nclip_uniform"]}
         for key in ("clusters_batch", "clusters_window", "batch_entropy", "sample_entropy"):
             for mod in ("image", "text"):
                 name = f"nclip_{mod}_{key}"
@@ -502,18 +506,23 @@ def trainer_summary(runs: list[dict]) -> str:
     seed passes the full gate, mean zero-shot and probe top-1."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["setting"], r["objective"]), []).append(r)
-    cols = ["setting", "objective", "seeds", "usage (mean; min)", "sample H / ln K (mean; max)",
+        groups.setdefault((r["setting"], r["objective"], r.get("init_from", "")), []).append(r)
+    cols = ["setting", "objective", "towers from", "seeds", "usage (mean; min)", "sample H / ln K (mean; max)",
             "gate in every seed", "zero-shot top-1 (mean)", "probe top-1 (mean)"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    for (setting, objective), rs in groups.items():
+    for (setting, objective, init_from), rs in groups.items():
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         u, h = [r["usage_fraction"] for r in rs], [r.get("sample_entropy_fraction", float("nan")) for r in rs]
-        lines.append("| " + " | ".join([setting, objective, str(len(rs)), f"{mean(u):.2f}; {min(u):.2f}",
+        lines.append("| " + " | ".join([setting, objective, Path(init_from).name if init_from else "scratch", str(len(rs)), f"{mean(u):.2f}; {min(u):.2f}",
                                          f"{mean(h):.2f}; {max(h):.2f}", "yes" if all(r.get("confirmed") for r in rs) else "no",
                                          f"{mean([_top1(r, 'zeroshot') for r in rs]):.3f}",
                                          f"{mean([_top1(r, 'probe') for r in rs]):.3f}"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _warning_step(w) -> int:
+    # rounds before the warnings were stored as dicts kept them as "step N: message"
+    return w["step"] if isinstance(w, dict) else int(w.split(":")[0].split()[1])
 
 
 def trainer_markdown(runs: list[dict]) -> str:
@@ -526,7 +535,7 @@ def trainer_markdown(runs: list[dict]) -> str:
         # the worse modality's mean per-sample KL(p || uniform) over the last fifth: what nclip_min_kl watches
         kl = ln_k - max(r["nclip_image_sample_entropy"], r["nclip_text_sample_entropy"])
         warned = r.get("uniform_warnings")
-        first = min(int(w.split(":")[0].split()[1]) for w in warned) if warned else None
+        first = min(_warning_step(w) for w in warned) if warned else None
         zs, pr = _top1(r, "zeroshot"), _top1(r, "probe")
         lines.append("| " + " | ".join([r["setting"], r["objective"], str(r["seed"]), f"{r['usage_fraction']:.2f}",
                                          f"{r.get('sample_entropy_fraction', float('nan')):.2f}",
@@ -566,7 +575,7 @@ def main(argv=None) -> int:
     t.add_argument("--lr", type=float, help="optim.lr (the CI demo preset: 1e-3); default: the config's")
     t.add_argument("--config", default="demo_slip.yaml", help="under trainer/configs (the first round: demo_clip.yaml)")
     t.add_argument("--init-from", help="model.init_from: start the towers from this checkpoint (the fourth round: "
-                   "a CLIP run on the same build); the cluster heads start fresh")
+                   "a CLIP run on the same build); the cluster heads start fresh only when the checkpoint has none")
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--log-every", type=int, default=5)
     t.add_argument("--threads", type=int, default=1)
