@@ -11,6 +11,7 @@ import torch
 
 from test_trainer import COMMON, events, make_shards, step_records, torchrun
 from trainer.metrics import ClusterUsageMeter
+from trainer.models import ModelConfig
 from trainer.objectives import CLUSTER_COUNTS, ObjectiveConfig, nclip_loss
 from trainer.policies import CollapseWatch, UniformWatch
 
@@ -90,8 +91,10 @@ def test_uniform_watch_measures_the_gap_to_ln_k_and_warns_once():
 
 def test_fresh_heads_sit_well_above_the_uniform_bar():
     """The default bar must not fire on a healthy start: the vit_tiny and ViT-B/16 heads at initialisation
-    give a mean KL(p || uniform) far above objective.nclip_min_kl on random features."""
-    from trainer.models import ModelConfig, NCLIPHead, Prototypes
+    give a mean KL(p || uniform) far above objective.nclip_min_kl on random features, and that KL is the
+    one the docs derive: cosines of a d-dim bottleneck with random unit prototypes have variance 1/d,
+    over the temperature tau that is 1/(d tau^2), and KL to uniform is about half the logit variance."""
+    from trainer.models import NCLIPHead, Prototypes
     for preset in ("vit_tiny", "vit_b16"):
         cfg = ModelConfig.preset(preset)
         torch.manual_seed(0)
@@ -100,6 +103,8 @@ def test_fresh_heads_sit_well_above_the_uniform_bar():
         logits = protos(head(torch.randn(256, cfg.vision_width))) / ObjectiveConfig().nclip_student_temperature
         p = torch.softmax(logits, -1)
         kl = math.log(cfg.nclip_clusters) + (p * p.log()).sum(-1).mean().item()
+        tau = ObjectiveConfig().nclip_student_temperature
+        assert math.isclose(kl, 1 / (2 * cfg.nclip_bottleneck_dim * tau ** 2), rel_tol=0.1), (preset, kl)
         assert kl > 5 * ObjectiveConfig().nclip_min_kl, (preset, kl)
 
 
@@ -160,7 +165,8 @@ def test_logged_cluster_counts_are_global(nclip_run):
     assert sorted(e["modality"] for e in flat) == ["image", "text"]
     for e in flat:
         logged = recs[2][f"nclip_{e['modality']}_sample_entropy"]
-        assert e["step"] == 2 and math.isclose(e["kl"], math.log(1024) - logged, rel_tol=1e-9, abs_tol=1e-9), e
+        ln_k = math.log(ModelConfig.preset("vit_tiny").nclip_clusters)
+        assert e["step"] == 2 and math.isclose(e["kl"], ln_k - logged, rel_tol=1e-9, abs_tol=1e-9), e
 
 
 def test_plot_metrics_draws_the_nclip_panels(nclip_run):
@@ -179,7 +185,6 @@ def test_teacher_centre_is_checkpointed_and_resumes_exactly(nclip_run, nclip_sha
     """A new run resumed from the reference run's step-2 checkpoint gives the same losses at step 4,
     which needs the all-reduced teacher centre from the checkpoint (a zero centre gives others)."""
     from trainer import checkpoint as ckpt
-    from trainer.models import ModelConfig
     step2 = ckpt.checkpoint_path(nclip_run / "checkpoints", 2)
     state = ckpt.load_checkpoint(step2)
     for mod in ("image", "text"):

@@ -64,7 +64,9 @@ clusters outside the project's toy and to one cluster in a real demo run; the ps
 too sharp, so agreeing on one cluster was the cheapest way to match the other modality. A teacher
 temperature of 0.07 with the smoothness weight doubled kept the clusters in use in every setup
 tried. This is evidence at small scale, not a guarantee: the trainer logs the cluster usage per
-modality and warns when it falls below `nclip_min_usage` of min(K, global batch) (trainer/loop.py).
+modality and warns when it falls below `nclip_min_usage` of min(K, global batch), and when the
+outputs go near-uniform (mean per-sample KL to uniform below `nclip_min_kl` nats), which the
+usage cannot see (trainer/policies.py CollapseWatch and UniformWatch, called from trainer/loop.py).
 "nclip_batch_entropy" reports (H(mean p_image) + H(mean p_text)) / 2: it stays high without collapse;
 the per-modality terms and the argmax histograms are returned for that monitoring.
 `nclip_targets` chooses how q is made: "sharpen" (above, the default), "centre" (DINO: the teacher
