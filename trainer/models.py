@@ -63,6 +63,8 @@ ACTIVATIONS = ("gelu", "quick_gelu")
 Activation = Literal[ACTIVATIONS]
 STEMS = ("patch", "conv")
 Stem = Literal[STEMS]
+PROTOTYPE_MODES = ("learned", "fixed")
+PrototypeMode = Literal[PROTOTYPE_MODES]
 
 
 @dataclass
@@ -94,6 +96,11 @@ class ModelConfig:
     nclip_clusters: int = 32768
     nclip_hidden_dim: int = 2048
     nclip_bottleneck_dim: int = 256
+    # "learned": the prototypes train with the heads. "fixed": they stay at their random initialisation
+    # (excluded from the optimizer). Learned prototypes can make one bottleneck direction identical
+    # for every prototype, and a head that maps every sample onto it gets uniform outputs
+    # (docs/NCLIP.md, sixth round); fixed ones keep the logit spread of any sample bounded below.
+    nclip_prototypes: PrototypeMode = "learned"
     # Tower details in which OpenAI-style CLIP towers (OpenCLIP's native ones) differ from the SLIP
     # reference; the defaults are the reference's, so presets and older checkpoints are unchanged.
     vision_ln_pre: bool = False        # LayerNorm on the tokens before the first block
@@ -126,6 +133,8 @@ class ModelConfig:
             raise ValueError(f"ssl_norm must be one of {SSL_NORMS}, got {self.ssl_norm!r}")
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path must lie in [0, 1), got {self.drop_path}")
+        if self.nclip_prototypes not in PROTOTYPE_MODES:
+            raise ValueError(f"nclip_prototypes must be one of {PROTOTYPE_MODES}, got {self.nclip_prototypes!r}")
         if self.vision_stem not in STEMS:
             raise ValueError(f"vision_stem must be one of {STEMS}, got {self.vision_stem!r}")
         if self.vision_stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
@@ -422,6 +431,8 @@ class SLIPModel(nn.Module):
                 self.image_cluster_head = NCLIPHead(cfg.vision_width, cfg.nclip_hidden_dim, cfg.nclip_bottleneck_dim)
             self.text_cluster_head = NCLIPHead(cfg.text_width, cfg.nclip_hidden_dim, cfg.nclip_bottleneck_dim)
             self.prototypes = Prototypes(cfg.nclip_bottleneck_dim, cfg.nclip_clusters)
+            # a parameter still (saved, loaded, broadcast by DDP like the rest), just never updated
+            self.prototypes.weight.requires_grad_(cfg.nclip_prototypes == "learned")
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def set_grad_checkpointing(self, enabled: bool = True):

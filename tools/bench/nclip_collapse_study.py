@@ -71,25 +71,29 @@ class Setting:
     sharpness: float
     smoothness: float
     targets: str = "sharpen"      # objective.nclip_targets: sharpen | centre | sinkhorn
+    prototypes: str = "learned"   # model.nclip_prototypes: learned | fixed (trainer stage only)
 
     @property
     def label(self) -> str:
         base = f"ts={self.student_t:g} tt={self.teacher_t:g} ws={self.sharpness:g} wm={self.smoothness:g}"
-        return base if self.targets == "sharpen" else f"{base} tg={self.targets}"
+        base = base if self.targets == "sharpen" else f"{base} tg={self.targets}"
+        return base if self.prototypes == "learned" else f"{base} pr={self.prototypes}"
 
     @classmethod
     def parse(cls, text: str) -> "Setting":
-        """From "TS,TT,WS,WM[,TARGETS]" or a label "ts=.. tt=.. ws=.. wm=..[ tg=..]". """
+        """From "TS,TT,WS,WM[,TARGETS][,fixed]" or a label "ts=.. tt=.. ws=.. wm=..[ tg=..][ pr=fixed]". """
         ts, tt, ws, wm = (float(x) for x in re.findall(r"[-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?", text))
         named = [t for t in NCLIP_TARGETS if re.search(rf"\b{t}\b", text)]
-        return cls(ts, tt, ws, wm, named[0] if named else "sharpen")
+        fixed = re.search(r"\bfixed\b", text) is not None
+        return cls(ts, tt, ws, wm, named[0] if named else "sharpen", "fixed" if fixed else "learned")
 
     def overrides(self) -> list[str]:
         """The trainer's objective.* overrides for this setting."""
         return [f"objective.nclip_student_temperature={self.student_t}",
                 f"objective.nclip_teacher_temperature={self.teacher_t}",
                 f"objective.nclip_sharpness_weight={self.sharpness}",
-                f"objective.nclip_smoothness_weight={self.smoothness}", f"objective.nclip_targets={self.targets}"]
+                f"objective.nclip_smoothness_weight={self.smoothness}", f"objective.nclip_targets={self.targets}",
+                f"model.nclip_prototypes={self.prototypes}"]
 
 
 @dataclass(frozen=True)
