@@ -143,3 +143,13 @@ def built(yfcc_fixture, tmp_path_factory):
     out = tmp_path_factory.mktemp("build")
     cfg = fixture_config(yfcc_fixture, out)
     return cfg, build(cfg)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: threads only add contention (and seconds) on a shared machine."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -108,6 +108,61 @@ def test_fresh_heads_sit_well_above_the_uniform_bar():
         assert kl > 5 * ObjectiveConfig().nclip_min_kl, (preset, kl)
 
 
+def _flattest_reachable(learned: bool, steps: int = 300) -> tuple[float, float]:
+    """An adversary that trains 64 free bottleneck vectors (and the prototypes, when learned) only to
+    flatten the cluster distribution: the lowest mean KL(p || uniform) it reaches, and the smallest
+    eigenvalue of the prototypes' covariance across clusters at the end."""
+    from trainer.models import Prototypes
+    cfg = ModelConfig.preset("vit_tiny")
+    d, k, tau = cfg.nclip_bottleneck_dim, cfg.nclip_clusters, ObjectiveConfig().nclip_student_temperature
+    torch.manual_seed(0)
+    protos = Prototypes(d, k)
+    protos.weight.requires_grad_(learned)
+    z = torch.randn(64, d, requires_grad=True)
+    opt = torch.optim.Adam([z, *([protos.weight] if learned else [])], lr=0.05)
+    for _ in range(steps):
+        p = torch.softmax(protos(torch.nn.functional.normalize(z, dim=-1)) / tau, -1)
+        kl = (math.log(k) + (p * p.clamp_min(1e-30).log()).sum(-1)).mean()
+        opt.zero_grad()
+        kl.backward()
+        opt.step()
+    unit = torch.nn.functional.normalize(protos.weight.detach(), dim=-1)
+    centred = unit - unit.mean(0)
+    return kl.item(), torch.linalg.eigvalsh(centred.T @ centred / k)[0].item()
+
+
+def test_learned_prototypes_let_outputs_go_uniform_and_fixed_ones_do_not(one_thread):
+    """The mechanism behind nCLIP's near-uniform collapse (docs/NCLIP.md, sixth round): learned prototypes
+    can give one bottleneck direction the same value in every prototype, and a sample mapped onto it
+    scores every cluster alike. Held fixed (model.nclip_prototypes=fixed), random prototypes keep the
+    spread of any sample's logits, and so its KL to uniform, above a floor."""
+    min_kl = ObjectiveConfig().nclip_min_kl
+    kl_learned, lam_learned = _flattest_reachable(learned=True)
+    assert kl_learned < min_kl and lam_learned < 1e-4, (kl_learned, lam_learned)
+    kl_fixed, lam_fixed = _flattest_reachable(learned=False)
+    assert kl_fixed > 10 * min_kl, kl_fixed
+    assert lam_fixed > 0.005, lam_fixed        # random prototypes: about (1 - sqrt(d / K))^2 / d = 0.0088
+
+
+def test_fixed_prototypes_are_never_updated_and_still_saved():
+    from trainer.models import build_model
+    from trainer.optim import OptimConfig, build_optimizer
+    cfg = ModelConfig.preset("vit_tiny")
+    model = build_model(ModelConfig.preset("vit_tiny", nclip_prototypes="fixed"), "nclip")
+    assert "prototypes.weight" in model.state_dict()
+    opt = build_optimizer(model, OptimConfig())
+    assert all(p is not model.prototypes.weight for g in opt.param_groups for p in g["params"])
+    before = model.prototypes.weight.detach().clone()
+    head = model.text_cluster_head.mlp[0].weight.detach().clone()
+    logits = model.prototypes(model.text_cluster_head(torch.randn(8, cfg.text_width)))
+    logits.logsumexp(-1).mean().backward()
+    opt.step()
+    assert torch.equal(model.prototypes.weight, before)
+    assert not torch.equal(model.text_cluster_head.mlp[0].weight, head)
+    with pytest.raises(ValueError, match="nclip_prototypes"):
+        ModelConfig(nclip_prototypes="frozen")
+
+
 # ----------------------------------------------------------------------------- a real 2-rank run
 
 STEPS = 4
@@ -120,7 +175,8 @@ NCLIP_RUN = [a for a in COMMON if not a.startswith(("objective.name=", "optim.ep
 NCLIP_ARGS = [*NCLIP_RUN, "objective.name=nclip", "data.recipe.num_ssl_views=0", "optim.epochs=2",
               "train.log_every=1", "checkpoint.every_steps=2", "checkpoint.keep_every=2",
               "objective.nclip_min_usage=1.0", "objective.nclip_min_kl=100",   # above ln K: fires for sure
-              "objective.nclip_targets=centre"]
+              "objective.nclip_targets=centre",
+              "model.nclip_prototypes=fixed"]    # the metrics do not depend on it; one run covers both
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +235,13 @@ def test_plot_metrics_draws_the_nclip_panels(nclip_run):
     assert proc.returncode == 0, proc.stderr
     for name in ("nclip_clusters", "nclip_entropy"):
         assert (nclip_run / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fixed_prototypes_stay_put_through_real_ddp_steps(nclip_run):
+    from trainer import checkpoint as ckpt
+    step2, step4 = (ckpt.load_checkpoint(ckpt.checkpoint_path(nclip_run / "checkpoints", s))["model"] for s in (2, 4))
+    assert torch.equal(step2["prototypes.weight"], step4["prototypes.weight"])
+    assert not torch.equal(step2["text_cluster_head.mlp.0.weight"], step4["text_cluster_head.mlp.0.weight"])
 
 
 def test_teacher_centre_is_checkpointed_and_resumes_exactly(nclip_run, nclip_shards, tmp_path):

@@ -160,15 +160,6 @@ def test_losses_run_in_float32_under_bf16():
     assert got["clip_loss"].item() == pytest.approx(ref, rel=1e-5)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: threads only add contention (and seconds) on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _nclip_terms(cfg: ObjectiveConfig, li, lt) -> dict:
     return nclip_loss(li, lt, cfg.nclip_student_temperature, cfg.nclip_teacher_temperature,
                       cfg.nclip_sharpness_weight, cfg.nclip_smoothness_weight)
