@@ -3,8 +3,11 @@ the device and all-reduces them at log steps, the once-per-modality warning, and
 run whose logged cluster counts are those of the global batch (the union of the ranks' clusters)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,8 @@ from trainer.metrics import ClusterUsageMeter
 from trainer.models import ModelConfig
 from trainer.objectives import CLUSTER_COUNTS, ObjectiveConfig, nclip_loss
 from trainer.policies import CollapseWatch, UniformWatch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_loss_reports_histograms_and_entropies_per_modality():
@@ -56,7 +61,7 @@ def test_meter_sums_micro_batches_and_the_window():
     assert meter.read(1)["image"]["clusters_window"] == 1    # the window restarts after a read
 
 
-def test_collapse_watch_uses_min_of_k_and_batch_and_warns_once():
+def test_collapse_watch_uses_min_of_k_and_batch_and_warns_once_per_fall():
     watch = CollapseWatch(0.1)
     # K = 65536, global batch 4096: 300 clusters is 7% of the batch (0.5% of K would mean nothing)
     usage = {"image": {"clusters_batch": 300, "samples_batch": 4096, "k": 65536},
@@ -65,6 +70,13 @@ def test_collapse_watch_uses_min_of_k_and_batch_and_warns_once():
     assert [(m, round(f, 4)) for m, _, f in found] == [("image", round(300 / 4096, 4))]
     assert "300 used" in found[0][1] and "nclip_min_usage" in found[0][1]
     assert watch.check(usage) == []                   # once per modality
+    # back above the bar but under twice it (hovering): still quiet when it dips again
+    assert watch.check({"image": {**usage["image"], "clusters_batch": 600}}) == []
+    assert watch.check(usage) == []
+    # recovered to twice the bar (820 = 20%), then a new fall: a new warning (a fresh start that is
+    # low, recovers and collapses later must not have spent its warning on the start)
+    assert watch.check({"image": {**usage["image"], "clusters_batch": 820}}) == []
+    assert [m for m, _, _ in watch.check(usage)] == ["image"]
     # K below the batch: the bound is K (60 of 512 is 11.7%, 40 is 7.8%)
     assert CollapseWatch(0.1).check({"text": {"clusters_batch": 60, "samples_batch": 4096, "k": 512}}) == []
     assert len(CollapseWatch(0.1).check({"text": {"clusters_batch": 40, "samples_batch": 4096, "k": 512}})) == 1
@@ -73,7 +85,7 @@ def test_collapse_watch_uses_min_of_k_and_batch_and_warns_once():
         ObjectiveConfig(name="nclip", nclip_min_usage=1.5)
 
 
-def test_uniform_watch_measures_the_gap_to_ln_k_and_warns_once():
+def test_uniform_watch_measures_the_gap_to_ln_k_and_warns_once_per_fall():
     k = {"image": 1024, "text": 1024}
     watch = UniformWatch(0.02)
     flat, healthy = math.log(1024) - 0.005, math.log(1024) - 0.5
@@ -81,6 +93,10 @@ def test_uniform_watch_measures_the_gap_to_ln_k_and_warns_once():
     assert [(m, round(kl, 6)) for m, _, kl in found] == [("image", 0.005)]
     assert "near-uniform" in found[0][1] and "nclip_min_kl" in found[0][1]
     assert watch.check({"image": flat, "text": healthy}, k) == []          # once per modality
+    assert watch.check({"image": math.log(1024) - 0.03}, k) == []             # above the bar, under twice it
+    assert watch.check({"image": flat}, k) == []
+    assert watch.check({"image": math.log(1024) - 0.04}, k) == []             # twice the bar: re-armed
+    assert [m for m, _, _ in watch.check({"image": flat}, k)] == ["image"]
     # the bar is in nats below ln K, whatever K: 0.015 below ln 32768 warns, 0.025 below does not
     assert len(UniformWatch(0.02).check({"text": math.log(32768) - 0.015}, {"text": 32768})) == 1
     assert UniformWatch(0.02).check({"text": math.log(32768) - 0.025}, {"text": 32768}) == []
@@ -108,27 +124,12 @@ def test_fresh_heads_sit_well_above_the_uniform_bar():
         assert kl > 5 * ObjectiveConfig().nclip_min_kl, (preset, kl)
 
 
-def _flattest_reachable(learned: bool, steps: int = 300) -> tuple[float, float]:
-    """An adversary that trains 64 free bottleneck vectors (and the prototypes, when learned) only to
-    flatten the cluster distribution: the lowest mean KL(p || uniform) it reaches, and the smallest
-    eigenvalue of the prototypes' covariance across clusters at the end."""
-    from trainer.models import Prototypes
-    cfg = ModelConfig.preset("vit_tiny")
-    d, k, tau = cfg.nclip_bottleneck_dim, cfg.nclip_clusters, ObjectiveConfig().nclip_student_temperature
-    torch.manual_seed(0)
-    protos = Prototypes(d, k)
-    protos.weight.requires_grad_(learned)
-    z = torch.randn(64, d, requires_grad=True)
-    opt = torch.optim.Adam([z, *([protos.weight] if learned else [])], lr=0.05)
-    for _ in range(steps):
-        p = torch.softmax(protos(torch.nn.functional.normalize(z, dim=-1)) / tau, -1)
-        kl = (math.log(k) + (p * p.clamp_min(1e-30).log()).sum(-1)).mean()
-        opt.zero_grad()
-        kl.backward()
-        opt.step()
-    unit = torch.nn.functional.normalize(protos.weight.detach(), dim=-1)
-    centred = unit - unit.mean(0)
-    return kl.item(), torch.linalg.eigvalsh(centred.T @ centred / k)[0].item()
+def _study_tool():
+    spec = importlib.util.spec_from_file_location("nclip_collapse_study", ROOT / "tools/bench/nclip_collapse_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_learned_prototypes_let_outputs_go_uniform_and_fixed_ones_do_not(one_thread):
@@ -137,11 +138,13 @@ def test_learned_prototypes_let_outputs_go_uniform_and_fixed_ones_do_not(one_thr
     scores every cluster alike. Held fixed (model.nclip_prototypes=fixed), random prototypes keep the
     spread of any sample's logits, and so its KL to uniform, above a floor."""
     min_kl = ObjectiveConfig().nclip_min_kl
-    kl_learned, lam_learned = _flattest_reachable(learned=True)
-    assert kl_learned < min_kl and lam_learned < 1e-4, (kl_learned, lam_learned)
-    kl_fixed, lam_fixed = _flattest_reachable(learned=False)
-    assert kl_fixed > 10 * min_kl, kl_fixed
-    assert lam_fixed > 0.005, lam_fixed        # random prototypes: about (1 - sqrt(d / K))^2 / d = 0.0088
+    adversary = _study_tool().flattest_reachable       # through the model option, as the trainer builds it
+    learned = adversary("vit_tiny", "learned")
+    assert learned["kl"] < min_kl and learned["lambda_min"] < 1e-4, learned
+    fixed = adversary("vit_tiny", "fixed")
+    assert fixed["kl"] > 10 * min_kl, fixed
+    # the prototypes were not moved: still random, lambda_min near (1 - sqrt(d / K))^2 / d = 0.0088
+    assert fixed["lambda_min"] > 0.005, fixed
 
 
 def test_fixed_prototypes_are_never_updated_and_still_saved():
@@ -175,8 +178,7 @@ NCLIP_RUN = [a for a in COMMON if not a.startswith(("objective.name=", "optim.ep
 NCLIP_ARGS = [*NCLIP_RUN, "objective.name=nclip", "data.recipe.num_ssl_views=0", "optim.epochs=2",
               "train.log_every=1", "checkpoint.every_steps=2", "checkpoint.keep_every=2",
               "objective.nclip_min_usage=1.0", "objective.nclip_min_kl=100",   # above ln K: fires for sure
-              "objective.nclip_targets=centre",
-              "model.nclip_prototypes=fixed"]    # the metrics do not depend on it; one run covers both
+              "objective.nclip_targets=centre"]
 
 
 @pytest.fixture(scope="module")
@@ -237,11 +239,31 @@ def test_plot_metrics_draws_the_nclip_panels(nclip_run):
         assert (nclip_run / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_fixed_prototypes_stay_put_through_real_ddp_steps(nclip_run):
+def test_prototypes_train_by_default_and_stay_put_when_fixed(nclip_run, nclip_shards, tmp_path):
+    """Through real DDP steps (2 ranks, gloo): the default run's prototypes move between its step-2 and
+    step-4 checkpoints; with model.nclip_prototypes=fixed they stay bit-identical while the heads train."""
     from trainer import checkpoint as ckpt
-    step2, step4 = (ckpt.load_checkpoint(ckpt.checkpoint_path(nclip_run / "checkpoints", s))["model"] for s in (2, 4))
+
+    def weights(run):
+        return [ckpt.load_checkpoint(ckpt.checkpoint_path(run / "checkpoints", s))["model"] for s in (2, 4)]
+
+    step2, step4 = weights(nclip_run)
+    assert not torch.equal(step2["prototypes.weight"], step4["prototypes.weight"])
+    out = tmp_path / "fixed"
+    proc = torchrun([*NCLIP_ARGS, "model.nclip_prototypes=fixed", f"data.manifest={nclip_shards}", f"out_dir={out}"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "M of them fixed)" in proc.stdout
+    step2, step4 = weights(out)
     assert torch.equal(step2["prototypes.weight"], step4["prototypes.weight"])
     assert not torch.equal(step2["text_cluster_head.mlp.0.weight"], step4["text_cluster_head.mlp.0.weight"])
+    # switching on resume changes which parameters train: refused, and where a user allows it anyway,
+    # a clear error instead of torch's group-size message
+    from_learned = ckpt.checkpoint_path(nclip_run / "checkpoints", 2)
+    switched = torchrun([*NCLIP_ARGS, "model.nclip_prototypes=fixed", f"data.manifest={nclip_shards}",
+                         f"out_dir={tmp_path / 'switched'}", "--resume", str(from_learned),
+                         "--allow-config-change", "model.nclip_prototypes"])
+    assert switched.returncode != 0, switched.stdout[-2000:] + switched.stderr[-2000:]
+    assert "model.nclip_prototypes" in switched.stderr and "model.init_from" in switched.stderr
 
 
 def test_teacher_centre_is_checkpointed_and_resumes_exactly(nclip_run, nclip_shards, tmp_path):

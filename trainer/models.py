@@ -96,8 +96,8 @@ class ModelConfig:
     nclip_clusters: int = 32768
     nclip_hidden_dim: int = 2048
     nclip_bottleneck_dim: int = 256
-    # "learned": the prototypes train with the heads. "fixed": they stay at their random initialisation
-    # (excluded from the optimizer). Learned prototypes can make one bottleneck direction identical
+    # "learned": the prototypes train with the heads. "fixed": they stay at their starting values, the
+    # random initialisation or, under init_from, the checkpoint's (excluded from the optimizer). Learned prototypes can make one bottleneck direction identical
     # for every prototype, and a head that maps every sample onto it gets uniform outputs
     # (docs/NCLIP.md, sixth round); fixed ones keep the logit spread of any sample bounded below.
     nclip_prototypes: PrototypeMode = "learned"

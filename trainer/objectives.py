@@ -160,7 +160,7 @@ class ObjectiveConfig:
     nclip_targets: NclipTargets = "sharpen"
     nclip_centre_momentum: float = 0.9        # "centre": DINO's default
     nclip_sinkhorn_iterations: int = 3        # "sinkhorn": SwAV's default
-    # the trainer warns (once per modality) and records an event when the clusters used in a global
+    # the trainer warns (once per fall per modality) and records an event when the clusters used in a global
     # batch fall below this fraction of min(K, global batch); 0 turns the warning off
     nclip_min_usage: float = 0.1
     # ... and when the mean per-sample KL(p || uniform) falls below this many nats: outputs so flat that

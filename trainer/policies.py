@@ -48,11 +48,19 @@ class NonFinitePolicy:
 
 @dataclass
 class _OncePerModality:
-    """The once-per-modality memory both nCLIP watches share."""
+    """The memory both nCLIP watches share: one warning per modality per fall. A fresh tower maps every
+    input alike, so a run usually starts below the bars; warning once per run would spend the warning
+    there and stay quiet through a later collapse. So a modality re-arms once its value has recovered
+    to REARM times the bar, and a value hovering around the bar does not repeat the warning."""
+    REARM = 2.0
     warned: set[str] = field(default_factory=set, kw_only=True)
 
-    def _newly(self, mod: str, below: bool) -> bool:
-        if not below or mod in self.warned:
+    def _newly(self, mod: str, value: float, bar: float) -> bool:
+        if not bar:
+            return False
+        if value >= self.REARM * bar:
+            self.warned.discard(mod)
+        if value >= bar or mod in self.warned:
             return False
         self.warned.add(mod)
         return True
@@ -60,7 +68,7 @@ class _OncePerModality:
 
 @dataclass
 class CollapseWatch(_OncePerModality):
-    """Warns once per modality when nCLIP's clusters used in a global batch fall below
+    """Warns (once per fall, per modality) when nCLIP's clusters used in a global batch fall below
     `min_fraction` of min(K, global batch): with K above the batch no batch can use more than the
     batch size, so a fraction of K alone would mean nothing. 0 turns it off."""
     min_fraction: float
@@ -71,7 +79,7 @@ class CollapseWatch(_OncePerModality):
         for mod, u in usage.items():
             bound = min(u["k"], u["samples_batch"])
             fraction = u["clusters_batch"] / bound if bound else 1.0
-            if self._newly(mod, bool(self.min_fraction) and fraction < self.min_fraction):
+            if self._newly(mod, fraction, self.min_fraction):
                 found.append((mod, f"nCLIP {mod} clusters are collapsing: {int(u['clusters_batch'])} used in a "
                                    f"global batch of {int(u['samples_batch'])} (K = {int(u['k'])}), "
                                    f"{100 * fraction:.1f}% of min(K, batch) < {100 * self.min_fraction:.0f}% "
@@ -81,7 +89,7 @@ class CollapseWatch(_OncePerModality):
 
 @dataclass
 class UniformWatch(_OncePerModality):
-    """Warns once per modality when nCLIP's outputs go near-uniform: the mean per-sample KL(p || uniform)
+    """Warns (once per fall, per modality) when nCLIP's outputs go near-uniform: the mean per-sample KL(p || uniform)
     = ln K - (mean per-sample entropy) below `min_kl` nats. That is the other way nCLIP collapses:
     every sample spread almost evenly over all K clusters, so the clusters carry nothing while the
     argmax of the nearly equal logits still lands all over the batch and the usage watch stays quiet.
@@ -94,7 +102,7 @@ class UniformWatch(_OncePerModality):
         found = []
         for mod, h in sample_entropy.items():
             kl = math.log(k[mod]) - h
-            if self._newly(mod, bool(self.min_kl) and kl < self.min_kl):
+            if self._newly(mod, kl, self.min_kl):
                 found.append((mod, f"nCLIP {mod} outputs are near-uniform: mean per-sample entropy {h:.4f} nats, "
                                    f"{kl:.4f} below ln K = {math.log(k[mod]):.4f} (K = {k[mod]}), under "
                                    f"objective.nclip_min_kl = {self.min_kl:g}: every sample is spread almost evenly "

@@ -103,7 +103,9 @@ def main(argv=None) -> int:
         if rank == 0:
             save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"), _sources_comment(cfg, c.manifest_sha256))
             n_params = sum(p.numel() for p in c.model.parameters())
-            print(f"{cfg.objective.name}: {n_params / 1e6:.1f}M parameters, {c.world_size} rank(s) on {c.device}, "
+            n_frozen = sum(p.numel() for p in c.model.parameters() if not p.requires_grad)
+            frozen = f" ({n_frozen / 1e6:.1f}M of them fixed)" if n_frozen else ""
+            print(f"{cfg.objective.name}: {n_params / 1e6:.1f}M parameters{frozen}, {c.world_size} rank(s) on {c.device}, "
                   f"global batch {cfg.data.batch_size * cfg.optim.accum_steps * c.world_size}, "
                   f"{trainer.end_step} steps, out {cfg.out_dir}", flush=True)
             if not cfg.data.train:

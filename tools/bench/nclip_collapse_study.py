@@ -3,6 +3,8 @@
 
     python tools/bench/nclip_collapse_study.py heads   --out DIR [--demo DEMO_DIR] [--seeds 3] [--quick]
     python tools/bench/nclip_collapse_study.py trainer --out DIR --demo DEMO_DIR --setting TS,TT,WS,WM ...
+    python tools/bench/nclip_collapse_study.py prototypes RUN/checkpoints/step_N.pt ...
+    python tools/bench/nclip_collapse_study.py floor [--preset vit_tiny] [--steps 300]
 
 `heads`: trains only the nCLIP heads (trainer/models.py NCLIPHead + shared Prototypes, loss
 trainer/objectives.py nclip_loss) for a fixed number of steps in two setups, for every setting of
@@ -24,7 +26,12 @@ amendment made there (the sample-entropy clause dropped).
 setting and collects the cluster-usage metrics the loop logs and the final zero-shot / linear-probe
 results. `--init-from CKPT` starts every run's towers (not its cluster heads) from a checkpoint,
 e.g. a CLIP run on the same build: do the heads find confident clusters when the towers already
-share what an image and its caption have in common?
+share what an image and its caption have in common? A setting with a sixth field `fixed` runs with
+model.nclip_prototypes=fixed.
+
+`prototypes`: the spectrum of the prototypes' covariance in trained checkpoints (a zero eigenvalue
+is a direction in which every cluster scores alike). `floor`: how close to uniform an adversary can
+push p with learned and with fixed prototypes (the sixth round in docs/NCLIP.md).
 
 Measures (per modality, then the worse of image and text):
 - usage_batch: distinct argmax clusters in a held-out batch of the training batch size, over
@@ -61,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from trainer.models import ModelConfig, NCLIPHead, Prototypes  # noqa: E402
-from trainer.objectives import NCLIP_TARGETS, TeacherCentre, nclip_loss  # noqa: E402
+from trainer.objectives import NCLIP_TARGETS, ObjectiveConfig, TeacherCentre, nclip_loss  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -446,7 +453,9 @@ def run_trainer(args) -> int:
     results_path = out / "trainer.json"
     if results_path.exists():
         runs = json.loads(results_path.read_text())
-    done = {(r["setting"], r["objective"], r["seed"], r.get("init_from", "")) for r in runs}
+    # records from before init_from was resolved hold it as typed (relative to the caller's directory)
+    done = {(r["setting"], r["objective"], r["seed"], str(Path(r["init_from"]).resolve()) if r.get("init_from") else "")
+            for r in runs}
     # seed by seed, every setting each time: a stage cut short still compares all settings on the same seeds
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for seed, text, objective in itertools.product(seeds, args.setting, args.objectives):
@@ -551,6 +560,54 @@ def trainer_markdown(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- the prototypes (sixth round)
+
+def prototype_spectrum(weight: torch.Tensor) -> dict[str, float]:
+    """Eigenvalues of the unit prototypes' covariance across clusters: a sample's logit spread is
+    z^T C z / tau^2, so an eigenvalue at 0 is a direction where every cluster scores alike."""
+    unit = torch.nn.functional.normalize(weight.detach().float(), dim=-1)
+    centred = unit - unit.mean(0)
+    ev = torch.linalg.eigvalsh(centred.T @ centred / unit.shape[0])
+    return {"lambda_min": ev[0].item(), "lambda_next": ev[1].item(), "lambda_max": ev[-1].item(),
+            "effective_rank": (ev.sum() ** 2 / (ev ** 2).sum()).item(), "mean_norm": unit.mean(0).norm().item()}
+
+
+def flattest_reachable(preset: str, prototypes: str, steps: int = 300, n: int = 64, seed: int = 0) -> dict[str, float]:
+    """An adversary: n free bottleneck vectors, plus the prototypes where the model trains them
+    (model.nclip_prototypes), trained with Adam only to flatten p. Returns the lowest mean KL(p || uniform)
+    it reaches and the prototypes' spectrum at the end."""
+    from trainer.models import build_model
+    torch.manual_seed(seed)
+    cfg = ModelConfig.preset(preset, nclip_prototypes=prototypes)
+    protos = build_model(cfg, "nclip").prototypes
+    tau = ObjectiveConfig().nclip_student_temperature
+    z = torch.randn(n, cfg.nclip_bottleneck_dim, requires_grad=True)
+    opt = torch.optim.Adam([z, *(p for p in protos.parameters() if p.requires_grad)], lr=0.05)
+    for _ in range(steps):
+        p = torch.softmax(protos(torch.nn.functional.normalize(z, dim=-1)) / tau, -1)
+        kl = (math.log(cfg.nclip_clusters) + (p * p.clamp_min(1e-30).log()).sum(-1)).mean()
+        opt.zero_grad()
+        kl.backward()
+        opt.step()
+    floor = (1 - math.sqrt(cfg.nclip_bottleneck_dim / cfg.nclip_clusters)) ** 2 / cfg.nclip_bottleneck_dim / (2 * tau ** 2)
+    return {"kl": kl.item(), "formula_floor": floor, **prototype_spectrum(protos.weight)}
+
+
+def run_prototypes(args) -> int:
+    for path in args.checkpoints:
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        print(json.dumps({"checkpoint": path, **prototype_spectrum(state["prototypes.weight"])}), flush=True)
+    return 0
+
+
+def run_floor(args) -> int:
+    torch.set_num_threads(args.threads)
+    for mode in ("learned", "fixed"):
+        print(json.dumps({"preset": args.preset, "prototypes": mode, "steps": args.steps,
+                          **flattest_reachable(args.preset, mode, args.steps)}), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="stage", required=True)
@@ -583,8 +640,14 @@ def main(argv=None) -> int:
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--log-every", type=int, default=5)
     t.add_argument("--threads", type=int, default=1)
+    pr = sub.add_parser("prototypes", help="the prototypes' spectrum in trained checkpoints (sixth round)")
+    pr.add_argument("checkpoints", nargs="+")
+    f = sub.add_parser("floor", help="how flat an adversary can make p, learned against fixed prototypes")
+    f.add_argument("--preset", default="vit_tiny")
+    f.add_argument("--steps", type=int, default=300)
+    f.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
-    return run_heads(a) if a.stage == "heads" else run_trainer(a)
+    return {"heads": run_heads, "trainer": run_trainer, "prototypes": run_prototypes, "floor": run_floor}[a.stage](a)
 
 
 if __name__ == "__main__":
