@@ -95,7 +95,9 @@ def test_uniform_watch_measures_the_gap_to_ln_k_and_warns_once_per_fall():
     assert watch.check({"image": flat, "text": healthy}, k) == []          # once per modality
     assert watch.check({"image": math.log(1024) - 0.03}, k) == []             # above the bar, under twice it
     assert watch.check({"image": flat}, k) == []
-    assert watch.check({"image": math.log(1024) - 0.04}, k) == []             # twice the bar: re-armed
+    assert watch.check({"image": math.log(1024) - 0.039}, k) == []            # just under twice the bar
+    assert watch.check({"image": flat}, k) == []
+    assert watch.check({"image": math.log(1024) - 0.041}, k) == []            # past twice the bar: re-armed
     assert [m for m, _, _ in watch.check({"image": flat}, k)] == ["image"]
     # the bar is in nats below ln K, whatever K: 0.015 below ln 32768 warns, 0.025 below does not
     assert len(UniformWatch(0.02).check({"text": math.log(32768) - 0.015}, {"text": 32768})) == 1

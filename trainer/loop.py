@@ -196,8 +196,8 @@ class Trainer:
             c.optimizer.load_state_dict(s["optimizer"])
         except ValueError as e:   # torch names only group sizes; say what usually causes it
             raise ckpt.CheckpointError(
-                f"{source}: its optimizer state does not fit this run's trained parameters ({e}); a config "
-                "change allowed on resume altered which parameters train (such as model.nclip_prototypes): "
+                f"{source}: its optimizer state does not fit this run's trained parameters ({e}); usually a "
+                "config change allowed on resume altered which parameters train (such as model.nclip_prototypes): "
                 "start a new run with model.init_from instead") from e
         c.scheduler.load_state_dict(s["scheduler"])
         if c.scaler is not None and s.get("scaler"):
