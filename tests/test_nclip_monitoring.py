@@ -113,15 +113,14 @@ def test_fresh_heads_sit_well_above_the_uniform_bar():
     one the docs derive: cosines of a d-dim bottleneck with random unit prototypes have variance 1/d,
     over the temperature tau that is 1/(d tau^2), and KL to uniform is about half the logit variance."""
     from trainer.models import NCLIPHead, Prototypes
+    tau = ObjectiveConfig().nclip_student_temperature
     for preset in ("vit_tiny", "vit_b16"):
         cfg = ModelConfig.preset(preset)
         torch.manual_seed(0)
         head = NCLIPHead(cfg.vision_width, cfg.nclip_hidden_dim, cfg.nclip_bottleneck_dim)
         protos = Prototypes(cfg.nclip_bottleneck_dim, cfg.nclip_clusters)
-        logits = protos(head(torch.randn(256, cfg.vision_width))) / ObjectiveConfig().nclip_student_temperature
-        p = torch.softmax(logits, -1)
+        p = torch.softmax(protos(head(torch.randn(256, cfg.vision_width))) / tau, -1)
         kl = math.log(cfg.nclip_clusters) + (p * p.log()).sum(-1).mean().item()
-        tau = ObjectiveConfig().nclip_student_temperature
         assert math.isclose(kl, 1 / (2 * cfg.nclip_bottleneck_dim * tau ** 2), rel_tol=0.1), (preset, kl)
         assert kl > 5 * ObjectiveConfig().nclip_min_kl, (preset, kl)
 
@@ -152,8 +151,8 @@ def test_learned_prototypes_let_outputs_go_uniform_and_fixed_ones_do_not(one_thr
 def test_fixed_prototypes_are_never_updated_and_still_saved():
     from trainer.models import build_model
     from trainer.optim import OptimConfig, build_optimizer
-    cfg = ModelConfig.preset("vit_tiny")
-    model = build_model(ModelConfig.preset("vit_tiny", nclip_prototypes="fixed"), "nclip")
+    cfg = ModelConfig.preset("vit_tiny", nclip_prototypes="fixed")
+    model = build_model(cfg, "nclip")
     assert "prototypes.weight" in model.state_dict()
     opt = build_optimizer(model, OptimConfig())
     assert all(p is not model.prototypes.weight for g in opt.param_groups for p in g["params"])

@@ -97,9 +97,10 @@ class ModelConfig:
     nclip_hidden_dim: int = 2048
     nclip_bottleneck_dim: int = 256
     # "learned": the prototypes train with the heads. "fixed": they stay at their starting values, the
-    # random initialisation or, under init_from, the checkpoint's (excluded from the optimizer). Learned prototypes can make one bottleneck direction identical
-    # for every prototype, and a head that maps every sample onto it gets uniform outputs
-    # (docs/NCLIP.md, sixth round); fixed ones keep the logit spread of any sample bounded below.
+    # random initialisation or, under init_from, the checkpoint's (excluded from the optimizer).
+    # Learned prototypes can make one bottleneck direction identical for every prototype, and a head
+    # that maps every sample onto it gets uniform outputs (docs/NCLIP.md, sixth round); fixed ones
+    # keep the logit spread of any sample bounded below.
     nclip_prototypes: PrototypeMode = "learned"
     # Tower details in which OpenAI-style CLIP towers (OpenCLIP's native ones) differ from the SLIP
     # reference; the defaults are the reference's, so presets and older checkpoints are unchanged.

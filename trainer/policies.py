@@ -47,7 +47,7 @@ class NonFinitePolicy:
 
 
 @dataclass
-class _OncePerModality:
+class _OncePerFall:
     """The memory both nCLIP watches share: one warning per modality per fall. A fresh tower maps every
     input alike, so a run usually starts below the bars; warning once per run would spend the warning
     there and stay quiet through a later collapse. So a modality re-arms once its value has recovered
@@ -67,7 +67,7 @@ class _OncePerModality:
 
 
 @dataclass
-class CollapseWatch(_OncePerModality):
+class CollapseWatch(_OncePerFall):
     """Warns (once per fall, per modality) when nCLIP's clusters used in a global batch fall below
     `min_fraction` of min(K, global batch): with K above the batch no batch can use more than the
     batch size, so a fraction of K alone would mean nothing. 0 turns it off."""
@@ -88,7 +88,7 @@ class CollapseWatch(_OncePerModality):
 
 
 @dataclass
-class UniformWatch(_OncePerModality):
+class UniformWatch(_OncePerFall):
     """Warns (once per fall, per modality) when nCLIP's outputs go near-uniform: the mean per-sample KL(p || uniform)
     = ln K - (mean per-sample entropy) below `min_kl` nats. That is the other way nCLIP collapses:
     every sample spread almost evenly over all K clusters, so the clusters carry nothing while the

@@ -565,7 +565,7 @@ def trainer_markdown(runs: list[dict]) -> str:
 def prototype_spectrum(weight: torch.Tensor) -> dict[str, float]:
     """Eigenvalues of the unit prototypes' covariance across clusters: a sample's logit spread is
     z^T C z / tau^2, so an eigenvalue at 0 is a direction where every cluster scores alike."""
-    unit = torch.nn.functional.normalize(weight.detach().float(), dim=-1)
+    unit = F.normalize(weight.detach().float(), dim=-1)
     centred = unit - unit.mean(0)
     ev = torch.linalg.eigvalsh(centred.T @ centred / unit.shape[0])
     return {"lambda_min": ev[0].item(), "lambda_next": ev[1].item(), "lambda_max": ev[-1].item(),
@@ -584,8 +584,7 @@ def flattest_reachable(preset: str, prototypes: str, steps: int = 300, n: int = 
     z = torch.randn(n, cfg.nclip_bottleneck_dim, requires_grad=True)
     opt = torch.optim.Adam([z, *(p for p in protos.parameters() if p.requires_grad)], lr=0.05)
     for _ in range(steps):
-        p = torch.softmax(protos(torch.nn.functional.normalize(z, dim=-1)) / tau, -1)
-        kl = (math.log(cfg.nclip_clusters) + (p * p.clamp_min(1e-30).log()).sum(-1)).mean()
+        kl = math.log(cfg.nclip_clusters) - _entropy(torch.softmax(protos(F.normalize(z, dim=-1)) / tau, -1)).mean()
         opt.zero_grad()
         kl.backward()
         opt.step()
