@@ -1,28 +1,43 @@
 """The demo's synthetic YFCC-format data set: classes that colour does not define, captions as noisy as Flickr's.
 
-`make demo` builds it (`--demo-design structure`, the default). The first demo data, colour x shape
-with exact captions, stays available as `--demo-design colour` (demokit/data_colour.py).
+`make demo` builds it (`--demo-design groups`, the default). Its predecessor with one large object per
+image stays available as `--demo-design structure` (the results in docs/NCLIP.md and the earlier
+tables in docs/DEMO.md were measured on it), and the first demo data, colour x shape with exact
+captions, as `--demo-design colour` (demokit/data_colour.py).
 
 Design (decided before comparing SLIP with CLIP on it; the issue that asked for it: #23)
 -----------------------------------------------------------------------------------------
 Classes are defined by structure, never by colour. 16 classes = 4 patterns (plain, striped,
 spotted, checkered) x 4 shapes (circle, square, triangle, star), e.g. "striped triangle". Each
-image draws, independently of its class: the object's colour and its pattern's second colour
+image draws, independently of its class: the objects' colour and their pattern's second colour
 (from 11 named colours; the pair always differs in luminance, so the pattern survives the
-grayscale augmentation), the background's colour and luminance gradient, the object's position,
-size and rotation, the pattern's orientation and phase, and 1-4 plain clutter items (bars, blobs,
-lines), some in front of the object. Colour alone therefore predicts nothing about the class
+grayscale augmentation), the background's colour and luminance gradient, the objects' positions,
+sizes and rotations, the pattern's orientation and phase, and 1-4 plain clutter items (bars, blobs,
+lines), some in front of the objects. Colour alone therefore predicts nothing about the class
 (tests/test_build_demo.py checks that a mean-colour classifier stays near chance), so SimCLR's
 colour jitter and grayscale remove a nuisance here, as they do for ImageNet's classes.
 
+Groups of copies (the groups design). Every image shows 2-4 copies of its class object (e.g. three
+striped stars), each with its own size, rotation and pattern phase, never overlapping (centres at
+least 1.1x the sum of their radii apart). Why: SimCLR's views are crops of 8-100% of the image.
+With one object of 56-80% of the short side (the structure design), a crop needs 31-64% of a square
+image to hold the whole silhouette, so many of SimCLR's views show only texture; in that design's
+full demos SLIP got the pattern of a class right 68.6% of the time and the shape 27.7% (chance 25%;
+docs/DEMO.md). A copy here is 30-40% of the short side across, so crops from 9-16% of the image up
+can hold a whole copy, and the class is carried by every part of the group, as in a photo of a
+flock or a shelf of things. This design was made after those demos and changes only the images'
+layout and the names' number; it was committed before any training run on it.
+
 Scale rule. The demo trains at 64 px on crops of 8-100% of the image (CLIP view 50-100%). The
 coarsest view a model sees is the whole image with its short side at 64 px, where the smallest
-object (radius 28% of the short side) is 18 px in radius. Every pattern element is sized relative
-to the object: stripes 30-40% of the radius wide (>= 5 px at that coarsest view), checks 35-45%
-(>= 6 px), spots 36-45% of the radius across with gaps of >= 4 px. So no structure is finer than
-about 4 px at training resolution, and a small crop only magnifies it (the preview sheets show the
-64 px views; tests/test_build_demo.py checks the patterns' contrast survives a 64 px downscale).
-The object lies within the image's central square, so the evaluation's centre crop keeps it.
+copy (radius 15% of the short side) is 9.6 px in radius. Every pattern element is sized relative
+to its copy: stripes 42-52% of the radius wide (>= 4.0 px at that coarsest view), checks 45-55%
+(>= 4.3 px), spots on a grid of 85-100% of the radius, 0.6 of it across (>= 4.9 px) with gaps of
+>= 3.3 px. So no structure is finer than about 4 px at training resolution, and a small crop only
+magnifies it (the preview sheets show the 64 px views; tests/test_build_demo.py checks the rule
+and that the patterns' contrast survives a 64 px downscale). The structure design's numbers:
+radius 28-40%, stripes 30-40%, checks 35-45%, spot grid 60-75% (`GEOMETRY`). The objects lie
+within the image's central square, so the evaluation's centre crop keeps them.
 
 Captions are as noisy as Flickr's. Per training photo (shares chosen from what YFCC titles and
 descriptions look like: many titles are the camera's file name, a date or a place; many
@@ -45,10 +60,14 @@ first shares, 64% and 33%, ignored the subset's natural-language rule; with them
 images were learned within the demo's budget: docs/DEMO.md.)
 `noisy_captions=False` (`--demo-clean-captions`) makes every title and description name the class
 exactly, with the same images: the control of the caption-noise study (docs/DEMO.md). The evaluation captions (the
-retrieval ground truth in eval/val_captions.jsonl) stay clean: class words and colour.
+retrieval ground truth in eval/val_captions.jsonl) stay clean: class words and colour. In the groups
+design every name is plural ("red striped stars", "stripy discs", "stars"), as people caption a
+picture of several things.
 
 Zero-shot uses the class names as a user would type them ("striped circle", "checkered star")
-in everyday prompts ("a photo of a {}.", "a {} shape.", ...); the near-synonyms never appear there.
+in everyday prompts for a picture of several ("a photo of {}s.", "a group of {}s.", ...; the
+structure design: "a photo of a {}.", "a {} shape.", ...); the near-synonyms never appear there.
+The text set (`text_set`) keeps singular names in both designs.
 
 Images: JPEGs of varied sizes (short side 96-300 px) and aspect ratios (0.6-1.8).
 
@@ -59,8 +78,8 @@ Layout (docs/ARCHITECTURE.md "Demo data"):
   DIR/eval_ood/ val/<class name>/*.jpg, classnames.json, templates.json: the out-of-domain set
   DIR/eval_text/ sts.tsv (sentence1, sentence2, score), sst/{train,dev}.tsv (sentence, label)
 
-Out-of-domain set (`render_sketch`): the same 16 classes as line drawings on plain paper: the
-object's outline and its pattern's edges in one dark ink, no fill, colour or clutter; up to
+Out-of-domain set (`render_sketch`): the same 16 classes, laid out as in the design, as line
+drawings on plain paper: each object's outline and its pattern's edges in one dark ink, no fill, colour or clutter; up to
 OOD_PER_CLASS images a class. The demo scores it zero-shot only (trainer/configs/eval/demo.yaml).
 Text set (`text_set`): STS pairs graded 0-5 and labelled sentences from the caption grammar, for
 the text tower alone.
@@ -87,16 +106,34 @@ from pipeline.metadata import url_hash
 PATTERNS = ("plain", "striped", "spotted", "checkered")
 SHAPES = ("circle", "square", "triangle", "star")
 CLASSNAMES = sorted(f"{p} {s}" for p in PATTERNS for s in SHAPES)     # sorted = ImageFolder label order
-TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "a {}.", "a {} shape.", "a drawing of a {}.",
-             "a photo of the {}."]
+# zero-shot prompts per design, as a user would write them for what the images show
+TEMPLATES = {"structure": ["a photo of a {}.", "a picture of a {}.", "a {}.", "a {} shape.", "a drawing of a {}.",
+                           "a photo of the {}."],
+             "groups": ["a photo of {}s.", "a picture of some {}s.", "{}s.", "a group of {}s.", "a drawing of {}s.",
+                        "a photo of a few {}s."]}
 # named colours for objects and patterns; the names appear in some captions (a nuisance word)
 COLORS = {"red": (210, 40, 40), "orange": (240, 140, 30), "yellow": (235, 210, 40), "green": (40, 160, 60),
           "teal": (30, 150, 150), "blue": (40, 80, 210), "purple": (130, 50, 170), "pink": (240, 140, 180),
           "brown": (120, 75, 40), "white": (240, 240, 235), "black": (25, 25, 30)}
 MIN_PATTERN_CONTRAST = 70      # luminance difference of an object's two colours
 MIN_BACKGROUND_CONTRAST = 40   # luminance difference of the object's mean and the background
-RADIUS = (0.28, 0.40)          # object radius as a share of the image's short side
 CLUTTER = (1, 4)               # plain clutter items per image
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a design draws its objects: radii as a share of the image's short side, pattern elements as
+    a share of the object's radius (the scale rule in the module docstring)."""
+    radius: tuple[float, float]
+    copies: tuple[int, int]         # copies of the class object in one image
+    stripe: tuple[float, float]     # stripe width
+    check: tuple[float, float]      # check cell
+    spot_spacing: tuple[float, float]   # spot grid spacing; dots are 0.6 of it across
+
+
+GEOMETRY = {"structure": Geometry((0.28, 0.40), (1, 1), (0.30, 0.40), (0.35, 0.45), (0.60, 0.75)),
+            "groups": Geometry((0.15, 0.20), (2, 4), (0.42, 0.52), (0.45, 0.55), (0.85, 1.00))}
+DEFAULT_DESIGN = "groups"
 
 SYNONYMS = {"plain": ("solid", "plain-coloured", "single-colour"), "striped": ("stripy", "banded", "stripe-patterned"),
             "spotted": ("dotted", "polka-dot", "spotty"), "checkered": ("chequered", "checked", "chessboard"),
@@ -106,6 +143,8 @@ PARTS = {"plain": (), "striped": ("stripes", "lines"), "spotted": ("dots", "polk
          "checkered": ("checks", "a checkerboard", "squares pattern")}
 NAMING = ("{name}", "A {name}", "my {name}", "the {name} {d}", "{Name}!", "{name}, {d}", "Look at this {name}",
           "a {name} I found {d}", "{name} on the wall", "just a {name}")
+NAMING_PLURAL = ("{name}", "some {name}", "my {name}", "the {name} {d}", "{Name}!", "{name}, {d}",
+                 "Look at these {name}", "{name} I found {d}", "{name} on the wall", "just {name}")
 CAMERA_NAMES = ("IMG_{n4}", "DSC_{n4}", "DSCN{n4}", "P10{n5}", "_MG_{n4}", "IMG_{n4}.JPG", "DSC{n5}", "100_{n4}")
 DATES = ("{y}-{m:02d}-{dd:02d}", "{dd:02d}.{m:02d}.{y}", "{month} {dd}, {y}", "{month} {y}", "Summer {y}")
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -118,7 +157,8 @@ UNRELATED = ("Had a great day out with the family.", "Uploaded from my phone", "
              "No edits, straight out of the camera.")
 DISTRACTORS = ("taken yesterday", "nice light", "from my trip", "at the park", "on the weekend", "(explored)",
                "shot with a phone", "in the morning", "near the old town", "for the album")
-EVAL_CAPTIONS = ("a {color} {name}", "a {name} in {color}", "a photo of a {color} {name}")
+EVAL_CAPTIONS = {"structure": ("a {color} {name}", "a {name} in {color}", "a photo of a {color} {name}"),
+                 "groups": ("{color} {name}s", "{name}s in {color}", "a photo of {color} {name}s")}
 TITLE_SHARES = {"camera": 0.15, "date": 0.05, "place": 0.05, "empty": 0.05, "names": 0.70}
 DESCRIPTION_SHARES = {"empty": 0.40, "unrelated": 0.15, "names": 0.45}
 # YFCC15M keeps only photos with English natural language in the title or the description, so a
@@ -129,7 +169,7 @@ OOD_PER_CLASS = 20             # out-of-domain (line drawing) images per class, 
 STS_ANCHORS = 48               # x 4 graded pairs in eval_text/sts.tsv
 SENTENCES_PER_CLASS = {"train": 12, "dev": 8}   # eval_text/sst/
 MIRROR_PATH = "data/images/{h3a}/{h3b}/{h}.jpg"
-DESIGNS = ("colour", "structure")
+DESIGNS = ("colour", "structure", "groups")
 
 
 @dataclass
@@ -141,8 +181,9 @@ class DemoDataConfig:
     seed: int = 0
     workers: int = 2
     noisy_captions: bool = True   # False: every title and description names the class exactly (the study's control)
-    # "structure": this module's design (the default); "colour": the first demo data (demokit/data_colour.py)
-    design: str = "structure"
+    # "groups": this module's design (the default); "structure": its one-object predecessor; "colour": the
+    # first demo data (demokit/data_colour.py)
+    design: str = DEFAULT_DESIGN
 
 
 @dataclass(frozen=True)
@@ -154,15 +195,18 @@ class Scene:
     color2: str         # the pattern's second colour name
     background: tuple[int, int, int]
     seed: int           # position, size, rotation, pattern phase, gradient, clutter, JPEG quality
+    design: str = "structure"
+    copies: int = 1     # copies of the object (all of the class, same colours)
 
 
 def _luma(rgb) -> float:
     return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
 
 
-def scene(cls: str, seed: int) -> Scene:
+def scene(cls: str, seed: int, design: str = DEFAULT_DESIGN) -> Scene:
     """A random scene of class `cls` ("<pattern> <shape>"): colours and background drawn independently of it."""
     pattern, shape = cls.split()
+    geom = GEOMETRY[design]
     rnd = random.Random(seed)
     color = rnd.choice(list(COLORS))
     color2 = rnd.choice([c for c in COLORS if abs(_luma(COLORS[c]) - _luma(COLORS[color])) >= MIN_PATTERN_CONTRAST])
@@ -172,7 +216,29 @@ def scene(cls: str, seed: int) -> Scene:
         hue = rnd.uniform(0, 2 * math.pi)
         bg = tuple(int(max(0, min(255, base + sat * math.cos(hue + k * 2 * math.pi / 3)))) for k in range(3))
         if abs(_luma(bg) - obj_luma) >= MIN_BACKGROUND_CONTRAST:
-            return Scene(pattern, shape, color, color2, bg, rnd.randrange(2 ** 31))
+            seed = rnd.randrange(2 ** 31)
+            copies = rnd.randint(*geom.copies) if geom.copies[1] > 1 else 1
+            return Scene(pattern, shape, color, color2, bg, seed, design, copies)
+
+
+def _layout(s: Scene, rnd: random.Random, w: int, h: int) -> list[tuple[float, float, float]]:
+    """(cx, cy, r) of each copy, inside the central square (the evaluation's centre crop keeps them);
+    copies do not overlap: their centres are at least 1.1x the sum of their radii apart."""
+    geom, short = GEOMETRY[s.design], min(w, h)
+    x0, y0 = (w - short) / 2, (h - short) / 2
+    while True:
+        placed: list[tuple[float, float, float]] = []
+        for _ in range(s.copies):
+            for _try in range(50):
+                r = rnd.uniform(*geom.radius) * short
+                cx, cy = x0 + rnd.uniform(r * 1.1, short - r * 1.1), y0 + rnd.uniform(r * 1.1, short - r * 1.1)
+                if all(math.hypot(cx - px, cy - py) >= 1.1 * (r + pr) for px, py, pr in placed):
+                    placed.append((cx, cy, r))
+                    break
+            else:
+                break       # no room left for this copy: lay the whole group out again
+        if len(placed) == s.copies:
+            return placed
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
@@ -186,7 +252,7 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> lis
             for i in range(n)]
 
 
-def _pattern_mask(pattern: str, w: int, h: int, r: float, rnd: random.Random) -> np.ndarray:
+def _pattern_mask(pattern: str, w: int, h: int, r: float, rnd: random.Random, geom: Geometry) -> np.ndarray:
     """Where the second colour goes, over the whole canvas (the shape mask cuts it out). Element sizes
     are relative to the object radius `r` (the scale rule in the module docstring)."""
     if pattern == "plain":
@@ -196,12 +262,12 @@ def _pattern_mask(pattern: str, w: int, h: int, r: float, rnd: random.Random) ->
     u = x * math.cos(a) + y * math.sin(a) + rnd.uniform(0, 100)
     v = -x * math.sin(a) + y * math.cos(a) + rnd.uniform(0, 100)
     if pattern == "striped":
-        band = r * rnd.uniform(0.30, 0.40)
+        band = r * rnd.uniform(*geom.stripe)
         return np.floor(u / band) % 2 == 1
     if pattern == "checkered":
-        cell = r * rnd.uniform(0.35, 0.45)
+        cell = r * rnd.uniform(*geom.check)
         return (np.floor(u / cell) + np.floor(v / cell)) % 2 == 1
-    spacing = r * rnd.uniform(0.60, 0.75)    # spotted: dots 0.6 x spacing across, gaps 0.4 x spacing
+    spacing = r * rnd.uniform(*geom.spot_spacing)    # spotted: dots 0.6 x spacing across, gaps 0.4 x spacing
     du, dv = u % spacing - spacing / 2, v % spacing - spacing / 2
     return du * du + dv * dv < (0.3 * spacing) ** 2
 
@@ -215,14 +281,15 @@ def render(s: Scene, w: int, h: int) -> tuple[Image.Image, np.ndarray]:
     for y in range(0, h, 4):   # a luminance gradient across the background
         d.rectangle([0, y, w, y + 4], fill=tuple(int(max(0, min(255, v + y / h * slope))) for v in s.background))
     short = min(w, h)
-    r = rnd.uniform(*RADIUS) * short
-    x0, y0 = (w - short) / 2, (h - short) / 2          # inside the central square (the eval centre crop)
-    cx, cy = x0 + rnd.uniform(r * 1.1, short - r * 1.1), y0 + rnd.uniform(r * 1.1, short - r * 1.1)
+    layout = _layout(s, rnd, w, h)
     clutter = [_clutter_item(rnd, w, h, short) for _ in range(rnd.randint(*CLUTTER))]
     for item in clutter[: len(clutter) // 2 + 1]:      # most behind the object, some in front
         item(d)
-    inside = _object_mask(s.shape, w, h, cx, cy, r, rnd)
-    second = _pattern_mask(s.pattern, w, h, r, rnd)
+    inside, second = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    for cx, cy, r in layout:                           # a later copy lies on top of an earlier one
+        obj = _object_mask(s.shape, w, h, cx, cy, r, rnd)
+        inside |= obj
+        second = np.where(obj, _pattern_mask(s.pattern, w, h, r, rnd, GEOMETRY[s.design]), second)
     shade = lambda rgb: np.array([max(0, min(255, v + rnd.randint(-20, 20))) for v in rgb], np.uint8)  # noqa: E731
     c1, c2 = shade(COLORS[s.color]), shade(COLORS[s.color2])
     a = np.asarray(img).copy()
@@ -272,12 +339,12 @@ def render_sketch(s: Scene, w: int, h: int) -> Image.Image:
                                           0, 255))
     ink = tuple(rnd.randint(10, 70) for _ in range(3))
     short = min(w, h)
-    r = rnd.uniform(*RADIUS) * short
-    x0, y0 = (w - short) / 2, (h - short) / 2
-    cx, cy = x0 + rnd.uniform(r * 1.1, short - r * 1.1), y0 + rnd.uniform(r * 1.1, short - r * 1.1)
-    inside = _object_mask(s.shape, w, h, cx, cy, r, rnd)
+    lines = np.zeros((h, w), bool)
     width = max(2, round(short / 32))          # 2 px at the 64 px view
-    lines = _edges(inside, width) | (_edges(_pattern_mask(s.pattern, w, h, r, rnd), max(2, width // 2)) & inside)
+    for cx, cy, r in _layout(s, rnd, w, h):
+        inside = _object_mask(s.shape, w, h, cx, cy, r, rnd)
+        pattern = _pattern_mask(s.pattern, w, h, r, rnd, GEOMETRY[s.design])
+        lines |= _edges(inside, width) | (_edges(pattern, max(2, width // 2)) & inside)
     a = np.empty((h, w, 3), np.uint8)
     a[:] = paper
     a[lines] = ink
@@ -308,18 +375,18 @@ def _clutter_item(rnd: random.Random, w: int, h: int, short: int):
     return draw_item
 
 
-def draw(cls: str, w: int, h: int, seed: int) -> bytes:
+def draw(cls: str, w: int, h: int, seed: int, design: str = DEFAULT_DESIGN) -> bytes:
     """One JPEG of class `cls` ("<pattern> <shape>") with its nuisances drawn from `seed`."""
-    img, _ = render(scene(cls, seed), w, h)
+    img, _ = render(scene(cls, seed, design), w, h)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=random.Random(seed).randint(80, 95))
     return buf.getvalue()
 
 
-def draw_sketch(cls: str, w: int, h: int, seed: int) -> bytes:
+def draw_sketch(cls: str, w: int, h: int, seed: int, design: str = DEFAULT_DESIGN) -> bytes:
     """One JPEG of class `cls` as a line drawing (`render_sketch`): the out-of-domain set."""
     buf = io.BytesIO()
-    render_sketch(scene(cls, seed), w, h).save(buf, "JPEG", quality=90)
+    render_sketch(scene(cls, seed, design), w, h).save(buf, "JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -329,9 +396,9 @@ def _size(rnd: random.Random) -> tuple[int, int]:
 
 
 def _write_image(job: tuple) -> None:
-    path, cls, w, h, seed, *sketch = job
+    path, cls, w, h, seed, design, *sketch = job
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes((draw_sketch if sketch else draw)(cls, w, h, seed))
+    Path(path).write_bytes((draw_sketch if sketch else draw)(cls, w, h, seed, design))
 
 
 def _pick(rnd: random.Random, shares: dict[str, float]) -> str:
@@ -343,8 +410,13 @@ def _pick(rnd: random.Random, shares: dict[str, float]) -> str:
     return k
 
 
-def naming_text(rnd: random.Random, cls: str, color: str, kind: str | None = None) -> str:
-    """A caption that names the object: exactly, with a near-synonym, or only in part (NAMING_SHARES)."""
+def _plural(name: str) -> str:
+    return name + ("es" if name.endswith("x") else "s")
+
+
+def naming_text(rnd: random.Random, cls: str, color: str, kind: str | None = None, plural: bool = False) -> str:
+    """A caption that names the object: exactly, with a near-synonym, or only in part (NAMING_SHARES);
+    `plural` for a picture of several copies ("striped stars")."""
     pattern, shape = cls.split()
     kind = kind or _pick(rnd, NAMING_SHARES)
     if kind == "synonym":
@@ -360,7 +432,10 @@ def naming_text(rnd: random.Random, cls: str, color: str, kind: str | None = Non
         name = shape
     else:
         name = f"{color} {cls}" if rnd.random() < 1 / 3 else cls
-    return rnd.choice(NAMING).format(name=name, Name=name.capitalize(), d=rnd.choice(DISTRACTORS))
+    if plural:
+        name = _plural(name)
+    return rnd.choice(NAMING_PLURAL if plural else NAMING).format(name=name, Name=name.capitalize(),
+                                                                  d=rnd.choice(DISTRACTORS))
 
 
 def _filler(rnd: random.Random, kind: str) -> str:
@@ -376,15 +451,15 @@ def _filler(rnd: random.Random, kind: str) -> str:
     return ""
 
 
-def _captions(rnd: random.Random, cls: str, color: str, noisy: bool = True) -> tuple[str, str]:
+def _captions(rnd: random.Random, cls: str, color: str, noisy: bool = True, plural: bool = False) -> tuple[str, str]:
     """Raw (URL-encoded) title and description with Flickr-like noise (the shares in the module docstring)."""
     if noisy:
         tkind = _pick(rnd, TITLE_SHARES)
         dkind = _pick(rnd, NATURAL_DESCRIPTION_SHARES if tkind in ("camera", "date", "empty") else DESCRIPTION_SHARES)
-        title = naming_text(rnd, cls, color) if tkind == "names" else _filler(rnd, tkind)
-        desc = naming_text(rnd, cls, color) if dkind == "names" else _filler(rnd, dkind)
+        title = naming_text(rnd, cls, color, plural=plural) if tkind == "names" else _filler(rnd, tkind)
+        desc = naming_text(rnd, cls, color, plural=plural) if dkind == "names" else _filler(rnd, dkind)
     else:
-        title, desc = naming_text(rnd, cls, color, "exact"), naming_text(rnd, cls, color, "exact")
+        title, desc = (naming_text(rnd, cls, color, "exact", plural), naming_text(rnd, cls, color, "exact", plural))
     if desc:
         noise = rnd.random()
         if noise < 0.1:
@@ -459,13 +534,14 @@ def generate(cfg: DemoDataConfig) -> tuple[Path, Path]:
     if cfg.design == "colour":
         from demokit import data_colour
         return data_colour.generate(cfg)
-    if cfg.design != "structure":
+    if cfg.design not in GEOMETRY:
         raise ValueError(f"demo data design {cfg.design!r}: choose {' or '.join(DESIGNS)}")
     out = Path(cfg.out)
     src, ev, ood = out / "source", out / "eval", out / "eval_ood"
     done = src / "done.json"
-    # "design" is the generator's version: 6 added eval_ood/ and eval_text/ (same images and captions as 5)
-    settings = {"design": 6, **{k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}}
+    # the generator's version: 6 added eval_ood/ and eval_text/; 7 the groups design (structure as in 6)
+    settings = {"version": 7, **{k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}}
+    design, plural = cfg.design, GEOMETRY[cfg.design].copies[1] > 1
     meta, subset = src / "yfcc100m_dataset.tsv", src / "yfcc100m_subset_data.tsv"
     if done.exists() and json.loads(done.read_text()) == settings:
         return meta, subset
@@ -477,8 +553,8 @@ def generate(cfg: DemoDataConfig) -> tuple[Path, Path]:
         h = url_hash(url)
         cls, img_seed = rnd.choice(CLASSNAMES), pid + 7919 * cfg.seed
         # captions draw from their own stream, so clean and noisy builds hold the same images and bad rows
-        title, desc = _captions(random.Random(f"caption-{cfg.seed}-{i}"), cls, scene(cls, img_seed).color,
-                                cfg.noisy_captions)
+        title, desc = _captions(random.Random(f"caption-{cfg.seed}-{i}"), cls, scene(cls, img_seed, design).color,
+                                cfg.noisy_captions, plural)
         marker, in_subset, missing_image = "0", True, False
         kind = rnd.random()
         if kind < 0.01:
@@ -491,7 +567,8 @@ def generate(cfg: DemoDataConfig) -> tuple[Path, Path]:
             missing_image = True                          # HTTP 404
         if not missing_image:
             w, hh = _size(rnd)
-            jobs.append((str(src / "images" / MIRROR_PATH.format(h3a=h[:3], h3b=h[3:6], h=h)), cls, w, hh, img_seed))
+            jobs.append((str(src / "images" / MIRROR_PATH.format(h3a=h[:3], h3b=h[3:6], h=h)), cls, w, hh, img_seed,
+                         design))
         rows.append(_meta_row(len(rows) + 1, pid, h, title, desc, url, marker))
         if in_subset:
             sub.append((pid, h))
@@ -505,22 +582,22 @@ def generate(cfg: DemoDataConfig) -> tuple[Path, Path]:
                 r = random.Random(seed)
                 w, hh = _size(r)
                 rel = f"{split}/{cname}/{k:04d}.jpg"
-                jobs.append((str(ev / rel), cname, w, hh, seed))
+                jobs.append((str(ev / rel), cname, w, hh, seed, design))
                 if split == "val":
-                    val_caps.append({"file": rel, "caption": r.choice(EVAL_CAPTIONS).format(
-                        color=scene(cname, seed).color, name=cname)})
+                    val_caps.append({"file": rel, "caption": r.choice(EVAL_CAPTIONS[design]).format(
+                        color=scene(cname, seed, design).color, name=cname)})
     # the out-of-domain set: the same classes as line drawings (zero-shot only: no train split)
     for ci, cname in enumerate(CLASSNAMES):
         for k in range(min(OOD_PER_CLASS, cfg.eval_per_class)):
             seed = 3_000_000 + ci * 10_000 + k + cfg.seed * 7919
             w, hh = _size(random.Random(seed))
-            jobs.append((str(ood / "val" / cname / f"{k:04d}.jpg"), cname, w, hh, seed, "sketch"))
+            jobs.append((str(ood / "val" / cname / f"{k:04d}.jpg"), cname, w, hh, seed, design, "sketch"))
     with Pool(cfg.workers) as pool:
         for _ in pool.imap_unordered(_write_image, jobs, chunksize=64):
             pass
     ev.mkdir(parents=True, exist_ok=True)
     (ev / "classnames.json").write_text(json.dumps(CLASSNAMES, indent=1))
-    (ev / "templates.json").write_text(json.dumps(TEMPLATES, indent=1))
+    (ev / "templates.json").write_text(json.dumps(TEMPLATES[design], indent=1))
     (ev / "val_captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in val_caps))
     for f in ("classnames.json", "templates.json"):
         (ood / f).write_text((ev / f).read_text())

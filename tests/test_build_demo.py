@@ -12,22 +12,26 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from demokit.data import (CLASSNAMES, COLORS, PARTS, PATTERNS, SENTENCES_PER_CLASS, SHAPES, STS_ANCHORS, SYNONYMS,
-                          TEMPLATES, TITLE_SHARES, _size, render, scene, text_set)
+import pytest
+
+from demokit.data import (CLASSNAMES, COLORS, GEOMETRY, PARTS, PATTERNS, SENTENCES_PER_CLASS, SHAPES, STS_ANCHORS,
+                          SYNONYMS, TEMPLATES, TITLE_SHARES, _layout, _size, render, scene, text_set)
 from demokit import data_colour
 from pipeline.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 # any word that names the object, even loosely: class words, near-synonyms, parts
 _OBJECT_WORDS = {*PATTERNS, *SHAPES, *(w for v in SYNONYMS.values() for w in v), *(w for v in PARTS.values() for w in v)}
-OBJECT_WORD = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _OBJECT_WORDS), key=len, reverse=True)) + r")\b", re.I)
+OBJECT_WORD = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _OBJECT_WORDS), key=len, reverse=True)) + r")(e?s)?\b",
+                         re.I)   # singular or plural: the groups design's captions say "striped stars"
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 CAMERA_NAME = re.compile(r"^(IMG_|DSC_?|DSCN|P10|_MG_|100_)\d+(\.JPG)?$")
 
 
-def test_demo_cli_builds_structure_set(tmp_path):
+def test_demo_cli_builds_groups_set(tmp_path):
+    """The default design (groups) through the real CLI."""
     out = tmp_path / "demo"
-    cmd = [sys.executable, "tools/build_yfcc15m.py", "--demo", "--demo-design", "structure", "--out", str(out),
+    cmd = [sys.executable, "tools/build_yfcc15m.py", "--demo", "--out", str(out),
            "--demo-samples", "240", "--demo-eval-per-class", "2", "--shard-size", "100", "--no-progress"]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
@@ -64,7 +68,8 @@ def test_demo_cli_builds_structure_set(tmp_path):
     ev = out / "eval"
     assert json.loads((ev / "classnames.json").read_text()) == CLASSNAMES == sorted(CLASSNAMES)
     assert len(CLASSNAMES) == 16
-    assert all("{}" in t for t in json.loads((ev / "templates.json").read_text()))
+    assert json.loads((ev / "templates.json").read_text()) == TEMPLATES["groups"]
+    assert all("{}s" in t for t in TEMPLATES["groups"])        # prompts speak of several objects
     for split in ("train", "val"):
         assert sorted(p.name for p in (ev / split).iterdir()) == CLASSNAMES
         assert all(len(list((ev / split / cn).glob("*.jpg"))) == 2 for cn in CLASSNAMES)
@@ -72,8 +77,8 @@ def test_demo_cli_builds_structure_set(tmp_path):
     assert len(caps) == 32 and all((ev / c["file"]).is_file() for c in caps)
     for c in caps:
         cls = Path(c["file"]).parent.name
-        assert cls in c["caption"] and any(re.search(rf"\b{col}\b", c["caption"]) for col in COLORS), c
-    check_out_of_domain_set(out / "eval_ood", per_class=2)
+        assert re.search(rf"\b{cls}s\b", c["caption"]) and any(re.search(rf"\b{col}\b", c["caption"]) for col in COLORS), c
+    check_out_of_domain_set(out / "eval_ood", per_class=2, templates=TEMPLATES["groups"])
     check_text_set(out / "eval_text")
     # rerunning the same command is a no-op that keeps the shards
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -81,10 +86,10 @@ def test_demo_cli_builds_structure_set(tmp_path):
     assert load_manifest(out / "shards" / "manifest.json").shards == m.shards
 
 
-def check_out_of_domain_set(ood: Path, per_class: int) -> None:
+def check_out_of_domain_set(ood: Path, per_class: int, templates: list[str]) -> None:
     """The same 16 classes in the eval layout (val/ only), drawn as lines on plain light paper."""
     assert json.loads((ood / "classnames.json").read_text()) == CLASSNAMES
-    assert json.loads((ood / "templates.json").read_text()) == TEMPLATES
+    assert json.loads((ood / "templates.json").read_text()) == templates
     assert sorted(p.name for p in ood.iterdir()) == ["classnames.json", "templates.json", "val"]
     assert sorted(p.name for p in (ood / "val").iterdir()) == CLASSNAMES
     for cn in CLASSNAMES:
@@ -94,7 +99,7 @@ def check_out_of_domain_set(ood: Path, per_class: int) -> None:
             a = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)
             luma = a @ LUMA
             # a plain light ground with thin dark lines: most pixels are paper, some ink, no colour fill
-            assert (luma > 200).mean() > 0.7 and (luma < 110).mean() > 0.01, (f, (luma > 200).mean())
+            assert (luma > 200).mean() > 0.6 and (luma < 110).mean() > 0.01, (f, (luma > 200).mean())
             assert np.median(a.max(-1) - a.min(-1)) < 20, f
 
 
@@ -209,7 +214,8 @@ def _at_training_size(img: Image.Image, mask: np.ndarray, size: int = 64) -> tup
     return small, inside
 
 
-def test_colour_does_not_define_the_class():
+@pytest.mark.parametrize("design", ["groups", "structure"])
+def test_colour_does_not_define_the_class(design):
     """A nearest-centroid classifier on colour (the object's mean colour and the image's) stays near chance,
     while a structure statistic (luminance spread inside the object) separates plain from patterned."""
     def features(split: int):
@@ -218,7 +224,7 @@ def test_colour_does_not_define_the_class():
             for k in range(12):
                 seed = split * 100_000 + ci * 100 + k
                 w, h = _size(random.Random(seed))
-                img, mask = render(scene(cls, seed), w, h)
+                img, mask = render(scene(cls, seed, design), w, h)
                 a, inside = _at_training_size(img, mask)
                 colour.append(np.concatenate([a[inside].mean(0), a.reshape(-1, 3).mean(0)]))
                 spread.append((a[inside] @ LUMA).std())
@@ -238,13 +244,17 @@ def test_colour_does_not_define_the_class():
     assert s_te[plain].max() < 5 < 15 < s_te[~plain].min(), (s_te[plain].max(), s_te[~plain].min())
 
 
-def test_structure_survives_training_resolution():
+@pytest.mark.parametrize("design", ["groups", "structure"])
+def test_structure_survives_training_resolution(design):
     """Every pattern keeps its contrast at the coarsest training view (short side 64 px), for every size,
     shape and colour drawn; plain objects stay flat."""
+    g = GEOMETRY[design]
+    # the scale rule: the smallest object's pattern elements are >= 4 px at 64 px (spots: dots 0.6 of the spacing)
+    assert g.radius[0] * 64 * min(g.stripe[0], g.check[0], 0.6 * g.spot_spacing[0]) >= 4 * (1 - 1e-9)
     for cls in CLASSNAMES:
         for seed in range(20):
             w, h = _size(random.Random(seed))
-            img, mask = render(scene(cls, seed), w, h)
+            img, mask = render(scene(cls, seed, design), w, h)
             a, inside = _at_training_size(img.convert("L").convert("RGB"), mask)
             assert inside.sum() >= 150, (cls, seed)          # the object is big enough to see
             spread = a[inside][:, 0].std()
@@ -256,5 +266,27 @@ def test_structure_survives_training_resolution():
 
 def test_shapes_are_distinguishable():
     """Same scene, different shapes: the object's area differs (the circle's is the largest)."""
-    areas = {s: int(render(scene(f"plain {s}", 3), 200, 200)[1].sum()) for s in SHAPES}
-    assert len(set(areas.values())) == 4 and max(areas, key=areas.get) == "circle", areas
+    for design in ("groups", "structure"):
+        areas = {s: int(render(scene(f"plain {s}", 3, design), 200, 200)[1].sum()) for s in SHAPES}
+        assert len(set(areas.values())) == 4 and max(areas, key=areas.get) == "circle", (design, areas)
+
+
+def test_groups_lay_out_separate_copies_in_the_central_square():
+    """The groups design: 2-4 copies of the class object (every count drawn), never overlapping, all
+    within the central square that the evaluation's centre crop keeps; the structure design: one."""
+    counts = set()
+    for seed in range(300):
+        w, h = _size(random.Random(seed))
+        s = scene(CLASSNAMES[seed % 16], seed)
+        copies = _layout(s, random.Random(seed), w, h)
+        counts.add(len(copies))
+        assert len(copies) == s.copies
+        short = min(w, h)
+        x0, y0 = (w - short) / 2, (h - short) / 2
+        for i, (cx, cy, r) in enumerate(copies):
+            assert GEOMETRY["groups"].radius[0] * short <= r <= GEOMETRY["groups"].radius[1] * short
+            assert x0 + r <= cx <= x0 + short - r and y0 + r <= cy <= y0 + short - r
+            for px, py, pr in copies[:i]:
+                assert ((cx - px) ** 2 + (cy - py) ** 2) ** 0.5 >= 1.1 * (r + pr)
+    assert counts == {2, 3, 4}
+    assert scene("striped star", 1, "structure").copies == 1

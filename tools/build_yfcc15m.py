@@ -40,9 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--demo-samples", type=int, default=4000)
     g.add_argument("--demo-eval-per-class", type=int, default=40)
     g.add_argument("--demo-seed", type=int, default=0)
-    g.add_argument("--demo-design", choices=("colour", "structure"), default="structure",
-                   help="structure (default): pattern x shape classes, colour a nuisance, Flickr-noisy captions; "
-                        "colour: the first demo data, colour x shape classes, exact captions (docs/DEMO.md)")
+    g.add_argument("--demo-design", choices=("colour", "structure", "groups"), default="groups",
+                   help="groups (default): pattern x shape classes, 2-4 copies of the object per image, colour a "
+                        "nuisance, Flickr-noisy captions; structure: the same with one large object; colour: the "
+                        "first demo data, colour x shape classes, exact captions (docs/DEMO.md)")
     g.add_argument("--demo-clean-captions", action="store_true",
                    help="every demo title and description names the class exactly (the caption-noise study's control)")
     return p.parse_args(argv)

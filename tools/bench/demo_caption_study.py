@@ -65,16 +65,18 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=4000, help="demo training rows (the demo's: 4000)")
     p.add_argument("--eval-per-class", type=int, default=40, help="held-out images per class (the demo's: 40)")
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--design", choices=("groups", "structure"), default="groups",
+                   help="the demo data design (tools/build_yfcc15m.py --demo-design; the demo's: groups)")
     p.add_argument("overrides", nargs="*", help="key=value for both methods' training runs (shared settings only)")
     a = p.parse_args(argv)
     demo = _demo_tool()
     py, out = sys.executable, a.out.resolve()
     results: dict = {"settings": {"seeds": a.seeds, "epochs": a.epochs, "samples": a.samples,
-                                  "eval_per_class": a.eval_per_class, "data_seed": a.data_seed,
+                                  "eval_per_class": a.eval_per_class, "data_seed": a.data_seed, "design": a.design,
                                   "overrides": a.overrides}, "runs": {}}
     for captions in CAPTIONS:
         data = out / captions / "data"
-        build = [py, "tools/build_yfcc15m.py", "--demo", "--demo-design", "structure", "--out", str(data),
+        build = [py, "tools/build_yfcc15m.py", "--demo", "--demo-design", a.design, "--out", str(data),
                  "--demo-samples", str(a.samples),
                  "--demo-eval-per-class", str(a.eval_per_class), "--demo-seed", str(a.data_seed), "--no-progress"]
         if captions == "clean":
