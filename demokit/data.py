@@ -1,9 +1,10 @@
 """The demo's synthetic YFCC-format data set: classes that colour does not define, captions as noisy as Flickr's.
 
 `make demo` builds it (`--demo-design groups`, the default). Its predecessor with one large object per
-image stays available as `--demo-design structure` (the results in docs/NCLIP.md and the earlier
-tables in docs/DEMO.md were measured on it), and the first demo data, colour x shape with exact
-captions, as `--demo-design colour` (demokit/data_colour.py).
+image stays available as `--demo-design structure` (rounds 2-6 in docs/NCLIP.md and the earlier
+tables in docs/DEMO.md were measured on it; tests/test_build_demo.py pins its images and captions),
+and the first demo data, colour x shape with exact captions, as `--demo-design colour`
+(demokit/data_colour.py).
 
 Design (decided before comparing SLIP with CLIP on it; the issue that asked for it: #23)
 -----------------------------------------------------------------------------------------
@@ -18,26 +19,32 @@ lines), some in front of the objects. Colour alone therefore predicts nothing ab
 colour jitter and grayscale remove a nuisance here, as they do for ImageNet's classes.
 
 Groups of copies (the groups design). Every image shows 2-4 copies of its class object (e.g. three
-striped stars), each with its own size, rotation and pattern phase, never overlapping (centres at
-least 1.1x the sum of their radii apart). Why: SimCLR's views are crops of 8-100% of the image.
+striped stars), each with its own size, rotation and pattern phase, apart from each other
+(centres at least 1.1x the sum of their radii apart; a triangle's or star's tip, at 1.2 r, can
+touch a neighbour). Why: SimCLR's views are crops of 8-100% of the image.
 With one object of 56-80% of the short side (the structure design), a crop needs 31-64% of a square
-image to hold the whole silhouette, so many of SimCLR's views show only texture; in that design's
-full demos SLIP got the pattern of a class right 68.6% of the time and the shape 27.7% (chance 25%;
-docs/DEMO.md). A copy here is 30-40% of the short side across, so crops from 9-16% of the image up
-can hold a whole copy, and the class is carried by every part of the group, as in a photo of a
-flock or a shelf of things. This design was made after those demos and changes only the images'
-layout and the names' number; it was committed before any training run on it.
+image to hold the whole silhouette, so many of SimCLR's views show only texture; in one full demo
+of that design SLIP got the pattern of a class right 68.6% of the time and the shape 27.7%
+(chance 25%; docs/DEMO.md). A copy here is 30-40% of the short side across, so crops from 9-16% of
+the image up can hold a whole copy, and the class is carried by every part of the group, as in a
+photo of a flock or a shelf of things. This design was not decided blind: it was made after the
+structure design's demos and caption study had compared SLIP with CLIP and shown SLIP under its
+target. It changes only the images' layout and the names' number, and was committed before any
+training run on it.
 
 Scale rule. The demo trains at 64 px on crops of 8-100% of the image (CLIP view 50-100%). The
-coarsest view a model sees is the whole image with its short side at 64 px, where the smallest
-copy (radius 15% of the short side) is 9.6 px in radius. Every pattern element is sized relative
-to its copy: stripes 42-52% of the radius wide (>= 4.0 px at that coarsest view), checks 45-55%
-(>= 4.3 px), spots on a grid of 85-100% of the radius, 0.6 of it across (>= 4.9 px) with gaps of
->= 3.3 px. So no structure is finer than about 4 px at training resolution, and a small crop only
-magnifies it (the preview sheets show the 64 px views; tests/test_build_demo.py checks the rule
-and that the patterns' contrast survives a 64 px downscale). The structure design's numbers:
-radius 28-40%, stripes 30-40%, checks 35-45%, spot grid 60-75% (`GEOMETRY`). The objects lie
-within the image's central square, so the evaluation's centre crop keeps them.
+coarsest view a model sees is about the whole short side at 64 px, where the smallest copy
+(radius 15% of the short side) is 9.6 px in radius. Every pattern element is sized relative to its
+copy: stripes 42-52% of the radius wide (>= 4.0 px at that coarsest view), checks 45-55% (>= 4.3
+px), spots on a grid of 85-100% of the radius, 0.6 of it across (>= 4.9 px) with gaps of >= 3.3 px.
+A crop may be up to 4/3 as wide as it is high (on wide images: 4/3 of the short side) and is
+squeezed into 64 x 64, which shrinks one axis by up to 0.75: there stripes are >= 3.0 px, checks
+>= 3.2 px, spots >= 3.7 px and the gaps between spots >= 2.5 px, the finest structure in the data.
+A smaller crop only magnifies it (the preview sheets show the 64 px views; tests/test_build_demo.py
+checks the rule and that the patterns' contrast survives a 64 px downscale). The structure
+design's numbers: radius 28-40%, stripes 30-40%, checks 35-45%, spot grid 60-75% (`GEOMETRY`). The
+objects lie within the image's central square (up to a tip, above), so the evaluation's centre crop
+keeps them.
 
 Captions are as noisy as Flickr's. Per training photo (shares chosen from what YFCC titles and
 descriptions look like: many titles are the camera's file name, a date or a place; many
@@ -195,7 +202,7 @@ class Scene:
     color2: str         # the pattern's second colour name
     background: tuple[int, int, int]
     seed: int           # position, size, rotation, pattern phase, gradient, clutter, JPEG quality
-    design: str = "structure"
+    design: str = DEFAULT_DESIGN
     copies: int = 1     # copies of the object (all of the class, same colours)
 
 
@@ -221,12 +228,16 @@ def scene(cls: str, seed: int, design: str = DEFAULT_DESIGN) -> Scene:
             return Scene(pattern, shape, color, color2, bg, seed, design, copies)
 
 
+LAYOUT_ATTEMPTS = 10_000      # whole-group layouts tried before giving up (4 copies: 3 on average, 13 at most in 100)
+
+
 def _layout(s: Scene, rnd: random.Random, w: int, h: int) -> list[tuple[float, float, float]]:
-    """(cx, cy, r) of each copy, inside the central square (the evaluation's centre crop keeps them);
-    copies do not overlap: their centres are at least 1.1x the sum of their radii apart."""
+    """(cx, cy, r) of each copy. Each copy's circle of radius 1.1 r lies in the central square (the
+    evaluation's centre crop keeps it) and the centres are at least 1.1x the sum of the radii apart;
+    triangle and star tips reach 1.2 r, so a tip may touch a neighbour or leave the square by a little."""
     geom, short = GEOMETRY[s.design], min(w, h)
     x0, y0 = (w - short) / 2, (h - short) / 2
-    while True:
+    for _attempt in range(LAYOUT_ATTEMPTS):
         placed: list[tuple[float, float, float]] = []
         for _ in range(s.copies):
             for _try in range(50):
@@ -239,6 +250,8 @@ def _layout(s: Scene, rnd: random.Random, w: int, h: int) -> list[tuple[float, f
                 break       # no room left for this copy: lay the whole group out again
         if len(placed) == s.copies:
             return placed
+    raise ValueError(f"no room for {s.copies} copies of radius {geom.radius} x the short side in {w}x{h}: "
+                     "shrink GEOMETRY's radius or copies")
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:

@@ -1,10 +1,9 @@
-"""The first demo data: colour x shape classes with clean captions (`--demo-design colour`, the default).
+"""The first demo data: colour x shape classes with clean captions (`--demo-design colour`).
 
-Kept as `make demo`'s default because it is the data on which the demo's tiny models learn within
-its budget (15 minutes on 2 cores). Its classes are colour x shape, so colour defines half of each
-class and every caption names the class exactly: two properties YFCC15M lacks and SLIP's SimCLR
-views work against. demokit/data.py holds the design that removes both (`--demo-design
-structure`) and docs/DEMO.md what the demo measured on each. The configuration object is
+`make demo`'s first default. Its classes are colour x shape, so colour defines half of each class
+and every caption names the class exactly: two properties YFCC15M lacks and SLIP's SimCLR views
+work against. demokit/data.py holds the designs that remove both (`groups`, the default, and
+`structure`) and docs/DEMO.md what the demo measured on each. The configuration object is
 demokit.data.DemoDataConfig; this module only draws images and captions.
 
 Images: one coloured shape (4 colours x 4 shapes = 16 classes) at a random place, size and rotation,

@@ -132,3 +132,14 @@ def test_ci_demo_learns(tmp_path):
     assert list(Path(files["plots_slip"]).glob("*.png")), "no metric plots"
     assert list((Path(files["shards"])).glob("*.tar"))
     assert report["bad_eval_images"] == {"slip": 0, "clip": 0, "random": 0}
+    # the pattern/shape breakdown (docs/DEMO.md) from this run's evaluation cache, each model named
+    proc = subprocess.run([sys.executable, "tools/bench/demo_pattern_shape.py", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:5]]
+             for line in proc.stdout.splitlines()[2:]}
+    names = {"slip": "train_slip", "clip": "train_clip", "random": "random-init"}
+    assert len(table) == 3 and all(any(tag in name for name in table) for tag in names.values()), table
+    for row, tag in names.items():
+        top1, pattern, shape = next(v for name, v in table.items() if tag in name)
+        assert abs(top1 - rows[row]["zeroshot_top1"]) < 0.06 and min(pattern, shape) >= top1, (row, table)

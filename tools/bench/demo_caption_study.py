@@ -2,12 +2,13 @@
 """Which change moved SLIP against CLIP on the demo: the images or the caption noise?
 
     python tools/bench/demo_caption_study.py [key=value ...] --out DIR [--seeds 0 1] [--epochs 7] [--samples 4000]
+        [--design groups|structure]
 
-key=value: shared overrides for both methods' training runs. The structure design of the demo data
-(demokit/data.py) changes two things at once against the colour design: classes no longer defined
-by colour, and Flickr-noisy captions. This study holds the images fixed and varies the captions: it
-builds the structure design twice from the same data seed, once with its noisy captions and once with
-clean ones (`--demo-clean-captions`: every title and description names the class exactly; the same
+key=value: shared overrides for both methods' training runs. The demo data's designs in
+demokit/data.py (groups, the default, and structure) change two things at once against the colour
+design: classes no longer defined by colour, and Flickr-noisy captions. This study holds the images
+fixed and varies the captions: it builds the chosen design twice from the same data seed, once with
+its noisy captions and once with clean ones (`--demo-clean-captions`: every title and description names the class exactly; the same
 images, held-out split and bad rows), then trains SLIP and CLIP on each with the demo configs at
 every training seed (`train.seed`), and evaluates every checkpoint on the same held-out images. Both
 methods get the same shared settings (data, steps, model, batch, `--epochs` for both); neither
@@ -17,7 +18,8 @@ Per (captions, seed) it reports zero-shot and linear-probe top-1 of both, their 
 exact McNemar test on the same images (tools/demo.py `mcnemar`), then the mean difference per
 caption setting. The clean arm against the colour design's numbers (`make demo`) shows what the
 images did; noisy against clean shows what the caption noise did. Writes OUT/results.json and
-OUT/study.md; rerunning skips every run and evaluation already done (delete OUT/<arm>/ to redo it).
+OUT/study.md; rerunning skips every run and evaluation already done (delete OUT/<arm>/ to redo it),
+and refuses an OUT whose data or training settings (OUT/settings.json) differ from the command's.
 """
 from __future__ import annotations
 
@@ -74,6 +76,14 @@ def main(argv=None) -> int:
     results: dict = {"settings": {"seeds": a.seeds, "epochs": a.epochs, "samples": a.samples,
                                   "eval_per_class": a.eval_per_class, "data_seed": a.data_seed, "design": a.design,
                                   "overrides": a.overrides}, "runs": {}}
+    # what the builds and runs under OUT depend on (seeds may be added on a rerun)
+    fixed = {k: v for k, v in results["settings"].items() if k != "seeds"}
+    marker = out / "settings.json"
+    if marker.is_file() and json.loads(marker.read_text()) != fixed:
+        sys.exit(f"{out} holds a study with other settings ({marker}: {marker.read_text().strip()}); "
+                 f"this command's: {json.dumps(fixed)}. Use another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(fixed) + "\n")
     for captions in CAPTIONS:
         data = out / captions / "data"
         build = [py, "tools/build_yfcc15m.py", "--demo", "--demo-design", a.design, "--out", str(data),
@@ -134,7 +144,7 @@ def pairs(demo, runs: dict, seeds: list[int]) -> list[dict]:
 
 def study_markdown(results: dict) -> str:
     st = results["settings"]
-    lines = [f"Demo caption study: {st['samples']} training rows, {st['epochs']:g} epochs, held-out "
+    lines = [f"Demo caption study ({st.get('design', 'structure')} design): {st['samples']} training rows, {st['epochs']:g} epochs, held-out "
              f"{16 * st['eval_per_class']} images, training seeds {', '.join(map(str, st['seeds']))}"
              + (f", both methods with {' '.join(st['overrides'])}" if st.get("overrides") else "") + ".", "",
              "| captions | seed | steps | zero-shot SLIP | CLIP | SLIP-CLIP | McNemar p | probe SLIP | CLIP | SLIP-CLIP | McNemar p |",
