@@ -21,12 +21,12 @@ colour jitter and grayscale remove a nuisance here, as they do for ImageNet's cl
 Groups of copies (the groups design). Every image shows 2-4 copies of its class object (e.g. three
 striped stars), each with its own size, rotation and pattern phase, apart from each other
 (centres at least 1.1x the sum of their radii apart; a triangle's or star's tip, at 1.2 r, can
-touch a neighbour). Why: SimCLR's views are crops of 8-100% of the image.
+overlap a neighbour slightly). Why: SimCLR's views are crops of 8-100% of the image.
 With one object of 56-80% of the short side (the structure design), a crop needs 31-64% of a square
 image to hold the whole silhouette, so many of SimCLR's views show only texture; in one full demo
 of that design SLIP got the pattern of a class right 68.6% of the time and the shape 27.7%
-(chance 25%; docs/DEMO.md). A copy here is 30-40% of the short side across, so crops from 9-16% of
-the image up can hold a whole copy, and the class is carried by every part of the group, as in a
+(chance 25%; docs/DEMO.md). A copy here is 30-40% of the short side across (a star's tips span
+about 2.3 r), so crops from 9-16% of the image up (12-21% for a star) can hold a whole copy, and the class is carried by every part of the group, as in a
 photo of a flock or a shelf of things. This design was not decided blind: it was made after the
 structure design's demos and caption study had compared SLIP with CLIP and shown SLIP under its
 target. It changes only the images' layout and the names' number, and was committed before any
@@ -39,7 +39,7 @@ copy: stripes 42-52% of the radius wide (>= 4.0 px at that coarsest view), check
 px), spots on a grid of 85-100% of the radius, 0.6 of it across (>= 4.9 px) with gaps of >= 3.3 px.
 A crop may be up to 4/3 as wide as it is high (on wide images: 4/3 of the short side) and is
 squeezed into 64 x 64, which shrinks one axis by up to 0.75: there stripes are >= 3.0 px, checks
->= 3.2 px, spots >= 3.7 px and the gaps between spots >= 2.5 px, the finest structure in the data.
+>= 3.2 px, spots >= 3.7 px and the gaps between spots >= 2.4 px, the finest structure in the data.
 A smaller crop only magnifies it (the preview sheets show the 64 px views; tests/test_build_demo.py
 checks the rule and that the patterns' contrast survives a 64 px downscale). The structure
 design's numbers: radius 28-40%, stripes 30-40%, checks 35-45%, spot grid 60-75% (`GEOMETRY`). The

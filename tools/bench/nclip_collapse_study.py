@@ -189,7 +189,7 @@ def demo_features(demo: Path, cache: Path, images_as: str = "pixels") -> Pairs:
     n_train = -1
     held = demo / "eval" / "val_captions.jsonl"
     if held.exists():
-        # today's demo design (pattern x shape, colour a nuisance, noisy captions): the shards train,
+        # the structure and groups designs (pattern x shape, colour a nuisance, noisy captions): the shards train,
         # the labelled held-out split (eval/val/<class>/*.jpg with its captions) measures
         classes = json.loads((demo / "eval" / "classnames.json").read_text())
         rows = [json.loads(line) for line in held.read_text().splitlines()]
