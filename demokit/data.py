@@ -137,6 +137,11 @@ class Geometry:
     check: tuple[float, float]      # check cell
     spot_spacing: tuple[float, float]   # spot grid spacing; dots are 0.6 of it across
 
+    @property
+    def plural(self) -> bool:
+        """Several copies per image: captions and prompts name them in the plural."""
+        return self.copies[1] > 1
+
 
 GEOMETRY = {"structure": Geometry((0.28, 0.40), (1, 1), (0.30, 0.40), (0.35, 0.45), (0.60, 0.75)),
             "groups": Geometry((0.15, 0.20), (2, 4), (0.42, 0.52), (0.45, 0.55), (0.85, 1.00))}
@@ -224,7 +229,7 @@ def scene(cls: str, seed: int, design: str = DEFAULT_DESIGN) -> Scene:
         bg = tuple(int(max(0, min(255, base + sat * math.cos(hue + k * 2 * math.pi / 3)))) for k in range(3))
         if abs(_luma(bg) - obj_luma) >= MIN_BACKGROUND_CONTRAST:
             seed = rnd.randrange(2 ** 31)
-            copies = rnd.randint(*geom.copies) if geom.copies[1] > 1 else 1
+            copies = rnd.randint(*geom.copies) if geom.plural else 1   # no draw for one: structure stays as it was
             return Scene(pattern, shape, color, color2, bg, seed, design, copies)
 
 
@@ -285,16 +290,22 @@ def _pattern_mask(pattern: str, w: int, h: int, r: float, rnd: random.Random, ge
     return du * du + dv * dv < (0.3 * spacing) ** 2
 
 
+def placement(s: Scene, w: int, h: int) -> tuple[random.Random, float, list[tuple[float, float, float]]]:
+    """The first draws of `render`: its random stream, the background gradient's slope and the copies'
+    layout (cx, cy, r), which tests compare with the rendered pixels."""
+    rnd = random.Random(s.seed)
+    slope = rnd.uniform(-45, 45)
+    return rnd, slope, _layout(s, rnd, w, h)
+
+
 def render(s: Scene, w: int, h: int) -> tuple[Image.Image, np.ndarray]:
     """The scene as an RGB image of w x h, and the object's mask (True where the object is visible)."""
-    rnd = random.Random(s.seed)
+    rnd, slope, layout = placement(s, w, h)
     img = Image.new("RGB", (w, h), s.background)
     d = ImageDraw.Draw(img)
-    slope = rnd.uniform(-45, 45)
     for y in range(0, h, 4):   # a luminance gradient across the background
         d.rectangle([0, y, w, y + 4], fill=tuple(int(max(0, min(255, v + y / h * slope))) for v in s.background))
     short = min(w, h)
-    layout = _layout(s, rnd, w, h)
     clutter = [_clutter_item(rnd, w, h, short) for _ in range(rnd.randint(*CLUTTER))]
     for item in clutter[: len(clutter) // 2 + 1]:      # most behind the object, some in front
         item(d)
@@ -554,7 +565,7 @@ def generate(cfg: DemoDataConfig) -> tuple[Path, Path]:
     done = src / "done.json"
     # the generator's version: 6 added eval_ood/ and eval_text/; 7 the groups design (structure as in 6)
     settings = {"version": 7, **{k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}}
-    design, plural = cfg.design, GEOMETRY[cfg.design].copies[1] > 1
+    design, plural = cfg.design, GEOMETRY[cfg.design].plural
     meta, subset = src / "yfcc100m_dataset.tsv", src / "yfcc100m_subset_data.tsv"
     if done.exists() and json.loads(done.read_text()) == settings:
         return meta, subset

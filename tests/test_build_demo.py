@@ -17,7 +17,7 @@ from PIL import Image
 import pytest
 
 from demokit.data import (CLASSNAMES, COLORS, GEOMETRY, PARTS, PATTERNS, SENTENCES_PER_CLASS, SHAPES, STS_ANCHORS,
-                          SYNONYMS, TEMPLATES, TITLE_SHARES, _captions, _layout, _object_mask, _size, render,
+                          SYNONYMS, TEMPLATES, TITLE_SHARES, _captions, _object_mask, _size, placement, render,
                           render_sketch, scene, text_set)
 from demokit import data_colour
 from pipeline.manifest import load_manifest
@@ -292,9 +292,7 @@ def test_groups_lay_out_separate_copies_in_the_central_square():
         w, h = _size(random.Random(seed))
         cls = CLASSNAMES[seed % 16]
         s = scene(cls, seed)
-        rnd = random.Random(s.seed)
-        rnd.uniform(-45, 45)                  # render draws the background gradient first, then the layout
-        copies = _layout(s, rnd, w, h)
+        copies = placement(s, w, h)[2]        # the layout render draws
         counts.add(len(copies))
         assert len(copies) == s.copies
         short = min(w, h)

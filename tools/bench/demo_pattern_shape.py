@@ -23,18 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
 from demokit.data import CLASSNAMES  # noqa: E402
+from trainer.evaluation.zeroshot import zero_shot_accuracy  # noqa: E402
 
 
 def shares(cache: Path) -> tuple[str, dict]:
     """(per-image outcome string, {top1, pattern, shape} in %) of one model's cached held-out encodings."""
     images = torch.load(cache / "heldout" / "test_images.pt", weights_only=False)["value"]
     classifier = torch.load(cache / "heldout" / "zeroshot_classifier.pt", weights_only=False)["value"]
-    pred = (images["image_embed"].float() @ classifier.float().T).argmax(1).tolist()
-    truth = images["labels"].tolist()
+    embed, labels = images["image_embed"].float(), images["labels"]
+    scored = zero_shot_accuracy(embed, labels, classifier.float())     # as the suite scored it
+    pred, truth = (embed @ classifier.float().T).argmax(1).tolist(), labels.tolist()
     words = [c.split() for c in CLASSNAMES]
     n = len(truth)
-    return "".join("1" if p == t else "0" for p, t in zip(pred, truth)), {
-        "top1": 100 * sum(p == t for p, t in zip(pred, truth)) / n,
+    return scored["top1_correct"], {
+        "top1": scored["top1"],
         "pattern": 100 * sum(words[p][0] == words[t][0] for p, t in zip(pred, truth)) / n,
         "shape": 100 * sum(words[p][1] == words[t][1] for p, t in zip(pred, truth)) / n}
 
