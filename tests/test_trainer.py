@@ -2,7 +2,8 @@
 gloo DDP (torchrun subprocesses):
 
 - a DDP run finishes, ranks hold identical parameters, the loss falls on a tiny overfit set, an
-  injected NaN step is skipped and reported, metrics.jsonl has every field;
+  injected NaN step is skipped and reported, metrics.jsonl has every field, MFU sums the ranks'
+  FLOPs with the text counted at its trimmed width;
 - the same run SIGKILLed mid-training and resumed gives the same per-step losses, also when its
   latest checkpoint was damaged afterwards (rank 0 picks the newest one that verifies for all ranks);
 - repeated non-finite steps stop the run with a clear message and a loadable last checkpoint.
@@ -32,7 +33,9 @@ COMMON = ["model.preset=vit_tiny", "objective.name=slip", "data.recipe.image_siz
           "data.batch_size=8", "data.num_threads=1", "optim.lr=1e-3", "optim.epochs=8",
           "optim.warmup_epochs=1", "train.log_every=1", "train.torch_threads=1",
           "checkpoint.every_steps=4", "checkpoint.keep_every=0", "eval.data=null",
-          "debug.inject_nan_at_steps=[3]"]
+          "debug.inject_nan_at_steps=[3]",
+          # captions cut past the longest (<= 8 tokens here); a peak FLOP/s so the CPU run logs MFU
+          "data.text_padding=longest", "train.peak_tflops=1"]
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 SHAPES = ("square", "stripe", "dot", "frame", "cross", "corner", "bar", "ring")
@@ -107,6 +110,13 @@ def test_ddp_run_finishes_in_sync_and_learns(ddp_run):
                 "step_time", "grad_norm", "samples_seen"):
         assert key in recs[1], key
     assert recs[STEPS]["samples_seen"] == STEPS * 16
+    # MFU: both ranks' FLOPs summed, the text counted at the width it ran (8 tokens, not 77)
+    from trainer.flops import flops_per_sample
+    from trainer.models import ModelConfig
+    count = flops_per_sample(ModelConfig.preset("vit_tiny"), "slip")
+    for s in (1, STEPS):
+        per_sample = recs[s]["mfu"] * 1e12 * 2 / recs[s]["images_per_s"]
+        assert per_sample == pytest.approx(count.train_at(8), rel=1e-3), (per_sample, count.train)
     assert 0 <= recs[5]["data_wait"] <= 1
     # ranks hold identical parameters after training
     p0 = torch.load(ddp_run / "rank0_params.pt")

@@ -70,13 +70,15 @@ def test_meters_and_cadences():
     meter = ThroughputMeter(samples_per_step=8)
     with meter.waiting_for_data():
         time.sleep(0.01)
-    meter.step()
-    meter.step()
+    meter.step(3e9)
+    meter.step(1e9)
     w = meter.window()
     assert w["images_per_s"] == pytest.approx(16 / (2 * w["step_time"]))
+    assert w["flops_per_sample"] == pytest.approx(2e9)      # the mean of the steps' FLOPs per sample
     assert 0 < w["data_wait"] <= 1 and meter.total_wait >= 0.01
     meter.restart()
     assert meter.window_steps == 0 and meter.window_wait == 0.0 and meter.total_wait >= 0.01
+    assert meter.window_flops == 0.0
     assert model_flops_utilisation(100.0, 1e12, 1e15, 2) == pytest.approx(0.05)
     mean = RunningMean()
     assert mean.mean is None

@@ -109,8 +109,8 @@ def build_components(cfg: RunConfig, info: DistInfo | None = None) -> Components
         train_model = torch.compile(train_model)
 
     peak = peak_flops(device, cfg.train.peak_tflops)
-    # forward+backward FLOPs of one training sample (all views + text), only needed for MFU
-    train_flops = float(flops_per_sample(cfg.model, cfg.objective.name).train) if peak else None
+    # FLOPs of one training sample (all views + text), only needed for MFU
+    train_flops = flops_per_sample(cfg.model, cfg.objective.name) if peak else None
     return Components(cfg=cfg, model=model, train_model=train_model, objective=objective, optimizer=optimizer,
                       scheduler=scheduler, loader=loader, device=device, rank=rank, world_size=world,
                       amp_dtype=amp_dtype, scaler=scaler,

@@ -7,6 +7,8 @@ convolutions (attention included, the causal text mask counted as dense, as in t
 figures); element-wise work is not counted. For ViT-B/16 this gives 35.1 GFLOPs forward per image
 view and 6.0 per caption, so SLIP = 3 x 35.1 + 6.0 = 111 GFLOPs forward. Training = 3 x forward
 (backward costs two forwards; recomputation for gradient checkpointing is not counted, as usual for MFU).
+With `data.text_padding: longest` a batch's text is cut past its longest caption, and the trainer counts
+the text at the width it really ran (`FlopCount.train_at`), not at the context length.
 """
 from __future__ import annotations
 
@@ -58,13 +60,28 @@ if aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:   # re
 @dataclass
 class FlopCount:
     image_per_view: int      # image trunk, one view, per sample
-    text: int                # text trunk, per sample
+    text: int                # text trunk, per sample, at the full context length
     forward: int             # whole training forward per sample (all views, text, heads)
     image_views: int         # image views per sample in the forward (1 CLIP, 2 SimCLR, 3 SLIP)
+    context_length: int = 77
+    # the text trunk's count at L tokens is text_linear * L + text_quadratic * L^2 exactly: matrix
+    # products grow with L, attention with L^2 (fitted from counts at two lengths)
+    text_linear: float = 0.0
+    text_quadratic: float = 0.0
 
     @property
     def train(self) -> int:
         return 3 * self.forward
+
+    def text_at(self, length: int) -> float:
+        """The text trunk's forward FLOPs per sample for captions cut to `length` tokens."""
+        if length == self.context_length or not (self.text_linear or self.text_quadratic):
+            return float(self.text)
+        return self.text_linear * length + self.text_quadratic * length ** 2
+
+    def train_at(self, length: int) -> float:
+        """Training FLOPs per sample when the batch's text is `length` tokens wide (data.text_padding)."""
+        return 3 * (self.forward - self.text + self.text_at(length))
 
 
 def count_flops(fn, *args) -> int:
@@ -87,8 +104,17 @@ def flops_per_sample(model_cfg: ModelConfig, objective: str) -> FlopCount:
         forward = count_flops(model, batch)
         image_flops = count_flops(model.visual, image)
         text_flops = count_flops(model.text, text) if model.uses_text else 0
+        linear = quadratic = 0.0
+        if model.uses_text and model_cfg.context_length > 1:
+            half = model_cfg.context_length // 2
+            a = (model_cfg.context_length, text_flops)
+            b = (half, count_flops(model.text, text[:, -half:]))
+            # solve f(L) = p L + q L^2 through both points
+            quadratic = (a[1] / a[0] - b[1] / b[0]) / (a[0] - b[0])
+            linear = a[1] / a[0] - quadratic * a[0]
     return FlopCount(image_per_view=image_flops, text=text_flops, forward=forward,
-                     image_views=objective_parts(objective).image_views)
+                     image_views=objective_parts(objective).image_views, context_length=model_cfg.context_length,
+                     text_linear=linear, text_quadratic=quadratic)
 
 
 def _classifier_flops(model_cfg: ModelConfig, num_classes: int = 1000) -> FlopCount:

@@ -39,6 +39,7 @@ from trainer.policies import (CollapseWatch, UniformWatch, DebugFaults, Every, N
                               last_good_text)
 
 if TYPE_CHECKING:
+    from trainer.flops import FlopCount
     from trainer.config import RunConfig
 
 __all__ = ["Components", "NonFiniteLossError", "StepResult", "TrainConfig", "TrainState", "Trainer"]
@@ -83,7 +84,7 @@ class Components:
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     total_steps: int = 1
-    flops_per_sample: float | None = None   # forward+backward FLOPs per sample, for MFU
+    flops_per_sample: FlopCount | None = None   # FLOPs per sample, for MFU (trainer/flops.py)
     peak_flops: float | None = None          # per device
     evaluate: Callable[[nn.Module, int], dict] | None = None
     manifest_sha256: str | None = None       # of the data set's manifest file, stored in checkpoints
@@ -325,13 +326,14 @@ class Trainer:
         try:
             while st.step < end:
                 with speed.waiting_for_data():
-                    micro = [to_device(next(stream), c.device) for _ in range(cfg.optim.accum_steps)]
+                    micro = [to_device(next(stream), c.device, cfg.data.text_padding)
+                             for _ in range(cfg.optim.accum_steps)]
                     if c.on_device is not None:
                         micro = [c.on_device(m) for m in micro]
                 result = self.train_step(micro)
                 st.step += 1
                 st.samples_seen += global_batch
-                speed.step()
+                speed.step(self._step_flops(micro))
                 if result.skipped:
                     self._record_nonfinite(result)
                 else:
@@ -366,6 +368,15 @@ class Trainer:
         self.faults.after_fit(c.model)
         return st
 
+    def _step_flops(self, micro: list[dict]) -> float:
+        """Training FLOPs per sample of this rank's step, the text counted at the width it ran (the
+        micro-batches are the same size); 0 without MFU."""
+        c = self.c
+        if not (c.flops_per_sample and c.peak_flops):
+            return 0.0
+        count = c.flops_per_sample
+        return sum(count.train_at(m["text"].shape[1]) if "text" in m else count.train for m in micro) / len(micro)
+
     def _record_nonfinite(self, result: StepResult) -> None:
         st = self.state
         st.nonfinite_total += 1
@@ -379,7 +390,12 @@ class Trainer:
         """One metrics line: global means of the step's values, rates of the window since the last."""
         c, cfg, st = self.c, self.cfg, self.state
         window = speed.window()
-        rec = self._global_mean(result.values)
+        values, with_mfu = dict(result.values), bool(c.flops_per_sample and c.peak_flops)
+        flops_per_sample = window.pop("flops_per_sample")
+        if with_mfu:
+            # averaged over the ranks with the values: their text widths differ with text_padding "longest"
+            values["flops_per_sample"] = torch.tensor(flops_per_sample, device=c.device)
+        rec = self._global_mean(values)
         self.faults.before_usage_read(st.step, self.cluster_usage.step, self.cluster_usage.window)
         usage = self.cluster_usage.read(c.world_size)
         for mod, u in usage.items():
@@ -390,8 +406,8 @@ class Trainer:
                    **window)
         if c.device.type == "cuda":
             rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(c.device) / 2**30
-        if c.flops_per_sample and c.peak_flops:
-            rec["mfu"] = model_flops_utilisation(rec["images_per_s"], c.flops_per_sample, c.peak_flops,
+        if with_mfu:
+            rec["mfu"] = model_flops_utilisation(rec["images_per_s"], rec.pop("flops_per_sample"), c.peak_flops,
                                                  c.world_size)
             mfu.add(rec["mfu"])
         bad = getattr(c.loader, "bad_samples", None)

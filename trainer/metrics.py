@@ -116,6 +116,7 @@ class ThroughputMeter:
 
     def restart(self) -> None:
         self.window_start, self.window_wait, self.window_steps = time.perf_counter(), 0.0, 0
+        self.window_flops = 0.0      # sum over the window's steps of their FLOPs per sample
 
     @contextlib.contextmanager
     def waiting_for_data(self):
@@ -125,14 +126,18 @@ class ThroughputMeter:
         self.window_wait += wait
         self.total_wait += wait
 
-    def step(self) -> None:
+    def step(self, flops_per_sample: float = 0.0) -> None:
+        """One step done; `flops_per_sample`: its training FLOPs per sample on this rank (for MFU;
+        they vary with the text's width)."""
         self.window_steps += 1
+        self.window_flops += flops_per_sample
 
     def window(self) -> dict[str, float]:
         seconds = time.perf_counter() - self.window_start
         return {"step_time": seconds / self.window_steps,
                 "images_per_s": self.window_steps * self.samples_per_step / seconds,
-                "data_wait": self.window_wait / seconds}
+                "data_wait": self.window_wait / seconds,
+                "flops_per_sample": self.window_flops / self.window_steps}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start

@@ -309,9 +309,13 @@ class TextTransformer(nn.Module):
             nn.init.normal_(block.mlp[2].weight, std=proj_std)
 
     def forward(self, tokens):
-        if tokens.shape[1] != self.positional_embedding.shape[0]:
-            raise ValueError(f"text must be [B, {self.positional_embedding.shape[0]}], got {list(tokens.shape)}")
-        x = self.token_embedding(tokens) + self.positional_embedding
+        # fewer columns than the context is the batch cut past its longest caption (data.text_padding):
+        # causal attention and EOT pooling make the result the same as with the full padding
+        n = tokens.shape[1]
+        if tokens.ndim != 2 or not 1 <= n <= self.positional_embedding.shape[0]:
+            raise ValueError(f"text must be [B, L] with L <= {self.positional_embedding.shape[0]}, "
+                             f"got {list(tokens.shape)}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:n]
         x = self.ln_final(self.transformer(x))
         return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
 

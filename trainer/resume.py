@@ -19,7 +19,8 @@ evaluation and checkpoint cadences, debug faults, the process-group timeouts; th
 not configuration either).
 `data.device` and `data.backend` are among them: both augmenters take the same batches and the
 same per-view draws, so moving a run between DALI (CPU or GPU) and pillow changes only the
-rounding of the pixels, like a change of precision.
+rounding of the pixels, like a change of precision. `data.text_padding` only drops padding the
+causal text tower never reads.
 These take effect; the trainer re-derives the schedule from the epochs done (trainer/loop.py).
 Any other difference changes what is trained (model, objective, data, optimizer, schedule length,
 seed) and is refused with the keys named, unless `--allow-config-change` names them. The data set
@@ -44,7 +45,7 @@ from trainer.distributed import rank0_only
 from trainer.run_dir import RunDirLock, move_run_aside, remove_stale_temps
 
 MAY_DIFFER = ("out_dir", "checkpoint", "eval", "debug", "dist", "objective.nclip_min_usage", "objective.nclip_min_kl",
-              "data.batch_size", "data.num_threads", "data.device", "data.backend",
+              "data.batch_size", "data.num_threads", "data.device", "data.backend", "data.text_padding",
               "optim.accum_steps", "optim.max_steps",
               "train.precision", "train.compile", "train.torch_threads", "train.log_every", "train.peak_tflops",
               "train.find_unused_parameters", "train.static_graph", "train.max_nonfinite")

@@ -126,14 +126,14 @@ def end_to_end(cfg: RunConfig, trainer: Trainer, device: torch.device, steps: in
     loader = build_loader(cfg, data, device)
     stream = endless(loader)
     for _ in range(warmup):
-        trainer.train_step([on_device(to_device(next(stream), device))])
+        trainer.train_step([on_device(to_device(next(stream), device, cfg.data.text_padding))])
     wait = 0.0
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_start = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
-        batch = on_device(to_device(next(stream), device))
+        batch = on_device(to_device(next(stream), device, cfg.data.text_padding))
         wait += time.perf_counter() - t0
         trainer.train_step([batch])
     if device.type == "cuda":

@@ -1,0 +1,85 @@
+"""data.text_padding "longest": a batch's token columns past its longest caption are cut before the
+model sees them. The text tower is causal and pools at EOT, so features, loss and gradients are those
+of the full padding; MFU counts the text at the width that ran. The DDP trainer run with it (and its
+MFU summed over ranks) is in tests/test_trainer.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_testing import random_batch
+from pipeline.tokenizer import Tokenizer
+from trainer.batches import TEXT_WIDTH_MULTIPLE, to_device, trim_text_padding
+from trainer.flops import count_flops, flops_per_sample
+from trainer.models import ModelConfig, build_model
+from trainer.objectives import ObjectiveConfig, build_objective
+
+TINY = ModelConfig.preset("vit_tiny", vision_stem="conv", vision_ln_pre=True)   # the demo's tower
+
+CAPTIONS = ["a red square", "IMG_1234", "", "a photo of three striped stars on a grey table at dusk, "
+            "taken near the harbour with an old camera"]
+
+
+def test_trim_cuts_to_the_longest_caption_rounded_up():
+    text = Tokenizer()(CAPTIONS)
+    longest = int(text.argmax(dim=1).max()) + 1            # EOT is the largest id: the last token
+    batch = {"text": text, "clip_image": torch.zeros(len(CAPTIONS), 3, 8, 8), "index": torch.arange(4)}
+    out = trim_text_padding(batch)
+    width = out["text"].shape[1]
+    assert width % TEXT_WIDTH_MULTIPLE == 0 and longest <= width < longest + TEXT_WIDTH_MULTIPLE
+    assert torch.equal(out["text"], text[:, :width]) and not text[:, width:].any()   # only padding dropped
+    assert out["clip_image"] is batch["clip_image"] and out["index"] is batch["index"]
+    assert text.shape[1] == 77                              # the input batch is left as it was
+    # a caption that fills the context keeps every column; "context" never trims
+    full = Tokenizer()(["word " * 100, "short"])
+    assert trim_text_padding({"text": full})["text"].shape[1] == 77
+    assert to_device({"text": text}, torch.device("cpu"))["text"].shape[1] == 77
+    assert to_device({"text": text}, torch.device("cpu"), "longest")["text"].shape[1] == width
+
+
+@pytest.mark.parametrize("objective", ["clip", "slip", "xclip"])
+def test_trimmed_text_gives_the_same_loss_and_gradients(objective):
+    """The whole training forward and backward on the trimmed batch equals the padded one."""
+    torch.manual_seed(0)
+    model = build_model(TINY, objective).train()
+    loss_fn = build_objective(ObjectiveConfig(name=objective))
+    batch = random_batch(6, seed=1)
+    batch["text"] = Tokenizer()(CAPTIONS + ["two blue discs", "checkered"])
+    trimmed = trim_text_padding(batch)
+    assert trimmed["text"].shape[1] < batch["text"].shape[1]
+
+    def run(b):
+        model.zero_grad()
+        torch.manual_seed(3)                               # the same dropout / draws, if any
+        loss = loss_fn(model(b))["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_full, grads_full = run(batch)
+    loss_trim, grads_trim = run(trimmed)
+    assert torch.allclose(loss_full, loss_trim, rtol=1e-5, atol=1e-6)
+    assert grads_full.keys() == grads_trim.keys()
+    for name, g in grads_full.items():
+        assert torch.allclose(g, grads_trim[name], rtol=1e-4, atol=1e-6), name
+    # the positional embeddings past the width get no gradient from the trimmed batch, and none
+    # from the padded one either: the EOT feature never attends to them
+    width = trimmed["text"].shape[1]
+    assert not grads_full["text.positional_embedding"][width:].any()
+
+
+def test_text_tower_refuses_more_tokens_than_its_context():
+    model = build_model(TINY, "clip")
+    with pytest.raises(ValueError, match="L <= 77"):
+        model.text(torch.zeros(2, 78, dtype=torch.long))
+
+
+def test_flops_at_a_width_equal_a_count_at_that_width():
+    count = flops_per_sample(TINY, "clip")
+    assert count.train_at(77) == count.train
+    with torch.device("meta"):
+        text = build_model(TINY, "clip").text
+    for width in (8, 16, 40):
+        assert count.text_at(width) == pytest.approx(count_flops(text, torch.zeros(1, width, dtype=torch.long)),
+                                                     rel=1e-9)
+        assert count.train_at(width) == pytest.approx(3 * (count.forward - count.text + count.text_at(width)))
+    assert count.train_at(8) < count.train
