@@ -1,7 +1,8 @@
 """data.text_padding "longest": a batch's token columns past its longest caption are cut before the
 model sees them. The text tower is causal and pools at EOT, so features, loss and gradients are those
-of the full padding; MFU counts the text at the width that ran. The DDP trainer run with it (and its
-MFU summed over ranks) is in tests/test_trainer.py."""
+of the full padding up to rounding; MFU counts the text at the width that ran. The two-rank DDP
+trainer run with it (MFU from both ranks' FLOPs per sample, the text at its trimmed width) is in
+tests/test_trainer.py."""
 from __future__ import annotations
 
 import pytest
@@ -35,6 +36,24 @@ def test_trim_cuts_to_the_longest_caption_rounded_up():
     assert trim_text_padding({"text": full})["text"].shape[1] == 77
     assert to_device({"text": text}, torch.device("cpu"))["text"].shape[1] == 77
     assert to_device({"text": text}, torch.device("cpu"), "longest")["text"].shape[1] == width
+
+
+def _rows(*lengths: int) -> torch.Tensor:
+    """Token rows of the tokenizer's layout with these lengths (SOT and EOT included)."""
+    text = torch.zeros(len(lengths), 77, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        text[i, 0], text[i, 1:n - 1], text[i, n - 1] = 49406, 320, 49407
+    return text
+
+
+@pytest.mark.parametrize("lengths, width", [((8, 3), 8), ((9, 2), 16), ((16,), 16), ((17, 5), 24),
+                                            ((72,), 72), ((73,), 77), ((77,), 77), ((2, 2), 8)])
+def test_trim_keeps_the_longest_row_whole(lengths, width):
+    """At and just past a multiple of 8 (an off-by-one would drop the EOT of a 9-token row)."""
+    text = _rows(*lengths)
+    out = trim_text_padding({"text": text})["text"]
+    assert out.shape[1] == width
+    assert torch.equal(out.argmax(dim=1), text.argmax(dim=1))     # every EOT kept where it was
 
 
 @pytest.mark.parametrize("objective", ["clip", "slip", "xclip"])
@@ -83,3 +102,58 @@ def test_flops_at_a_width_equal_a_count_at_that_width():
                                                      rel=1e-9)
         assert count.train_at(width) == pytest.approx(3 * (count.forward - count.text + count.text_at(width)))
     assert count.train_at(8) < count.train
+
+
+def test_config_refuses_longest_with_compile():
+    from trainer.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="text_padding=longest with train.compile"):
+        load_config(None, ["data.text_padding=longest", "train.compile=true"])
+    load_config(None, ["data.text_padding=longest"])
+
+
+class _Batches:
+    """Stands in for the loader: fixed batches, one epoch per pass."""
+
+    def __init__(self, batches):
+        self.batches, self.steps_per_epoch, self.bad_samples = batches, len(batches) // 2, 0
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def state_dict(self):
+        return {}
+
+
+def test_logged_mfu_counts_each_micro_batch_at_its_width(tmp_path):
+    """Accumulation over micro-batches of different widths and a two-step logging window: the logged
+    MFU's FLOPs per sample are the mean of train_at(width) over the four micro-batches."""
+    import json
+
+    from trainer.config import load_config
+    from trainer.loop import Components, Trainer
+    from trainer.optim import WarmupCosine, build_optimizer
+    cfg = load_config(None, ["model.preset=vit_tiny", "data.recipe.image_size=64", "objective.name=clip",
+                             "data.recipe.num_ssl_views=0", "data.batch_size=4", "optim.accum_steps=2",
+                             "train.log_every=2", "checkpoint.every_steps=0", "data.text_padding=longest",
+                             f"out_dir={tmp_path}"])
+    lengths = [(9, 3, 4, 2), (5, 5, 5, 5), (20, 2, 2, 2), (77, 4, 4, 4)]       # widths 16, 8, 24, 77
+    batches = []
+    for seed, rows in enumerate(lengths):
+        b = random_batch(4, seed=seed)
+        b["text"] = _rows(*rows)
+        batches.append(b)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "clip")
+    opt = build_optimizer(model, cfg.optim)
+    count = flops_per_sample(cfg.model, "clip")
+    trainer = Trainer(Components(cfg=cfg, model=model, train_model=model, objective=build_objective(cfg.objective),
+                                 optimizer=opt, scheduler=WarmupCosine(opt, cfg.optim.lr, 0, 2),
+                                 loader=_Batches(batches), device=torch.device("cpu"), total_steps=2,
+                                 flops_per_sample=count, peak_flops=1e12))
+    trainer.fit()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rec = next(r for r in recs if r.get("step") == 2 and "mfu" in r)
+    per_sample = rec["mfu"] * 1e12 / rec["images_per_s"]
+    expected = sum(count.train_at(w) for w in (16, 8, 24, 77)) / 4
+    assert per_sample == pytest.approx(expected, rel=1e-4)
+    assert expected < count.train

@@ -2,8 +2,8 @@
 gloo DDP (torchrun subprocesses):
 
 - a DDP run finishes, ranks hold identical parameters, the loss falls on a tiny overfit set, an
-  injected NaN step is skipped and reported, metrics.jsonl has every field, MFU sums the ranks'
-  FLOPs with the text counted at its trimmed width;
+  injected NaN step is skipped and reported, metrics.jsonl has every field, MFU combines both
+  ranks' FLOPs per sample with the text counted at its trimmed width;
 - the same run SIGKILLed mid-training and resumed gives the same per-step losses, also when its
   latest checkpoint was damaged afterwards (rank 0 picks the newest one that verifies for all ranks);
 - repeated non-finite steps stop the run with a clear message and a loadable last checkpoint.
@@ -110,7 +110,8 @@ def test_ddp_run_finishes_in_sync_and_learns(ddp_run):
                 "step_time", "grad_norm", "samples_seen"):
         assert key in recs[1], key
     assert recs[STEPS]["samples_seen"] == STEPS * 16
-    # MFU: both ranks' FLOPs summed, the text counted at the width it ran (8 tokens, not 77)
+    # MFU: both ranks' FLOPs per sample averaged, the text counted at the width it ran (8 tokens, not 77;
+    # every caption here is that short, so the ranks agree; mixed widths: tests/test_text_padding.py)
     from trainer.flops import flops_per_sample
     from trainer.models import ModelConfig
     count = flops_per_sample(ModelConfig.preset("vit_tiny"), "slip")

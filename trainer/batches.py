@@ -37,9 +37,10 @@ class DataConfig:
     caption_mode: Literal[CAPTION_MODES] = "random"   # title or description picked at random, as the reference
     # "context": every caption padded to the context length, as the reference and OpenCLIP; "longest": the
     # batch's token columns past its longest caption are cut (to a multiple of 8) before the copy to the
-    # device. The text tower is causal and reads the EOT token, so the result is the same and the
-    # padding's work is saved; short captions (the demo's) make CLIP ~20% faster on a CPU. Off by
-    # default: with long captions a batch is rarely shorter, and torch.compile recompiles per width.
+    # device. The text tower is causal and reads the EOT token, so losses and gradients are the same up
+    # to rounding and the padding's work is saved (the demo's short captions: CLIP steps 1.25x, SLIP
+    # 1.13x on 2 CPU cores). Off by default: long captions rarely leave a batch shorter, and it cannot
+    # be combined with train.compile (a new width recompiles on one rank while the others wait).
     text_padding: Literal["context", "longest"] = "context"
     recipe: AugmentationRecipe = field(default_factory=AugmentationRecipe)
 
@@ -79,6 +80,7 @@ def build_loader(cfg: RunConfig, manifest: Manifest | list[Manifest] | LabelledS
     from pipeline.tokenizer import Tokenizer
     data_device, device_id = data_placement(cfg.data.device, cfg.data.backend, device)
     return SLIPLoader(manifest, cfg.data.recipe, cfg.data.batch_size, Tokenizer(), rank=rank, world_size=world,
+                      context_length=cfg.model.context_length,
                       seed=cfg.train.seed, num_threads=cfg.data.num_threads, device=data_device,
                       device_id=device_id, caption_mode=cfg.data.caption_mode, backend=cfg.data.backend,
                       weights=cfg.data.weights)

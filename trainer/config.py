@@ -254,6 +254,11 @@ def check_consistency(cfg: RunConfig) -> None:
                           "or labelled shards")
     if is_finetuning(cfg) and cfg.data.recipe.num_ssl_views:
         raise ConfigError("objective classification (finetuning) trains on one view: set data.recipe.num_ssl_views=0")
+    if cfg.data.text_padding == "longest" and cfg.train.compile:
+        # torch.compile recompiles the first time a rank meets a second width, at a step of its own,
+        # while the other ranks wait in the gradient all-reduce (dist.timeout_s is 60 s)
+        raise ConfigError("data.text_padding=longest with train.compile=true: each rank would recompile at its "
+                          "own step when its batches' text width first changes; use one or the other")
     if cfg.data.device != "auto":      # the augmenters' own rule (auto picks a device that fits)
         try:
             check_backend(cfg.data.backend, cfg.data.device)

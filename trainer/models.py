@@ -311,7 +311,7 @@ class TextTransformer(nn.Module):
     def forward(self, tokens):
         # fewer columns than the context is the batch cut past its longest caption (data.text_padding):
         # causal attention and EOT pooling make the result the same as with the full padding
-        n = tokens.shape[1]
+        n = tokens.shape[-1]
         if tokens.ndim != 2 or not 1 <= n <= self.positional_embedding.shape[0]:
             raise ValueError(f"text must be [B, L] with L <= {self.positional_embedding.shape[0]}, "
                              f"got {list(tokens.shape)}")

@@ -9,6 +9,8 @@ Two measurements in the same process:
    encoder passes (CLIP view, SSL view 1, SSL view 2), eager attention (explicit softmax(QK^T)V with
    an additive causal mask), fp32. Rounds of the two alternate so that load on a shared machine
    hits both alike; the median step time is reported, and the ratio ours/baseline.
+   Its synthetic captions run up to the context length, so `data.text_padding=longest` saves
+   nothing there; its savings show end to end.
 2. End to end (when data.manifest exists): the real DALI loader feeding the same train step;
    images/s and the share of step time blocked on the loader (data-wait).
 
