@@ -79,7 +79,8 @@ def test_trimmed_text_gives_the_same_loss_and_gradients(objective):
     assert torch.allclose(loss_full, loss_trim, rtol=1e-5, atol=1e-6)
     assert grads_full.keys() == grads_trim.keys()
     for name, g in grads_full.items():
-        assert torch.allclose(g, grads_trim[name], rtol=1e-4, atol=1e-6), name
+        # rounding only: kernels differ with the shape, so compare against the tensor's scale
+        assert (g - grads_trim[name]).abs().max() <= 1e-5 * g.abs().max() + 1e-9, name
     # the positional embeddings past the width get no gradient from the trimmed batch, and none
     # from the padded one either: the EOT feature never attends to them
     width = trimmed["text"].shape[1]
